@@ -1,0 +1,6 @@
+"""Pruning methods as pure functions on tensors: `(weight, statistics, target, options) -> LayerResult`."""
+
+from methods.base import LayerResult, PruningError, Target
+from methods.registry import METHODS, Method, get_method
+
+__all__ = ["LayerResult", "METHODS", "Method", "PruningError", "Target", "get_method"]

@@ -1,0 +1,146 @@
+"""Shared types of the one-shot pruning methods: the target a layer must reach and what a method returns."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+class PruningError(ValueError):
+    """A request that cannot be carried out (bad target, a layer that cannot hold a pattern, a singular Hessian)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a layer must become: a fraction of zeros, or N kept weights in every M consecutive inputs of a row."""
+
+    sparsity: float
+    n: int | None = None
+    m: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.n is None) != (self.m is None):
+            raise PruningError("an N:M target needs both N and M")
+        if self.is_nm:
+            if not (1 <= self.n < self.m):
+                raise PruningError(f"pattern {self.n}:{self.m} is invalid: need 1 <= N < M (N weights kept of every M)")
+            expected = 1.0 - self.n / self.m
+            if abs(self.sparsity - expected) > 1e-9:
+                raise PruningError(
+                    f"pattern {self.n}:{self.m} means sparsity {expected:g}, which conflicts with sparsity {self.sparsity:g}"
+                )
+        if not (0.0 <= self.sparsity < 1.0):
+            raise PruningError(f"sparsity must be in [0, 1), got {self.sparsity:g}")
+
+    @property
+    def is_nm(self) -> bool:
+        return self.n is not None
+
+    @property
+    def pattern(self) -> str | None:
+        return f"{self.n}:{self.m}" if self.is_nm else None
+
+    @classmethod
+    def from_options(cls, sparsity: float | None = None, pattern: str | None = None) -> Target:
+        """Build a target from the user's `--sparsity` and/or `--pattern N:M` (N kept of every M)."""
+        if pattern is None:
+            if sparsity is None:
+                raise PruningError("give a sparsity (e.g. 0.5) or a pattern (e.g. 2:4)")
+            return cls(float(sparsity))
+        match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", pattern)
+        if match is None:
+            raise PruningError(f"pattern must look like N:M (e.g. 2:4), got {pattern!r}")
+        n, m = int(match.group(1)), int(match.group(2))
+        if m < 1 or not (1 <= n < m):
+            raise PruningError(f"pattern {n}:{m} is invalid: need 1 <= N < M (N weights kept of every M)")
+        implied = 1.0 - n / m
+        if sparsity is not None and abs(float(sparsity) - implied) > 1e-9:
+            raise PruningError(
+                f"--pattern {n}:{m} means sparsity {implied:g}, which conflicts with --sparsity {float(sparsity):g}"
+            )
+        return cls(implied, n, m)
+
+    def describe(self) -> str:
+        return f"{self.pattern} (N:M, {self.sparsity:.0%} sparse)" if self.is_nm else f"{self.sparsity:.0%} unstructured"
+
+    def check_layer(self, name: str, in_features: int) -> None:
+        """Raise if a layer with `in_features` inputs cannot hold this target."""
+        if self.is_nm and in_features % self.m != 0:
+            raise PruningError(
+                f"layer {name} has {in_features} inputs, not a multiple of M={self.m}: it cannot hold pattern {self.pattern}"
+            )
+
+
+@dataclass
+class LayerResult:
+    """The outcome of pruning one layer."""
+
+    weight: Tensor  # the updated weight, (out_features, in_features)
+    mask: Tensor  # bool, True = kept
+    loss: float  # the method's own estimate of the output error it caused
+    details: dict = field(default_factory=dict)  # method-specific facts worth reporting (damping used, ...)
+
+
+def prune_count(size: int, sparsity: float) -> int:
+    """Number of weights to remove from `size` to reach `sparsity` (rounded to the nearest weight)."""
+    return int(round(size * sparsity))
+
+
+def mask_lowest_per_row(scores: Tensor, sparsity: float) -> Tensor:
+    """Keep-mask that removes the same number of lowest-scored weights from every row (ties: earlier index first)."""
+    rows, cols = scores.shape
+    k = prune_count(cols, sparsity)
+    mask = torch.ones_like(scores, dtype=torch.bool)
+    if k:
+        order = torch.sort(scores, dim=1, stable=True).indices
+        mask.scatter_(1, order[:, :k], False)
+    return mask
+
+
+def mask_lowest_overall(scores: Tensor, sparsity: float) -> Tensor:
+    """Keep-mask that removes the lowest-scored weights across the whole tensor."""
+    flat = scores.reshape(-1)
+    k = prune_count(flat.numel(), sparsity)
+    mask = torch.ones_like(flat, dtype=torch.bool)
+    if k:
+        order = torch.sort(flat, stable=True).indices
+        mask[order[:k]] = False
+    return mask.reshape(scores.shape)
+
+
+def mask_top_n_of_m(scores: Tensor, n: int, m: int) -> Tensor:
+    """Keep-mask with the n highest scores of every m consecutive entries of each row."""
+    rows, cols = scores.shape
+    groups = scores.reshape(rows, cols // m, m)
+    order = torch.sort(groups, dim=2, descending=True, stable=True).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool)
+    mask.scatter_(2, order[:, :, :n], True)
+    return mask.reshape(rows, cols)
+
+
+def mask_for_target(scores: Tensor, target: Target, *, per_row: bool) -> Tensor:
+    """Keep-mask reaching `target` from saliency scores (higher = more important)."""
+    if target.is_nm:
+        return mask_top_n_of_m(scores, target.n, target.m)
+    if per_row:
+        return mask_lowest_per_row(scores, target.sparsity)
+    return mask_lowest_overall(scores, target.sparsity)
+
+
+@contextlib.contextmanager
+def exact_matmul() -> Iterator[None]:
+    """Run the enclosed code with TF32 matrix products disabled (restored afterwards)."""
+    matmul_flag = torch.backends.cuda.matmul.allow_tf32
+    cudnn_flag = torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_flag
+        torch.backends.cudnn.allow_tf32 = cudnn_flag

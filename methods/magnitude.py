@@ -1,0 +1,16 @@
+"""Magnitude pruning: remove the smallest |W| of the whole layer (or of each N:M group). The baseline."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from methods.base import LayerResult, Target, mask_for_target
+
+
+def prune(weight: Tensor, target: Target) -> LayerResult:
+    """Prune `weight` (out, in) to `target` by magnitude; the loss is the sum of the removed weights squared."""
+    target.check_layer("weight", weight.shape[1])
+    magnitude = weight.detach().abs()
+    mask = mask_for_target(magnitude, target, per_row=False)
+    loss = (magnitude[~mask].float() ** 2).sum().item()
+    return LayerResult(weight=weight.detach() * mask, mask=mask, loss=loss)

@@ -1,0 +1,173 @@
+"""The per-layer methods on small random problems: exactness against references, and properties."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from methods import PruningError, Target, get_method, magnitude, sparsegpt, wanda  # noqa: F401
+from methods.base import prune_count
+
+
+def random_problem(rows: int, columns: int, tokens: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A weight, correlated calibration inputs X (tokens, columns) and H = (2/n) XᵀX."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, columns, generator=generator, dtype=torch.float64)
+    mixing = torch.randn(columns, columns, generator=generator, dtype=torch.float64) / columns**0.5
+    inputs = torch.randn(tokens, columns, generator=generator, dtype=torch.float64) @ (torch.eye(columns, dtype=torch.float64) + mixing)
+    hessian = 2 * inputs.T @ inputs / tokens
+    return weight, inputs, hessian
+
+
+def sequential_obs_with_mask(weight: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Reference: visit columns left to right; remove each masked-out weight by the OBS update of the columns not yet visited."""
+    updated = weight.clone()
+    columns = weight.shape[1]
+    for j in range(columns):
+        inverse = torch.linalg.inv(hessian[j:, j:])
+        pruned = ~mask[:, j]
+        updated[pruned, j:] -= (updated[pruned, j] / inverse[0, 0]).unsqueeze(1) * inverse[0].unsqueeze(0)
+    return updated * mask
+
+
+def output_error(weight: torch.Tensor, pruned: torch.Tensor, inputs: torch.Tensor) -> float:
+    """Mean over tokens of ‖(W − W') x‖²."""
+    return (((weight - pruned) @ inputs.T) ** 2).sum().item() / inputs.shape[0]
+
+
+@pytest.mark.parametrize("blocksize, mask_blocksize", [(1, 1), (8, 8), (16, 8), (32, 8)])
+def test_sparsegpt_equals_sequential_obs_for_its_mask(blocksize: int, mask_blocksize: int) -> None:
+    weight, _, hessian = random_problem(6, 32, 200)
+    result = sparsegpt.prune(weight, hessian, Target(0.5), blocksize=blocksize, mask_blocksize=mask_blocksize, percdamp=0.0)
+    reference = sequential_obs_with_mask(weight, hessian, result.mask)
+    torch.testing.assert_close(result.weight.double(), reference, atol=1e-4, rtol=1e-4)
+
+
+def test_sparsegpt_lazy_batching_does_not_change_the_result() -> None:
+    weight, _, hessian = random_problem(10, 64, 400, seed=1)
+    target = Target.from_options(pattern="2:4")
+    small = sparsegpt.prune(weight, hessian, target, blocksize=8, mask_blocksize=8)
+    large = sparsegpt.prune(weight, hessian, target, blocksize=64, mask_blocksize=8)
+    assert torch.equal(small.mask, large.mask)
+    torch.testing.assert_close(small.weight, large.weight, atol=1e-4, rtol=1e-4)
+
+
+def test_sparsegpt_loss_is_the_output_error_it_causes() -> None:
+    weight, inputs, hessian = random_problem(8, 48, 500, seed=2)
+    result = sparsegpt.prune(weight, hessian, Target(0.6), blocksize=16, mask_blocksize=16, percdamp=0.0)
+    assert result.loss == pytest.approx(output_error(weight, result.weight.double(), inputs), rel=1e-3)
+
+
+def test_sparsegpt_beats_wanda_and_magnitude_on_correlated_inputs() -> None:
+    weight, inputs, hessian = random_problem(16, 64, 400, seed=3)
+    norms = (inputs**2).mean(0).sqrt()
+    for target in (Target(0.5), Target.from_options(pattern="2:4")):
+        errors = {
+            "sparsegpt": output_error(weight, sparsegpt.prune(weight, hessian, target, blocksize=16, mask_blocksize=16).weight, inputs),
+            "wanda": output_error(weight, wanda.prune(weight, norms, target).weight, inputs),
+            "magnitude": output_error(weight, magnitude.prune(weight, target).weight, inputs),
+        }
+        assert errors["sparsegpt"] < errors["wanda"] and errors["sparsegpt"] < errors["magnitude"], errors
+
+
+def test_sparsegpt_zeroes_dead_inputs_and_reports_them() -> None:
+    weight, _, hessian = random_problem(4, 16, 100, seed=4)
+    hessian[3, :] = 0
+    hessian[:, 3] = 0
+    result = sparsegpt.prune(weight, hessian, Target(0.25), blocksize=8, mask_blocksize=8)
+    assert torch.all(result.weight[:, 3] == 0)
+    assert result.details["dead_inputs"] == 1
+
+
+def test_sparsegpt_raises_damping_when_cholesky_fails_and_says_so() -> None:
+    weight = torch.randn(4, 8)
+    hessian = torch.ones(8, 8)  # rank one: Cholesky fails without damping
+    result = sparsegpt.prune(weight, hessian, Target(0.5), blocksize=8, mask_blocksize=8, percdamp=0.0)
+    assert result.details["damping_retries"] > 0
+    assert result.details["percdamp"] > 0
+
+
+def test_singular_hessian_is_a_clear_error() -> None:
+    weight = torch.randn(4, 8)
+    hessian = torch.full((8, 8), float("nan"))
+    with pytest.raises(PruningError, match="non-finite"):
+        sparsegpt.prune(weight, hessian, Target(0.5), blocksize=8, mask_blocksize=8)
+    with pytest.raises(PruningError, match="singular"):
+        sparsegpt.prune(weight, -torch.eye(8), Target(0.5), blocksize=8, mask_blocksize=8, percdamp=0.0)
+
+
+def test_wanda_ranks_within_each_row() -> None:
+    weight, inputs, _ = random_problem(12, 40, 100, seed=5)
+    norms = (inputs**2).mean(0).sqrt()
+    result = wanda.prune(weight, norms, Target(0.3))
+    saliency = weight.abs() * norms
+    for row in range(weight.shape[0]):
+        kept, removed = saliency[row][result.mask[row]], saliency[row][~result.mask[row]]
+        assert removed.numel() == prune_count(40, 0.3)
+        assert removed.max() <= kept.min()
+    # a ranking across the layer would not give every row the same count
+    assert (result.mask.sum(1) == result.mask.sum(1)[0]).all()
+
+
+def test_magnitude_ranks_across_the_layer() -> None:
+    weight = torch.randn(10, 20) * torch.linspace(0.1, 3, 10).unsqueeze(1)  # rows of very different scale
+    result = magnitude.prune(weight, Target(0.5))
+    assert (~result.mask).sum().item() == 100
+    assert weight.abs()[~result.mask].max() <= weight.abs()[result.mask].min()
+    assert result.mask.sum(1)[0] < result.mask.sum(1)[-1]  # small rows lose more
+
+
+def test_target_parsing_and_bad_targets() -> None:
+    assert Target.from_options(pattern="2:4") == Target(0.5, 2, 4)
+    assert Target.from_options(sparsity=0.5, pattern="4:8") == Target(0.5, 4, 8)
+    assert Target.from_options(pattern="1:4").sparsity == 0.75
+    for sparsity, pattern in [(1.0, None), (-0.1, None), (None, "4:4"), (None, "5:4"), (None, "0:4"), (0.6, "2:4"), (None, "2-4")]:
+        with pytest.raises(PruningError):
+            Target.from_options(sparsity=sparsity, pattern=pattern)
+    with pytest.raises(PruningError, match="not a multiple of M=8"):
+        wanda.prune(torch.randn(3, 12), torch.ones(12), Target.from_options(pattern="4:8"))
+    with pytest.raises(PruningError, match="unknown method"):
+        get_method("optimal-brain-damage")
+
+
+def run_method(name: str, weight: torch.Tensor, inputs: torch.Tensor, target: Target):
+    method = get_method(name)
+    statistics = {"hessian": 2 * inputs.T @ inputs / inputs.shape[0], "column_norms": (inputs**2).mean(0).sqrt(), None: None}
+    options = {"blocksize": 16, "mask_blocksize": 8} if name == "sparsegpt" else {}
+    return method.run(weight, statistics[method.statistics], target, **options)
+
+
+shapes = st.tuples(st.integers(1, 12), st.sampled_from([16, 32, 48]))
+
+
+@settings(max_examples=25, deadline=None)
+@given(shape=shapes, sparsity=st.floats(0.0, 0.95), name=st.sampled_from(["magnitude", "wanda", "sparsegpt"]), seed=st.integers(0, 99))
+def test_unstructured_sparsity_is_reached(shape, sparsity, name, seed) -> None:
+    rows, columns = shape
+    weight, inputs, _ = random_problem(rows, columns, 64, seed)
+    result = run_method(name, weight.float(), inputs.float(), Target(sparsity))
+    zeros = (result.weight == 0).sum().item()
+    assert (~result.mask).sum().item() == pytest.approx(sparsity * rows * columns, abs=max(rows, columns // 8))
+    assert zeros >= (~result.mask).sum().item()  # every removed weight is exactly zero
+
+
+@settings(max_examples=25, deadline=None)
+@given(shape=shapes, pattern=st.sampled_from(["2:4", "1:4", "4:8", "3:8"]), name=st.sampled_from(["magnitude", "wanda", "sparsegpt"]), seed=st.integers(0, 99))
+def test_every_n_m_group_keeps_exactly_n(shape, pattern, name, seed) -> None:
+    rows, columns = shape
+    target = Target.from_options(pattern=pattern)
+    weight, inputs, _ = random_problem(rows, columns, 64, seed)
+    result = run_method(name, weight.float(), inputs.float(), target)
+    groups = result.mask.reshape(rows, columns // target.m, target.m).sum(2)
+    assert torch.all(groups == target.n)
+    assert torch.all(result.weight[~result.mask] == 0)
+
+
+@pytest.mark.parametrize("name", ["magnitude", "wanda", "sparsegpt"])
+def test_same_input_same_mask(name: str) -> None:
+    weight, inputs, _ = random_problem(8, 32, 64, seed=7)
+    first = run_method(name, weight.float(), inputs.float(), Target(0.5))
+    second = run_method(name, weight.float(), inputs.float(), Target(0.5))
+    assert torch.equal(first.mask, second.mask) and torch.equal(first.weight, second.weight)
