@@ -108,8 +108,7 @@ def mask_lowest_overall(scores: Tensor, sparsity: float) -> Tensor:
     k = prune_count(flat.numel(), sparsity)
     mask = torch.ones_like(flat, dtype=torch.bool)
     if k:
-        order = torch.sort(flat, stable=True).indices
-        mask[order[:k]] = False
+        mask[torch.topk(flat, k, largest=False, sorted=False).indices] = False
     return mask.reshape(scores.shape)
 
 

@@ -46,7 +46,7 @@ def prune(
         work = weight.detach().to(torch.float32).clone()
         work[:, inverse.dead.to(weight.device)] = 0
         mask = torch.ones_like(work, dtype=torch.bool)
-        losses = torch.zeros(rows, dtype=torch.float32, device=weight.device)
+        loss = 0.0
 
         for start in range(0, columns, blocksize):
             end = min(start + blocksize, columns)
@@ -67,18 +67,17 @@ def prune(
                     scores = block[:, part] ** 2 / hinv_diagonal[part] ** 2
                     block_mask[:, part] = mask_lowest_overall(scores, target.sparsity)
 
-                column = block[:, i]
-                diagonal = hinv_block[i, i]
-                removed = torch.where(block_mask[:, i], 0.0, column)
-                losses += removed**2 / diagonal**2 / 2
+                removed = block[:, i].masked_fill(block_mask[:, i], 0.0)
                 # OBS update of the remaining columns of the block (SparseGPT Alg. 1): W[:, i:] -= (w/d) U[i, i:]
-                error = removed / diagonal
-                block[:, i:] -= error.unsqueeze(1) * hinv_block[i, i:].unsqueeze(0)
-                block[:, i] = torch.where(block_mask[:, i], block[:, i], 0.0)
+                error = removed / hinv_block[i, i]
+                block[:, i:].addr_(error, hinv_block[i, i:], alpha=-1.0)
                 block_errors[:, i] = error
 
+            block.mul_(block_mask)  # the update leaves pruned weights at zero up to rounding: make it exact
             work[:, start:end] = block
             mask[:, start:end] = block_mask
+            # the OBS loss of removing w_j is w_j² / (2 [U]_jj²) = error² / 2
+            loss += block_errors.pow(2).sum().item() / 2
             # lazy batch update of all columns after the block, one matrix product
             work[:, end:] -= block_errors @ hinv[start:end, end:]
 
@@ -86,7 +85,7 @@ def prune(
     return LayerResult(
         weight=pruned,
         mask=mask,
-        loss=losses.sum().item(),
+        loss=loss,
         details={
             "percdamp": inverse.percdamp,
             "damping_retries": inverse.retries,

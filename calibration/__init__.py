@@ -1,0 +1,1 @@
+"""Where activations come from: corpora, token windows, block-input capture and statistic accumulators."""

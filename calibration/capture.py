@@ -1,0 +1,163 @@
+"""Capturing what a transformer block is called with, running blocks on captured inputs, and hooking layer inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor, nn
+
+from calibration.statistics import ACCUMULATORS
+
+
+@dataclass
+class BlockCall:
+    """Everything one batch passes to a block: the hidden states and every other argument, as captured."""
+
+    hidden_states: Tensor
+    args: tuple  # positional arguments after the hidden states
+    kwargs: dict  # keyword arguments (attention mask, position ids, position embeddings, ...)
+    token_mask: Tensor | None = None  # (batch, seq) bool: positions that are real tokens (None: all)
+    hidden_as_keyword: bool = False  # the block received `hidden_states=` rather than a positional argument
+
+    def with_hidden_states(self, hidden_states: Tensor) -> BlockCall:
+        return replace(self, hidden_states=hidden_states)
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once the first block's inputs are recorded."""
+
+
+def move_to(value, device: torch.device):
+    """`value` with every tensor inside (tuples, lists, dicts) moved to `device`."""
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(move_to(item, device) for item in value)
+    if isinstance(value, list):
+        return [move_to(item, device) for item in value]
+    if isinstance(value, dict):
+        return {key: move_to(item, device) for key, item in value.items()}
+    return value
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: Iterable[dict], device: torch.device) -> list[BlockCall]:
+    """Run the model on each batch up to `first_block` and record all it is called with (moved to `device`).
+
+    A batch is a dict of model inputs (`input_ids`, optionally `attention_mask`); padded positions
+    (attention_mask == 0) are excluded from the statistics later through `BlockCall.token_mask`.
+    """
+    recorded: list[tuple[tuple, dict]] = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict):
+        recorded.append((args, dict(kwargs)))
+        raise _StopForward
+
+    model_device = next(model.parameters()).device
+    calls = []
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    use_cache = getattr(model.config, "use_cache", None)
+    try:
+        if use_cache is not None:
+            model.config.use_cache = False
+        for batch in batches:
+            try:
+                model(**{key: value.to(model_device) for key, value in batch.items()})
+            except _StopForward:
+                pass
+            args, kwargs = recorded.pop()
+            if args:
+                hidden, args, as_keyword = args[0], args[1:], False
+            else:
+                hidden, as_keyword = kwargs.pop("hidden_states"), True
+            mask = batch.get("attention_mask")
+            calls.append(
+                BlockCall(
+                    hidden_states=hidden.to(device),
+                    args=move_to(args, device),
+                    kwargs=move_to(kwargs, device),
+                    token_mask=None if mask is None or bool(mask.all()) else mask.bool().to(device),
+                    hidden_as_keyword=as_keyword,
+                )
+            )
+    finally:
+        handle.remove()
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+    return calls
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, call: BlockCall) -> Tensor:
+    """The block's output hidden states for one captured call."""
+    if call.hidden_as_keyword:
+        output = block(*call.args, hidden_states=call.hidden_states, **call.kwargs)
+    else:
+        output = block(call.hidden_states, *call.args, **call.kwargs)
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class LayerInputStatistics:
+    """Forward hooks that accumulate the inputs of a block's layers into per-layer statistics.
+
+    Layers fed the very same input tensor (q/k/v, gate/up) share one accumulator: the grouping is
+    found on the first batch, by tensor identity. Use as a context manager around the forward passes,
+    calling `begin_batch` before each.
+    """
+
+    def __init__(self, layers: dict[str, nn.Module], kind: str, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+        self.layers = layers
+        self.make_accumulator: Callable = lambda features: ACCUMULATORS[kind](features, device, dtype)
+        self.leader: dict[str, str] = {}  # layer name -> the name of the layer whose accumulator it shares
+        self.accumulators: dict[str, object] = {}
+        self._batch_inputs: list[tuple[Tensor, str]] = []
+        self._token_mask: Tensor | None = None
+        self._grouping = True
+        self._handles: list = []
+
+    def __enter__(self) -> LayerInputStatistics:
+        for name, layer in self.layers.items():
+            self._handles.append(layer.register_forward_pre_hook(self._hook_for(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._batch_inputs.clear()
+
+    def begin_batch(self, token_mask: Tensor | None) -> None:
+        if self.leader:
+            self._grouping = False
+        self._batch_inputs.clear()
+        self._token_mask = token_mask
+
+    def _hook_for(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            inputs = args[0]
+            if self._grouping and name not in self.leader:
+                shared = next((leader for seen, leader in self._batch_inputs if seen is inputs), None)
+                if shared is not None:
+                    self.leader[name] = shared
+                    return
+                self.leader[name] = name
+                self.accumulators[name] = self.make_accumulator(inputs.shape[-1])
+                self._batch_inputs.append((inputs, name))
+            if self.leader.get(name) == name:
+                self.accumulators[name].add(inputs, self._token_mask)
+
+        return hook
+
+    def statistics(self, name: str) -> Tensor | None:
+        """The accumulated statistic for a layer, or None when the layer was never called."""
+        leader = self.leader.get(name)
+        return None if leader is None else self.accumulators[leader].result()
+
+    def groups(self) -> dict[str, list[str]]:
+        """Leader name -> the layers sharing its statistics."""
+        shared: dict[str, list[str]] = {}
+        for name, leader in self.leader.items():
+            shared.setdefault(leader, []).append(name)
+        return shared

@@ -1,0 +1,62 @@
+"""Running accumulators of layer-input statistics: the Hessian H = (2/n) X Xᵀ and the column norms ‖X_j‖₂."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from methods.base import exact_matmul
+from methods.registry import COLUMN_NORMS, HESSIAN
+
+
+def _valid_rows(inputs: Tensor, token_mask: Tensor | None) -> Tensor:
+    """The input vectors as rows (tokens, features), without the positions the token mask excludes."""
+    rows = inputs.reshape(-1, inputs.shape[-1])
+    if token_mask is not None:
+        rows = rows[token_mask.reshape(-1).to(rows.device)]
+    return rows
+
+
+class HessianAccumulator:
+    """H = (2/n) Σ x xᵀ over the n tokens seen so far, kept as a running mean."""
+
+    def __init__(self, features: int, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+        self.hessian = torch.zeros(features, features, device=device, dtype=dtype)
+        self.tokens = 0
+
+    def add(self, inputs: Tensor, token_mask: Tensor | None = None) -> None:
+        rows = _valid_rows(inputs, token_mask).to(self.hessian.dtype)
+        count = rows.shape[0]
+        if count == 0:
+            return
+        total = self.tokens + count
+        self.hessian.mul_(self.tokens / total)
+        with exact_matmul():
+            self.hessian.addmm_(rows.T, rows, alpha=2.0 / total)
+        self.tokens = total
+
+    def result(self) -> Tensor:
+        return self.hessian
+
+
+class ColumnNormAccumulator:
+    """‖X_j‖₂ per input feature: the root of the running mean of x_j² over the tokens seen so far."""
+
+    def __init__(self, features: int, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+        self.mean_square = torch.zeros(features, device=device, dtype=dtype)
+        self.tokens = 0
+
+    def add(self, inputs: Tensor, token_mask: Tensor | None = None) -> None:
+        rows = _valid_rows(inputs, token_mask).to(self.mean_square.dtype)
+        count = rows.shape[0]
+        if count == 0:
+            return
+        total = self.tokens + count
+        self.mean_square.mul_(self.tokens / total).add_(rows.pow(2).sum(0), alpha=1.0 / total)
+        self.tokens = total
+
+    def result(self) -> Tensor:
+        return self.mean_square.sqrt()
+
+
+ACCUMULATORS = {HESSIAN: HessianAccumulator, COLUMN_NORMS: ColumnNormAccumulator}

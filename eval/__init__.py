@@ -1,0 +1,1 @@
+"""How good the result is: perplexity, sparsity and N:M checks."""

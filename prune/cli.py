@@ -1,0 +1,108 @@
+"""The `prune` command."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from calibration.corpora import CorpusError
+from methods import METHODS, PruningError
+from prune.models import EMBEDDED_MODELS, SMOLLM2, ModelError, load_model
+from prune.output import OutputError, check_output_dir, save_pruned
+from prune.pipeline import HESSIAN_DTYPES, PROPAGATE_CHOICES, PruneSettings, run_pipeline
+
+USER_ERRORS = (PruningError, CorpusError, ModelError, OutputError)
+
+METHOD_HELP = "; ".join(f"{name}: {method.summary}" for name, method in METHODS.items())
+MODEL_HELP = "; ".join(f"{name}: {what}" for name, what in EMBEDDED_MODELS.items())
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100})
+@click.option("--model", default=SMOLLM2, help=f"An embedded model, a local folder, or a hub name. Embedded: {MODEL_HELP}.")
+@click.option("--method", type=click.Choice(sorted(METHODS)), default="sparsegpt", help=METHOD_HELP)
+@click.option("--sparsity", type=click.FloatRange(0.0, 1.0, max_open=True), default=None, help="Fraction of zeros per layer.")
+@click.option("--pattern", default=None, metavar="N:M", help="Keep N of every M consecutive input weights of a row (2:4, 4:8).")
+@click.option("--calibration", default="wiki-sample", help="wiki-sample (Wikipedia text inside gensim), wikitext2, c4, or a text file/folder.")
+@click.option("--nsamples", type=int, default=128, help="Calibration windows.")
+@click.option("--seqlen", type=int, default=512, help="Tokens per calibration window.")
+@click.option("--seed", type=int, default=0, help="Seed for the choice of calibration windows.")
+@click.option("--batch-size", type=int, default=8, help="Calibration windows per forward pass.")
+@click.option("--device", default="auto", help="auto (CUDA when available), cpu or cuda; the model stays where it is, blocks run here.")
+@click.option("--blocksize", type=int, default=None, help="SparseGPT lazy-update block (default 128).")
+@click.option("--mask-blocksize", type=int, default=None, help="SparseGPT adaptive-mask block (default 64).")
+@click.option("--percdamp", type=float, default=None, help="SparseGPT damping, a fraction of mean(diag H) (default 0.01).")
+@click.option("--propagate", type=click.Choice(PROPAGATE_CHOICES), default="pruned", help="Feed the next block the pruned block's outputs, or the dense block's.")
+@click.option("--hessian-dtype", type=click.Choice(sorted(HESSIAN_DTYPES)), default="float32", help="Precision of the Hessian accumulation.")
+@click.option("--skip-incompatible", is_flag=True, help="Leave dense the layers whose input size is not a multiple of M, instead of refusing.")
+@click.option("--eval-data", default="wiki-sample", help="Perplexity text: wiki-sample (held-out part), wikitext2, c4, or a text file/folder.")
+@click.option("--no-eval", is_flag=True, help="Skip the perplexity evaluation.")
+@click.option("--eval-seqlen", type=int, default=None, help="Tokens per evaluation window (default: --seqlen).")
+@click.option("--eval-windows", type=int, default=None, help="Evaluate at most this many windows (default: all).")
+@click.option("--output", type=click.Path(path_type=Path), default=None, help="Save the pruned model, tokenizer and report.json here.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --output folder.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Where converted embedded models are kept (default ~/.cache/obs-prune).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def command(**options) -> None:
+    """Prune a transformer one-shot, layer by layer, and report what it cost.
+
+    Every Linear/Conv1D inside the transformer blocks is pruned; embeddings, the LM head and
+    classifier heads stay dense.
+    """
+    if options["output"] is not None:
+        check_output_dir(options["output"], options["overwrite"])
+    method_options = {
+        name: options[name] for name in ("blocksize", "mask_blocksize", "percdamp") if options[name] is not None
+    }
+    unsupported = sorted(set(method_options) - set(METHODS[options["method"]].options))
+    if unsupported:
+        flags = ", ".join("--" + name.replace("_", "-") for name in unsupported)
+        raise PruningError(f"{flags} does not apply to method {options['method']}")
+    settings = PruneSettings(
+        method=options["method"],
+        sparsity=options["sparsity"],
+        pattern=options["pattern"],
+        calibration=options["calibration"],
+        nsamples=options["nsamples"],
+        seqlen=options["seqlen"],
+        seed=options["seed"],
+        batch_size=options["batch_size"],
+        device=options["device"],
+        method_options=method_options,
+        propagate=options["propagate"],
+        hessian_dtype=options["hessian_dtype"],
+        skip_incompatible=options["skip_incompatible"],
+        eval_data=None if options["no_eval"] else options["eval_data"],
+        eval_seqlen=options["eval_seqlen"],
+        eval_windows=options["eval_windows"],
+        progress=not options["quiet"],
+    )
+    settings.check()
+    started = time.perf_counter()
+    loaded = load_model(options["model"], cache_dir=options["cache_dir"])
+    report = run_pipeline(loaded, settings, load_seconds=time.perf_counter() - started)
+    click.echo(report.table())
+    if options["output"] is not None:
+        save_pruned(loaded, report, options["output"], overwrite=options["overwrite"])
+        click.echo(f"saved the pruned model, tokenizer and report.json to {options['output']}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: bad input is one line on stderr and exit code 2."""
+    try:
+        command.main(args=argv, prog_name="prune", standalone_mode=False)
+    except click.ClickException as error:
+        click.echo(f"prune: error: {error.format_message()}", err=True)
+        sys.exit(2)
+    except USER_ERRORS as error:
+        click.echo(f"prune: error: {error}", err=True)
+        sys.exit(2)
+    except click.Abort:
+        click.echo("prune: aborted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

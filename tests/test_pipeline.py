@@ -1,0 +1,187 @@
+"""The layer-by-layer pipeline on tiny random models of every architecture, through the Python API."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.pytorch_utils import Conv1D
+
+from calibration.capture import LayerInputStatistics, capture_block_inputs, run_block
+from calibration.statistics import ColumnNormAccumulator, HessianAccumulator
+from calibration.text import TextSources
+from eval.perplexity import perplexity
+from prune import load_model, prune_model
+from prune.models import layer_weight, prunable_layers, transformer_blocks
+from tests.conftest import ARCHITECTURES
+
+SMALL = {"nsamples": 8, "seqlen": 32, "batch_size": 4, "progress": False}
+
+
+def weights_outside_blocks(model) -> dict[str, torch.Tensor]:
+    blocks_name, _ = transformer_blocks(model)
+    return {name: p.detach().clone() for name, p in model.named_parameters() if not name.startswith(blocks_name + ".")}
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("target", [{"sparsity": 0.5}, {"pattern": "2:4"}, {"pattern": "4:8"}])
+def test_every_architecture_and_method_reaches_its_target(model_folders, text_file, architecture, method, target) -> None:
+    loaded = load_model(str(model_folders[architecture]))
+    untouched = weights_outside_blocks(loaded.model)
+    model, report = prune_model(loaded, method=method, calibration=str(text_file), **target, **SMALL)
+
+    _, blocks = transformer_blocks(model)
+    layers = [layer for block in blocks for layer in prunable_layers(block).values()]
+    assert len(report.layers) == len(layers) > 0
+    for layer, entry in zip(layers, report.layers, strict=True):
+        weight = layer_weight(layer)  # (out, in), Conv1D transposed back
+        assert entry.shape == tuple(weight.shape)
+        assert entry.sparsity == pytest.approx((weight == 0).float().mean().item())
+        if "pattern" in target:
+            n, m = map(int, target["pattern"].split(":"))
+            groups = (weight != 0).reshape(weight.shape[0], -1, m).sum(2)
+            assert torch.all(groups <= n) and entry.pattern_valid is True
+        else:
+            assert entry.sparsity == pytest.approx(0.5, abs=1 / weight.shape[1])
+    assert report.sparsity == pytest.approx(0.5, abs=0.01)
+    for name, value in weights_outside_blocks(model).items():  # embeddings and heads stay dense and unchanged
+        assert torch.equal(value, untouched[name]), name
+    assert set(report.seconds) >= {"load", "calibrate", "prune", "total"}
+    assert report.calibration == {"source": str(text_file), "nsamples": 8, "seqlen": 32, "seed": 0, "used": method != "magnitude"}
+
+
+def test_gpt2_conv1d_groups_run_along_the_inputs(model_folders, text_file) -> None:
+    model, _ = prune_model(str(model_folders["gpt2"]), method="wanda", pattern="2:4", calibration=str(text_file), **SMALL)
+    _, blocks = transformer_blocks(model)
+    projection = blocks[0].mlp.c_proj
+    assert isinstance(projection, Conv1D) and projection.weight.shape == (256, 64)  # stored (in, out)
+    groups = (projection.weight != 0).T.reshape(64, 64, 4).sum(2)  # per output row, groups of 4 inputs
+    assert torch.all(groups == 2)
+
+
+def test_llama_block_call_keeps_position_embeddings(model_folders, tokenizer) -> None:
+    loaded = load_model(str(model_folders["llama"]))
+    _, blocks = transformer_blocks(loaded.model)
+    ids = torch.randint(0, len(tokenizer), (2, 16))
+    calls = capture_block_inputs(loaded.model, blocks[0], [{"input_ids": ids}], torch.device("cpu"))
+    assert "position_embeddings" in calls[0].kwargs
+    # the captured call reproduces the model's own first-block output
+    captured = {}
+    handle = blocks[0].register_forward_hook(lambda module, args, output: captured.setdefault("output", output))
+    loaded.model(input_ids=ids)
+    handle.remove()
+    expected = captured["output"][0] if isinstance(captured["output"], tuple) else captured["output"]
+    torch.testing.assert_close(run_block(blocks[0], calls[0]), expected)
+
+
+def test_layers_fed_the_same_input_share_one_hessian(model_folders) -> None:
+    loaded = load_model(str(model_folders["llama"]))
+    _, blocks = transformer_blocks(loaded.model)
+    calls = capture_block_inputs(loaded.model, blocks[0], [{"input_ids": torch.randint(0, 100, (2, 16))}] * 2, torch.device("cpu"))
+    with LayerInputStatistics(prunable_layers(blocks[0]), "hessian", torch.device("cpu")) as statistics:
+        for call in calls:
+            statistics.begin_batch(call.token_mask)
+            run_block(blocks[0], call)
+    assert statistics.groups() == {
+        "self_attn.q_proj": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+        "self_attn.o_proj": ["self_attn.o_proj"],
+        "mlp.gate_proj": ["mlp.gate_proj", "mlp.up_proj"],
+        "mlp.down_proj": ["mlp.down_proj"],
+    }
+    assert statistics.statistics("self_attn.k_proj") is statistics.statistics("self_attn.q_proj")
+
+
+def test_accumulators_are_running_means_that_skip_padding() -> None:
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(3, 7, 5, generator=generator) for _ in range(3)]
+    masks = [torch.rand(3, 7, generator=generator) > 0.3 for _ in range(3)]
+    hessian, norms = HessianAccumulator(5, torch.device("cpu"), torch.float64), ColumnNormAccumulator(5, torch.device("cpu"), torch.float64)
+    for inputs, mask in zip(batches, masks, strict=True):
+        hessian.add(inputs, mask)
+        norms.add(inputs, mask)
+    rows = torch.cat([inputs[mask] for inputs, mask in zip(batches, masks, strict=True)]).double()
+    torch.testing.assert_close(hessian.result(), 2 * rows.T @ rows / len(rows))
+    torch.testing.assert_close(norms.result(), rows.pow(2).mean(0).sqrt())
+
+
+def test_padded_positions_do_not_enter_the_hessian(model_folders) -> None:
+    loaded = load_model(str(model_folders["bert"]))
+    _, blocks = transformer_blocks(loaded.model)
+    ids = torch.randint(5, 100, (2, 12))
+    padded = ids.clone()
+    padded[1, 6:] = 0
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    short = capture_block_inputs(loaded.model, blocks[0], [{"input_ids": ids[:1]}, {"input_ids": ids[1:, :6]}], torch.device("cpu"))
+    full = capture_block_inputs(loaded.model, blocks[0], [{"input_ids": padded, "attention_mask": mask}], torch.device("cpu"))
+    results = []
+    for calls in (short, full):
+        with LayerInputStatistics(prunable_layers(blocks[0]), "hessian", torch.device("cpu"), torch.float64) as statistics:
+            for call in calls:
+                statistics.begin_batch(call.token_mask)
+                run_block(blocks[0], call)
+        results.append(statistics.statistics("attention.self.query"))
+    torch.testing.assert_close(results[0], results[1], atol=1e-4, rtol=1e-4)
+
+
+def test_pruned_outputs_feed_the_next_block(model_folders, text_file) -> None:
+    runs = {}
+    for propagate in ("pruned", "dense"):
+        model, _ = prune_model(str(model_folders["llama"]), method="sparsegpt", sparsity=0.5, calibration=str(text_file), propagate=propagate, **SMALL)
+        runs[propagate] = transformer_blocks(model)[1]
+    first = [layer_weight(layer) for layer in prunable_layers(runs["pruned"][0]).values()]
+    assert all(torch.equal(a, layer_weight(b)) for a, b in zip(first, prunable_layers(runs["dense"][0]).values(), strict=True))
+    second = zip(prunable_layers(runs["pruned"][1]).values(), prunable_layers(runs["dense"][1]).values(), strict=True)
+    assert not all(torch.equal(layer_weight(a), layer_weight(b)) for a, b in second)
+
+
+def test_same_seed_same_masks_other_seed_other_windows(model_folders, text_file) -> None:
+    def masks(seed: int) -> list[torch.Tensor]:
+        model, _ = prune_model(str(model_folders["opt"]), method="sparsegpt", sparsity=0.5, calibration=str(text_file), seed=seed, **SMALL)
+        return [layer_weight(layer) != 0 for block in transformer_blocks(model)[1] for layer in prunable_layers(block).values()]
+
+    first, again, other = masks(0), masks(0), masks(1)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
+
+
+def test_perplexity_follows_the_protocol(model_folders, tokenizer) -> None:
+    loaded = load_model(str(model_folders["llama"]))
+    windows = torch.randint(0, len(tokenizer), (3, 20))
+    result = perplexity(loaded.model, windows, torch.device("cpu"), batch_size=2, progress=False)
+    losses = [loaded.model(input_ids=w.unsqueeze(0), labels=w.unsqueeze(0)).loss for w in windows]
+    assert result.value == pytest.approx(torch.stack(losses).mean().exp().item(), rel=1e-5)
+    assert (result.seqlen, result.windows) == (20, 3)
+
+
+def test_evaluation_text_never_overlaps_calibration(tokenizer, text_file) -> None:
+    for calibration, evaluation in (("wiki-sample", "wiki-sample"), (str(text_file), str(text_file)), (str(text_file), "wiki-sample")):
+        sources = TextSources(tokenizer, calibration=calibration, evaluation=evaluation)
+        calibration_ids, evaluation_ids = sources.calibration_ids(), sources.evaluation_ids()
+        if calibration == evaluation:
+            whole = sources._stream(calibration, "all")
+            assert torch.equal(torch.cat([calibration_ids, evaluation_ids]), whole)  # head and tail of one stream
+            assert len(evaluation_ids) == pytest.approx(0.1 * len(whole), abs=1)
+        else:
+            assert len(calibration_ids) == len(sources._stream(calibration, "all"))
+
+
+def test_report_has_the_promised_fields(model_folders, text_file) -> None:
+    _, report = prune_model(str(model_folders["llama"]), method="sparsegpt", pattern="2:4", calibration=str(text_file),
+                            eval_data=str(text_file), eval_seqlen=32, eval_windows=4, **SMALL)
+    data = report.to_dict()
+    assert {"method", "target", "model", "calibration", "layers", "sparsity", "seconds", "perplexity", "peak_memory_mb"} <= set(data)
+    assert data["target"] == {"sparsity": 0.5, "pattern": "2:4"}
+    assert set(data["layers"][0]) >= {"name", "shape", "sparsity", "pattern_valid", "loss", "seconds"}
+    assert set(data["seconds"]) >= {"load", "calibrate", "prune", "evaluate"}
+    for stage in ("dense", "pruned"):
+        assert data["perplexity"][stage]["windows"] == 4 and data["perplexity"][stage]["seqlen"] == 32
+    assert data["perplexity"]["pruned"]["value"] != data["perplexity"]["dense"]["value"]
+    assert data["peak_memory_mb"] > 0
+    assert "2:4" in report.table() and "perplexity" in report.table()
+
+
+def test_token_classifier_is_pruned_without_perplexity(model_folders, text_file) -> None:
+    _, report = prune_model(str(model_folders["bert"]), method="wanda", sparsity=0.5, calibration=str(text_file), eval_data=str(text_file), **SMALL)
+    assert report.perplexity is None
+    assert any("perplexity skipped" in note for note in report.notes)
