@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import click
+from transformers.utils import logging as transformers_logging
 
 from calibration.corpora import CorpusError
 from methods import METHODS, PruningError
@@ -51,6 +52,8 @@ def command(**options) -> None:
     Every Linear/Conv1D inside the transformer blocks is pruned; embeddings, the LM head and
     classifier heads stay dense.
     """
+    if options["quiet"]:
+        transformers_logging.disable_progress_bar()
     if options["output"] is not None:
         check_output_dir(options["output"], options["overwrite"])
     method_options = {

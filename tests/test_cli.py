@@ -1,0 +1,125 @@
+"""The `prune` command: runs on every architecture, bad input, and the output folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from prune.cli import main
+
+FAST = ["--nsamples", "8", "--seqlen", "32", "--batch-size", "4", "--quiet"]
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, str]:
+    """Run the command in-process: (exit code, stdout, stderr)."""
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code: int, err: str, fragment: str) -> None:
+    assert code == 2
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("prune: error:")]
+    assert len(errors) == 1 and err.strip().endswith(errors[0]), err
+    assert fragment in errors[0], errors[0]
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2", "opt", "bert"])
+def test_cli_prunes_each_architecture(model_folders, text_file, tmp_path, architecture, capsys) -> None:
+    output = tmp_path / "pruned"
+    code, out, err = run(["--model", str(model_folders[architecture]), "--method", "sparsegpt", "--pattern", "2:4",
+                          "--calibration", str(text_file), "--eval-data", str(text_file), "--eval-windows", "2", "--output", str(output), *FAST], capsys)
+    assert code == 0, err
+    assert "sparsity reached 50.00%" in out
+    assert (output / "report.json").is_file() and (output / "config.json").is_file() and (output / "tokenizer.json").is_file()
+
+
+@pytest.fixture()
+def odd_width_model(tmp_path_factory, tokenizer) -> Path:
+    """A Llama whose hidden size (36) holds 2:4 but not 4:8."""
+    folder = tmp_path_factory.mktemp("odd-llama")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=36, intermediate_size=72, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_bad_input_is_one_line_and_exit_code_2(model_folders, text_file, tmp_path, odd_width_model, capsys) -> None:
+    llama = ["--model", str(model_folders["llama"]), "--calibration", str(text_file), "--no-eval"]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    short = tmp_path / "short.txt"
+    short.write_text("just a few words of text")
+    cases = [
+        (["--method", "obd", "--sparsity", "0.5"], "--method"),
+        (["--sparsity", "1.0"], "--sparsity"),
+        (["--sparsity", "-0.2"], "--sparsity"),
+        (["--pattern", "4:4"], "N < M"),
+        (["--pattern", "2:4", "--sparsity", "0.6"], "conflicts"),
+        ([], "give a sparsity"),
+        (["--sparsity", "0.5", "--blocksize", "100"], "multiple of mask_blocksize"),
+        (["--method", "wanda", "--sparsity", "0.5", "--blocksize", "64"], "does not apply"),
+        (["--sparsity", "0.5", "--nsamples", "0"], "nsamples"),
+        (["--sparsity", "0.5", "--calibration", str(tmp_path / "missing.txt")], "no such file"),
+        ([*llama, "--sparsity", "0.5", "--calibration", str(empty)], "empty"),
+        ([*llama, "--sparsity", "0.5", "--calibration", str(short)], "too short"),
+        ([*llama, "--sparsity", "0.5", "--seqlen", "1024"], "positions"),
+        (["--model", str(tmp_path / "no-such-model"), "--sparsity", "0.5"], "no such model folder"),
+        (["--model", str(odd_width_model), "--calibration", str(text_file), "--no-eval", "--pattern", "4:8"], "not a multiple of 8"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--sparsity", "0.5", "--device", "cuda"], "no CUDA device"))
+    for arguments, fragment in cases:
+        code, _, err = run([*FAST, *llama[:2], *arguments] if "--model" not in arguments else [*FAST, *arguments], capsys)
+        assert_one_line_error(code, err, fragment)
+
+
+def test_incompatible_layers_can_be_skipped_and_are_reported(odd_width_model, text_file, capsys) -> None:
+    code, out, err = run(["--model", str(odd_width_model), "--calibration", str(text_file), "--no-eval", "--pattern", "4:8",
+                          "--skip-incompatible", *FAST], capsys)
+    assert code == 0, err
+    assert "left dense" in out
+
+
+def test_output_is_loadable_and_refuses_to_clobber(model_folders, text_file, tmp_path, capsys) -> None:
+    output = tmp_path / "result"
+    common = ["--model", str(model_folders["llama"]), "--calibration", str(text_file), "--no-eval", "--output", str(output), *FAST]
+    assert run(["--sparsity", "0.5", *common], capsys)[0] == 0
+    reloaded = AutoModelForCausalLM.from_pretrained(output)
+    weight = reloaded.model.layers[0].mlp.down_proj.weight
+    assert (weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
+    before = {p.name: p.read_bytes() for p in output.iterdir()}
+
+    code, _, err = run(["--sparsity", "0.7", *common], capsys)
+    assert_one_line_error(code, err, "not empty")
+    assert {p.name: p.read_bytes() for p in output.iterdir()} == before
+
+    assert run(["--sparsity", "0.7", "--overwrite", *common], capsys)[0] == 0
+    weight = AutoModelForCausalLM.from_pretrained(output).model.layers[0].mlp.down_proj.weight
+    assert (weight == 0).float().mean().item() == pytest.approx(0.7, abs=0.01)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result"]  # no temporary folders left behind
+
+
+def test_a_failed_write_leaves_the_old_output_alone(model_folders, text_file, tmp_path, capsys, monkeypatch) -> None:
+    output = tmp_path / "result"
+    output.mkdir()
+    (output / "keep.txt").write_text("the user's file")
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("transformers.PreTrainedModel.save_pretrained", broken)
+    with pytest.raises(OSError, match="disk full"):
+        main(["--model", str(model_folders["llama"]), "--calibration", str(text_file), "--no-eval", "--sparsity", "0.5",
+              "--output", str(output), "--overwrite", *FAST])
+    assert [p.name for p in output.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result"]
