@@ -203,6 +203,8 @@ def prune_blocks(
                 report = skipped_layer(full_name, layer, "never called during calibration; left dense")
             else:
                 report = prune_layer(full_name, layer, statistic, method, target, settings.method_options, device)
+                if statistics is not None:
+                    report.statistics_from = f"{blocks_name}.{index}.{statistics.leader[name]}"
                 block_losses.append(report.loss)
             layers_report.append(report)
         del statistics

@@ -18,6 +18,7 @@ class LayerReport:
     loss: float | None  # the method's own estimate of the output error it caused (None when skipped)
     seconds: float
     notes: list[str] = field(default_factory=list)
+    statistics_from: str | None = None  # the layer whose input statistics this layer shares (itself when not shared)
 
 
 @dataclass

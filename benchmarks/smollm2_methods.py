@@ -1,0 +1,184 @@
+"""Compare dense / magnitude / Wanda / SparseGPT on SmolLM2-135M at 50 % and 2:4, and measure SparseGPT against the hardware.
+
+Prints, per run: WikiText-2 test perplexity (seqlen 512), prune seconds (calibration capture + the
+layer-by-layer stage), peak resident memory of the pruning stage and its ratio to the memory the design
+allows (model + 2 activation buffers + one block's statistics, + 25 %). For SparseGPT it also prints the
+floating-point work of each stage (block forward passes, Hessian accumulation, sweeps) divided by the
+fp32 matrix-multiply rate measured in the same run: the time the hardware could not beat.
+
+    .venv/bin/python benchmarks/smollm2_methods.py                      # the full table (about an hour on 2 CPU cores)
+    .venv/bin/python benchmarks/smollm2_methods.py --eval-windows 64    # perplexity on the first 64 windows only
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import click
+import torch
+
+from calibration.corpora import local_corpus
+from calibration.windows import evaluation_windows, tokenize
+from eval.perplexity import perplexity
+from prune import PruneSettings, load_model, run_pipeline
+from prune.models import prunable_layers, transformer_blocks
+
+DEFAULT_WIKITEXT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+RUNS = [("dense", None), *[(method, target) for method in ("magnitude", "wanda", "sparsegpt") for target in ("50%", "2:4")]]
+
+
+def memory_mb() -> dict[str, float]:
+    """Current (VmRSS) and peak (VmHWM) resident memory of this process, from /proc (Linux)."""
+    status = Path("/proc/self/status").read_text()
+    return {key: int(re.search(rf"{key}:\s+(\d+)", status).group(1)) / 1024 for key in ("VmRSS", "VmHWM")}
+
+
+def reset_peak_memory() -> None:
+    """Restart the VmHWM high-water mark at the current RSS (Linux: /proc/self/clear_refs)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def matmul_rate(device: torch.device, size: int = 2048, repeats: int = 10) -> float:
+    """Best fp32 matrix-multiply rate (FLOP/s) of `size`-square products on `device`."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best
+
+
+def sparsegpt_work(model, report, nsamples: int, seqlen: int, blocksize: int) -> dict[str, float]:
+    """Floating-point operations of a SparseGPT run, by stage (what a perfect implementation still has to do)."""
+    tokens = nsamples * seqlen
+    _, blocks = transformer_blocks(model)
+    linear = sum(layer.weight.numel() for layer in prunable_layers(blocks[0]).values())
+    config = model.config
+    attention_width = config.num_attention_heads * getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
+    # per pass over one block: every Linear (2 flops per weight and token), and QKᵀ and AV (4 T² width per sequence)
+    one_pass = 2 * tokens * linear + nsamples * 4 * seqlen**2 * attention_width
+    hessian = sum(2 * tokens * layer.shape[1] ** 2 for layer in report.layers if layer.statistics_from == layer.name)
+    sweep = 0.0
+    for layer in report.layers:
+        rows, columns = layer.shape
+        for start in range(0, columns, blocksize):
+            width = min(blocksize, columns - start)
+            sweep += rows * width * (width + 1)  # rank-one updates inside the block
+            sweep += 2 * rows * width * (columns - start - width)  # the lazy update of the columns after it
+        sweep += (1 / 3 + 1 + 1 / 3) * columns**3  # Cholesky, inverse, Cholesky of the inverse
+    blocks_count = len(blocks)
+    return {
+        "forward (statistics pass)": blocks_count * one_pass,
+        "hessian accumulation": hessian,
+        "sweep": sweep,
+        "forward (propagation pass)": blocks_count * one_pass,
+    }
+
+
+def memory_allowed_mb(model, report, nsamples: int, seqlen: int) -> float:
+    """Model + 2 activation buffers + one block's statistics (float32), in MB."""
+    parameters = sum(p.numel() for p in model.parameters()) * 4
+    activations = 2 * nsamples * seqlen * model.config.hidden_size * 4
+    blocks = {layer.name.rsplit(".", 2)[0] for layer in report.layers}
+    per_block = max(
+        (sum(layer.shape[1] ** 2 * 4 for layer in report.layers if layer.statistics_from == layer.name and layer.name.startswith(block + ".")) for block in blocks),
+        default=0,
+    )
+    return (parameters + activations + per_block) / 2**20
+
+
+@click.command()
+@click.option("--wikitext", type=click.Path(exists=True, path_type=Path), default=DEFAULT_WIKITEXT, help="WikiText-2 raw test file.")
+@click.option("--nsamples", default=64, show_default=True)
+@click.option("--seqlen", default=512, show_default=True)
+@click.option("--eval-seqlen", default=512, show_default=True)
+@click.option("--eval-windows", type=int, default=None, help="Evaluate only the first N windows (default: all).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--only", multiple=True, help="Run only these methods (dense, magnitude, wanda, sparsegpt).")
+@click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the results as JSON.")
+def main(wikitext: Path, nsamples: int, seqlen: int, eval_seqlen: int, eval_windows: int | None, device: str, only: tuple[str, ...], json_out: Path | None) -> None:
+    device_ = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    rate = matmul_rate(device_)
+    click.echo(f"device {device_}, {torch.get_num_threads()} threads; fp32 matmul rate {rate / 1e9:.1f} GFLOP/s")
+    baseline = memory_mb()["VmRSS"]
+    windows = None
+    results = []
+    for method, target in RUNS:
+        if only and method not in only:
+            continue
+        loaded = load_model("smollm2-135m")
+        if windows is None:
+            ids = tokenize(loaded.tokenizer, local_corpus(wikitext).text)
+            windows = evaluation_windows(ids, eval_seqlen, eval_windows)
+            click.echo(f"WikiText-2 test: {len(ids)} tokens, evaluating {len(windows)} windows of {eval_seqlen}")
+        row = {"method": method, "target": target or "-", "prune_seconds": None, "peak_mb": None}
+        if method != "dense":
+            settings = PruneSettings(
+                method=method,
+                sparsity=0.5 if target == "50%" else None,
+                pattern=target if target == "2:4" else None,
+                nsamples=nsamples,
+                seqlen=seqlen,
+                device=device,
+                progress=False,
+            )
+            reset_peak_memory()
+            report = run_pipeline(loaded, settings)
+            peak = memory_mb()["VmHWM"]
+            row["prune_seconds"] = report.seconds["calibrate"] + report.seconds["prune"]
+            row["peak_mb"] = peak
+            row["peak_over_baseline_mb"] = peak - baseline
+            row["allowed_mb"] = memory_allowed_mb(loaded.model, report, nsamples, seqlen) * 1.25
+            row["breakdown"] = report.prune_breakdown
+            if method == "sparsegpt":
+                work = sparsegpt_work(loaded.model, report, nsamples, seqlen, blocksize=128)
+                row["work_gflop"] = {stage: flops / 1e9 for stage, flops in work.items()}
+                row["bound_seconds"] = sum(work.values()) / rate
+        started = time.perf_counter()
+        loaded.model.to(device_)
+        row["perplexity"] = perplexity(loaded.model, windows, device_, progress=False).value
+        row["eval_seconds"] = time.perf_counter() - started
+        results.append(row)
+        click.echo(f"  done {method} {target or ''}: perplexity {row['perplexity']:.2f}")
+        del loaded
+
+    click.echo("")
+    click.echo(f"SmolLM2-135M, calibration {nsamples} x {seqlen} tokens of wiki-sample; WikiText-2 test perplexity, seqlen {eval_seqlen}, {len(windows)} windows")
+    click.echo(f"{'method':<10} {'target':>6} {'perplexity':>11} {'prune s':>8} {'peak MB':>8} {'over start':>10} {'allowed':>8} {'ratio':>6}")
+    for row in results:
+        if row["prune_seconds"] is None:
+            click.echo(f"{row['method']:<10} {row['target']:>6} {row['perplexity']:>11.2f} {'-':>8} {'-':>8} {'-':>10} {'-':>8} {'-':>6}")
+            continue
+        ratio = row["peak_over_baseline_mb"] / row["allowed_mb"]
+        click.echo(
+            f"{row['method']:<10} {row['target']:>6} {row['perplexity']:>11.2f} {row['prune_seconds']:>8.1f} {row['peak_mb']:>8.0f} "
+            f"{row['peak_over_baseline_mb']:>10.0f} {row['allowed_mb']:>8.0f} {ratio:>6.2f}"
+        )
+    click.echo("(peak MB: resident-memory high-water mark of the pruning stage; over start: minus the process before the model was loaded;")
+    click.echo(" allowed: 1.25 x (model + 2 activation buffers + one block's Hessians); ratio = over start / allowed, target < 1)")
+
+    for row in results:
+        if "work_gflop" not in row:
+            continue
+        click.echo("")
+        click.echo(f"SparseGPT {row['target']}: floating-point work against the measured matmul rate ({rate / 1e9:.1f} GFLOP/s)")
+        for stage, gflop in row["work_gflop"].items():
+            click.echo(f"  {stage:<28} {gflop:>9.1f} GFLOP  {gflop * 1e9 / rate:>7.1f} s at the matmul rate")
+        measured = row["breakdown"]
+        click.echo(f"  measured: statistics passes {measured['statistics']:.1f} s, sweeps {measured['method']:.1f} s, propagation passes {measured['propagate']:.1f} s")
+        click.echo(f"  bound {row['bound_seconds']:.1f} s, measured {row['prune_seconds']:.1f} s: {row['prune_seconds'] / row['bound_seconds']:.2f} x the bound (target <= 1.5)")
+    if json_out is not None:
+        json_out.write_text(json.dumps({"matmul_gflops": rate / 1e9, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
