@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from methods import magnitude, sparsegpt, wanda
+from methods import magnitude, obs, sparsegpt, wanda
 from methods.base import LayerResult, PruningError, Target
 
 HESSIAN = "hessian"
@@ -38,6 +38,13 @@ METHODS: dict[str, Method] = {
         sparsegpt.prune,
         "adaptive-mask OBS sweeps over the Cholesky factor of H⁻¹, with weight updates",
         ("blocksize", "mask_blocksize", "percdamp"),
+    ),
+    "obs": Method(
+        "obs",
+        HESSIAN,
+        obs.prune,
+        "exact greedy Optimal Brain Surgeon per row; cost about rows x k² x d, meant for small models or high sparsity",
+        ("percdamp",),
     ),
 }
 

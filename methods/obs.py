@@ -1,0 +1,94 @@
+"""Exact Optimal Brain Surgeon (Hassibi & Stork, 1993), row by row: greedy removal with the exact update and H⁻¹ downdate."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from methods.base import LayerResult, PruningError, Target, exact_matmul, prune_count
+from methods.hessian import damped_inverse
+
+ROW_BATCH_ELEMENTS = 2**25  # rows processed together: rows x removals x inputs stays below this many numbers
+
+
+def work(rows: int, columns: int, target: Target) -> float:
+    """Approximate floating-point operations of pruning a (rows, columns) layer to `target`: about rows · k² · d."""
+    removals = prune_count(columns, target.sparsity)
+    return 2.0 * rows * removals * removals * columns
+
+
+def prune(weight: Tensor, hessian: Tensor, target: Target, *, percdamp: float = 0.01, row_batch: int | None = None) -> LayerResult:
+    """Prune each row of `weight` (out, in) to `target` by exact greedy OBS, given H = (2/n) X Xᵀ (in, in).
+
+    Per row, repeatedly: remove the weight with the smallest w_j² / [H⁻¹]_jj, update the remaining
+    weights by w ← w − (w_j / [H⁻¹]_jj) H⁻¹[j, :] (seed 003, Eq. 3), and downdate H⁻¹ by the rank-one
+    Schur step H⁻¹ ← H⁻¹ − H⁻¹[:, j] H⁻¹[j, :] / [H⁻¹]_jj, until the row holds its quota. For N:M, a
+    group stops losing weights once it holds N. The downdates are kept in factored form,
+    H⁻¹_t = H⁻¹_0 − Σ_s v_s v_sᵀ, so that a step costs O(t · d) per row instead of O(d²), and
+    many rows are processed at once as batched tensor operations.
+    """
+    rows, columns = weight.shape
+    target.check_layer("weight", columns)
+    if hessian.shape != (columns, columns):
+        raise PruningError(f"Hessian shape {tuple(hessian.shape)} does not match weight inputs {columns}")
+    dtype = torch.float64 if hessian.dtype == torch.float64 else torch.float32
+    device = weight.device
+    with exact_matmul():
+        inverse = damped_inverse(hessian, percdamp)
+        hinv = inverse.inverse.to(device=device, dtype=dtype)
+        work_weight = weight.detach().to(dtype).clone()
+        work_weight[:, inverse.dead.to(device)] = 0
+        removals = columns * (target.m - target.n) // target.m if target.is_nm else prune_count(columns, target.sparsity)
+        if row_batch is None:
+            row_batch = max(1, ROW_BATCH_ELEMENTS // max(1, removals * columns))
+        mask = torch.ones_like(work_weight, dtype=torch.bool)
+        loss = 0.0
+        for start in range(0, rows, row_batch):
+            stop = min(start + row_batch, rows)
+            block_loss = _prune_rows(work_weight[start:stop], mask[start:stop], hinv, removals, target)
+            loss += block_loss
+    return LayerResult(
+        weight=(work_weight * mask).to(weight.dtype),
+        mask=mask,
+        loss=loss,
+        details={"percdamp": inverse.percdamp, "damping_retries": inverse.retries, "dead_inputs": int(inverse.dead.sum().item())},
+    )
+
+
+def _prune_rows(weight: Tensor, mask: Tensor, hinv: Tensor, removals: int, target: Target) -> float:
+    """Greedy OBS on a batch of rows, in place on `weight` (R, d) and `mask` (R, d); returns the summed OBS loss."""
+    count, columns = weight.shape
+    if removals == 0:
+        return 0.0
+    index = torch.arange(count, device=weight.device)
+    factors = torch.empty(count, removals, columns, device=weight.device, dtype=weight.dtype)  # the v_s of the downdates
+    diagonal = torch.diagonal(hinv).expand(count, columns).clone()  # diag of each row's current H⁻¹
+    blocked = torch.zeros(count, columns, device=weight.device, dtype=torch.bool)  # removed, or in a full N:M group
+    if target.is_nm:
+        group_removed = torch.zeros(count, columns // target.m, device=weight.device, dtype=torch.long)
+    loss = torch.zeros((), device=weight.device, dtype=weight.dtype)
+    for step in range(removals):
+        scores = (weight**2 / diagonal).masked_fill(blocked, float("inf"))
+        chosen = scores.argmin(dim=1)
+        # row `chosen` of the current inverse: H⁻¹_0[j, :] − Σ_s v_s[j] v_s
+        current_row = hinv[chosen] - torch.bmm(factors[:, :step, :].gather(2, chosen.view(-1, 1, 1).expand(-1, step, 1)).transpose(1, 2), factors[:, :step, :]).squeeze(1)
+        pivot = current_row[index, chosen]  # [H⁻¹]_jj
+        removed = weight[index, chosen]
+        loss += (removed**2 / pivot).sum() / 2
+        weight -= (removed / pivot).unsqueeze(1) * current_row  # Eq. 3
+        weight[index, chosen] = 0.0
+        factor = current_row / pivot.sqrt().unsqueeze(1)
+        factors[:, step, :] = factor
+        diagonal -= factor**2
+        blocked[index, chosen] = True
+        mask[index, chosen] = False
+        if target.is_nm:
+            groups = chosen // target.m
+            group_removed[index, groups] += 1
+            full = group_removed[index, groups] == target.m - target.n
+            if full.any():
+                rows_full = index[full]
+                starts = groups[full] * target.m
+                for offset in range(target.m):
+                    blocked[rows_full, starts + offset] = True
+    return loss.item()

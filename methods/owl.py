@@ -1,0 +1,71 @@
+"""OWL, outlier-weighted layerwise sparsity (Yin et al., 2024): blocks with more outliers keep more weights."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from methods.base import PruningError
+
+SEED_RULE = "seed"
+LAMBDA_RULE = "lambda"
+RULES = (SEED_RULE, LAMBDA_RULE)
+
+
+def outlier_ratio(scores: Sequence[Tensor], threshold: float) -> float:
+    """D = fraction of the Wanda scores |W|·‖X‖ of a block's layers greater than `threshold` times their mean."""
+    flat = torch.cat([s.reshape(-1).float() for s in scores])
+    return (flat > threshold * flat.mean()).float().mean().item()
+
+
+def weighted_mean(values: Tensor, weights: Tensor) -> float:
+    return ((values * weights).sum() / weights.sum()).item()
+
+
+def allocate_seed(ratios: Sequence[float], parameters: Sequence[int], sparsity: float) -> list[float]:
+    """Seed 003, section 4: S_ℓ = α (1 − D_ℓ), α chosen so that Σ P_ℓ S_ℓ / Σ P_ℓ = S."""
+    outliers = torch.tensor(ratios, dtype=torch.float64)
+    weights = torch.tensor(parameters, dtype=torch.float64)
+    scale = sparsity * weights.sum() / (weights * (1 - outliers)).sum()
+    allocation = scale * (1 - outliers)
+    if (allocation >= 1).any():
+        raise PruningError(f"OWL (seed rule) would give a block sparsity of {allocation.max().item():.3f} >= 1; lower the target")
+    return allocation.tolist()
+
+
+def allocate_lambda(ratios: Sequence[float], parameters: Sequence[int], sparsity: float, lam: float = 0.08) -> list[float]:
+    """The OWL paper's rule: D scaled to [0, 2λ], centred, block sparsity clipped to [S − λ, S + λ].
+
+    The centre is found by bisection so that the parameter-weighted mean sparsity equals S after clipping.
+    """
+    if not 0 <= lam <= min(sparsity, 1 - sparsity):
+        raise PruningError(f"--owl-lambda must be in [0, min(S, 1 - S)] = [0, {min(sparsity, 1 - sparsity):g}], got {lam:g}")
+    outliers = torch.tensor(ratios, dtype=torch.float64)
+    weights = torch.tensor(parameters, dtype=torch.float64)
+    spread = outliers.max() - outliers.min()
+    if lam == 0 or spread == 0:
+        return [sparsity] * len(ratios)
+    scaled = (outliers - outliers.min()) / spread * 2 * lam
+
+    def allocation(shift: float) -> Tensor:
+        return (sparsity + shift - scaled).clamp(sparsity - lam, sparsity + lam)
+
+    low, high = -2 * lam, 4 * lam  # the weighted mean of allocation(shift) grows with shift from S − λ to S + λ
+    for _ in range(200):
+        middle = (low + high) / 2
+        if weighted_mean(allocation(middle), weights) < sparsity:
+            low = middle
+        else:
+            high = middle
+    return allocation((low + high) / 2).tolist()
+
+
+def allocate(rule: str, ratios: Sequence[float], parameters: Sequence[int], sparsity: float, lam: float = 0.08) -> list[float]:
+    """Per-block sparsities whose parameter-weighted mean is `sparsity`, by the seed or the lambda rule."""
+    if rule == SEED_RULE:
+        return allocate_seed(ratios, parameters, sparsity)
+    if rule == LAMBDA_RULE:
+        return allocate_lambda(ratios, parameters, sparsity, lam)
+    raise PruningError(f"unknown OWL rule {rule!r}: choose {' or '.join(RULES)}")

@@ -1,0 +1,74 @@
+"""Exact OBS against brute force and least squares, and against SparseGPT and Wanda."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from methods import Target, obs, sparsegpt, wanda
+from tests.test_methods import output_error, random_problem
+
+
+def least_squares_row(row: torch.Tensor, inputs: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """argmin over w' with w'_j = 0 off `kept` of ‖X w − X w'‖ (X: tokens x inputs)."""
+    solution = torch.zeros_like(row)
+    solution[kept] = torch.linalg.lstsq(inputs[:, kept], (inputs @ row).unsqueeze(1)).solution.squeeze(1)
+    return solution
+
+
+def test_removing_one_weight_matches_brute_force() -> None:
+    weight, inputs, hessian = random_problem(5, 8, 60, seed=11)
+    result = obs.prune(weight, hessian, Target(1 / 8), percdamp=0.0)
+    for row in range(weight.shape[0]):
+        candidates = []
+        for j in range(8):
+            kept = torch.ones(8, dtype=torch.bool)
+            kept[j] = False
+            solution = least_squares_row(weight[row], inputs, kept)
+            candidates.append((((inputs @ (weight[row] - solution)) ** 2).sum().item(), j, solution))
+        error, best, solution = min(candidates, key=lambda c: c[0])
+        assert (~result.mask[row]).nonzero().item() == best
+        torch.testing.assert_close(result.weight[row], solution, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("target", [Target(0.5), Target(0.75), Target.from_options(pattern="2:4")])
+def test_updated_rows_are_the_least_squares_optimum_for_the_chosen_mask(target: Target) -> None:
+    weight, inputs, hessian = random_problem(6, 16, 80, seed=12)
+    result = obs.prune(weight, hessian, target, percdamp=0.0)
+    for row in range(weight.shape[0]):
+        torch.testing.assert_close(result.weight[row], least_squares_row(weight[row], inputs, result.mask[row]), atol=1e-7, rtol=1e-6)
+    assert result.loss == pytest.approx(output_error(weight, result.weight, inputs), rel=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("target", [Target(0.5), Target(0.7), Target.from_options(pattern="2:4")])
+def test_obs_error_is_never_larger_than_sparsegpt_or_wanda(seed: int, target: Target) -> None:
+    weight, inputs, hessian = random_problem(12, 32, 200, seed=seed)
+    norms = (inputs**2).mean(0).sqrt()
+    ours = output_error(weight, obs.prune(weight, hessian, target).weight, inputs)
+    theirs = {
+        "sparsegpt": output_error(weight, sparsegpt.prune(weight, hessian, target, blocksize=32, mask_blocksize=32).weight, inputs),
+        "wanda": output_error(weight, wanda.prune(weight, norms, target).weight, inputs),
+    }
+    for name, error in theirs.items():
+        assert ours <= error * 1.001, (name, ours, error)
+
+
+@settings(max_examples=20, deadline=None)
+@given(rows=st.integers(1, 10), groups=st.integers(1, 6), pattern=st.sampled_from(["2:4", "1:4", "4:8", "3:8"]), seed=st.integers(0, 99))
+def test_every_group_keeps_exactly_n(rows: int, groups: int, pattern: str, seed: int) -> None:
+    target = Target.from_options(pattern=pattern)
+    weight, _, hessian = random_problem(rows, groups * target.m, 64, seed)
+    result = obs.prune(weight.float(), hessian.float(), target)
+    assert torch.all(result.mask.reshape(rows, groups, target.m).sum(2) == target.n)
+    assert torch.all(result.weight[~result.mask] == 0)
+
+
+@settings(max_examples=20, deadline=None)
+@given(rows=st.integers(1, 10), columns=st.sampled_from([8, 24, 40]), sparsity=st.floats(0.0, 0.95), seed=st.integers(0, 99))
+def test_every_row_holds_its_quota(rows: int, columns: int, sparsity: float, seed: int) -> None:
+    weight, _, hessian = random_problem(rows, columns, 64, seed)
+    result = obs.prune(weight, hessian, Target(sparsity), row_batch=3)
+    assert torch.all((~result.mask).sum(1) == round(columns * sparsity))
