@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -96,63 +98,89 @@ def memory_allowed_mb(model, report, nsamples: int, seqlen: int) -> float:
     return (parameters + activations + per_block) / 2**20
 
 
+def run_one(method: str, target: str | None, options: dict) -> dict:
+    """Prune (unless dense) and evaluate in this process; memory is measured from before the model is loaded."""
+    device = torch.device(options["device_resolved"])
+    baseline = memory_mb()["VmRSS"]
+    loaded = load_model("smollm2-135m")
+    row = {"method": method, "target": target or "-", "prune_seconds": None}
+    if method != "dense":
+        settings = PruneSettings(
+            method=method,
+            sparsity=0.5 if target == "50%" else None,
+            pattern=target if target == "2:4" else None,
+            nsamples=options["nsamples"],
+            seqlen=options["seqlen"],
+            batch_size=options["batch_size"],
+            device=options["device"],
+            progress=False,
+        )
+        reset_peak_memory()
+        report = run_pipeline(loaded, settings)
+        peak = memory_mb()["VmHWM"]
+        row["prune_seconds"] = report.seconds["calibrate"] + report.seconds["prune"]
+        row["peak_mb"] = peak
+        row["peak_over_baseline_mb"] = peak - baseline
+        row["allowed_mb"] = memory_allowed_mb(loaded.model, report, options["nsamples"], options["seqlen"]) * 1.25
+        row["breakdown"] = report.prune_breakdown
+        if method == "sparsegpt":
+            work = sparsegpt_work(loaded.model, report, options["nsamples"], options["seqlen"], blocksize=128)
+            row["work_gflop"] = {stage: flops / 1e9 for stage, flops in work.items()}
+    ids = tokenize(loaded.tokenizer, local_corpus(Path(options["wikitext"])).text)
+    windows = evaluation_windows(ids, options["eval_seqlen"], options["eval_windows"])
+    started = time.perf_counter()
+    loaded.model.to(device)
+    row["perplexity"] = perplexity(loaded.model, windows, device, progress=False).value
+    row["eval_seconds"] = time.perf_counter() - started
+    row["eval_windows"] = len(windows)
+    row["eval_tokens"] = len(ids)
+    return row
+
+
 @click.command()
 @click.option("--wikitext", type=click.Path(exists=True, path_type=Path), default=DEFAULT_WIKITEXT, help="WikiText-2 raw test file.")
 @click.option("--nsamples", default=64, show_default=True)
 @click.option("--seqlen", default=512, show_default=True)
+@click.option("--batch-size", default=4, show_default=True, help="Calibration windows per forward pass.")
 @click.option("--eval-seqlen", default=512, show_default=True)
 @click.option("--eval-windows", type=int, default=None, help="Evaluate only the first N windows (default: all).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--only", multiple=True, help="Run only these methods (dense, magnitude, wanda, sparsegpt).")
 @click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the results as JSON.")
-def main(wikitext: Path, nsamples: int, seqlen: int, eval_seqlen: int, eval_windows: int | None, device: str, only: tuple[str, ...], json_out: Path | None) -> None:
-    device_ = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
-    rate = matmul_rate(device_)
-    click.echo(f"device {device_}, {torch.get_num_threads()} threads; fp32 matmul rate {rate / 1e9:.1f} GFLOP/s")
-    baseline = memory_mb()["VmRSS"]
-    windows = None
+@click.option("--single", default=None, hidden=True, help="Internal: run one METHOD:TARGET in this process and print JSON.")
+def main(wikitext: Path, nsamples: int, seqlen: int, batch_size: int, eval_seqlen: int, eval_windows: int | None, device: str,
+         only: tuple[str, ...], json_out: Path | None, single: str | None) -> None:
+    device_resolved = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    options = {"wikitext": str(wikitext), "nsamples": nsamples, "seqlen": seqlen, "batch_size": batch_size, "eval_seqlen": eval_seqlen,
+               "eval_windows": eval_windows, "device": device, "device_resolved": device_resolved}
+    if single is not None:
+        method, _, target = single.partition(":")
+        click.echo(json.dumps(run_one(method, target or None, options)))
+        return
+    rate = matmul_rate(torch.device(device_resolved))
+    click.echo(f"device {device_resolved}, {torch.get_num_threads()} threads; fp32 matmul rate {rate / 1e9:.1f} GFLOP/s")
     results = []
     for method, target in RUNS:
         if only and method not in only:
             continue
-        loaded = load_model("smollm2-135m")
-        if windows is None:
-            ids = tokenize(loaded.tokenizer, local_corpus(wikitext).text)
-            windows = evaluation_windows(ids, eval_seqlen, eval_windows)
-            click.echo(f"WikiText-2 test: {len(ids)} tokens, evaluating {len(windows)} windows of {eval_seqlen}")
-        row = {"method": method, "target": target or "-", "prune_seconds": None, "peak_mb": None}
-        if method != "dense":
-            settings = PruneSettings(
-                method=method,
-                sparsity=0.5 if target == "50%" else None,
-                pattern=target if target == "2:4" else None,
-                nsamples=nsamples,
-                seqlen=seqlen,
-                device=device,
-                progress=False,
-            )
-            reset_peak_memory()
-            report = run_pipeline(loaded, settings)
-            peak = memory_mb()["VmHWM"]
-            row["prune_seconds"] = report.seconds["calibrate"] + report.seconds["prune"]
-            row["peak_mb"] = peak
-            row["peak_over_baseline_mb"] = peak - baseline
-            row["allowed_mb"] = memory_allowed_mb(loaded.model, report, nsamples, seqlen) * 1.25
-            row["breakdown"] = report.prune_breakdown
-            if method == "sparsegpt":
-                work = sparsegpt_work(loaded.model, report, nsamples, seqlen, blocksize=128)
-                row["work_gflop"] = {stage: flops / 1e9 for stage, flops in work.items()}
-                row["bound_seconds"] = sum(work.values()) / rate
-        started = time.perf_counter()
-        loaded.model.to(device_)
-        row["perplexity"] = perplexity(loaded.model, windows, device_, progress=False).value
-        row["eval_seconds"] = time.perf_counter() - started
+        # each run in a fresh process, so that one run's memory does not count against the next
+        arguments = [sys.executable, __file__, "--single", f"{method}:{target or ''}", "--wikitext", str(wikitext), "--nsamples", str(nsamples),
+                     "--seqlen", str(seqlen), "--batch-size", str(batch_size), "--eval-seqlen", str(eval_seqlen), "--device", device]
+        if eval_windows is not None:
+            arguments += ["--eval-windows", str(eval_windows)]
+        finished = subprocess.run(arguments, capture_output=True, text=True, check=False)
+        if finished.returncode != 0:
+            raise click.ClickException(f"run {method} {target} failed: {finished.stderr.strip().splitlines()[-1:]}")
+        row = json.loads(finished.stdout.strip().splitlines()[-1])
+        if "work_gflop" in row:
+            row["bound_seconds"] = sum(row["work_gflop"].values()) * 1e9 / rate
         results.append(row)
         click.echo(f"  done {method} {target or ''}: perplexity {row['perplexity']:.2f}")
-        del loaded
 
+    windows = results[0]["eval_windows"]
     click.echo("")
-    click.echo(f"SmolLM2-135M, calibration {nsamples} x {seqlen} tokens of wiki-sample; WikiText-2 test perplexity, seqlen {eval_seqlen}, {len(windows)} windows")
+    click.echo(f"SmolLM2-135M, calibration {nsamples} x {seqlen} tokens of wiki-sample (batches of {batch_size}); "
+               f"WikiText-2 test perplexity, seqlen {eval_seqlen}, {windows} windows ({results[0]['eval_tokens']} tokens)")
     click.echo(f"{'method':<10} {'target':>6} {'perplexity':>11} {'prune s':>8} {'peak MB':>8} {'over start':>10} {'allowed':>8} {'ratio':>6}")
     for row in results:
         if row["prune_seconds"] is None:
@@ -163,8 +191,8 @@ def main(wikitext: Path, nsamples: int, seqlen: int, eval_seqlen: int, eval_wind
             f"{row['method']:<10} {row['target']:>6} {row['perplexity']:>11.2f} {row['prune_seconds']:>8.1f} {row['peak_mb']:>8.0f} "
             f"{row['peak_over_baseline_mb']:>10.0f} {row['allowed_mb']:>8.0f} {ratio:>6.2f}"
         )
-    click.echo("(peak MB: resident-memory high-water mark of the pruning stage; over start: minus the process before the model was loaded;")
-    click.echo(" allowed: 1.25 x (model + 2 activation buffers + one block's Hessians); ratio = over start / allowed, target < 1)")
+    click.echo("(peak MB: resident-memory high-water mark of the pruning stage; over start: minus the process after its imports,")
+    click.echo(" before the model was loaded; allowed: 1.25 x (model + 2 activation buffers + one block's Hessians); ratio = over start / allowed, target < 1)")
 
     for row in results:
         if "work_gflop" not in row:

@@ -32,6 +32,21 @@ class Corpus:
     def text(self) -> str:
         return "\n\n".join(self.documents)
 
+    def split(self, fraction: float) -> tuple[Corpus, Corpus]:
+        """(head, tail): the tail holds about `fraction` of the characters, cut between documents (or, for a
+        single document, between its lines), so that the two parts never share text."""
+        pieces = self.documents if len(self.documents) > 1 else tuple(self.documents[0].split("\n"))
+        total = sum(len(piece) for piece in pieces)
+        boundary, seen = len(pieces), 0
+        while boundary > 1 and seen + len(pieces[boundary - 1]) <= fraction * total:
+            boundary -= 1
+            seen += len(pieces[boundary])
+        boundary = min(boundary, len(pieces) - 1)
+        if boundary < 1:
+            raise CorpusError(f"corpus {self.source!r} is too small to hold out evaluation text from its calibration text")
+        glue = (lambda part: part) if len(self.documents) > 1 else (lambda part: ("\n".join(part),))
+        return Corpus(self.source, glue(pieces[:boundary])), Corpus(f"{self.source} (held out)", glue(pieces[boundary:]))
+
 
 def clean_wiki_markup(text: str) -> str:
     """Plain prose from the output of gensim's `filter_wiki`: no quote marks, headings as lines, no empty bullets."""

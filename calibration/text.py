@@ -1,11 +1,11 @@
-"""Token streams of the corpora one run uses, tokenised once, with calibration and evaluation kept apart."""
+"""Token streams of the corpora one run uses, with calibration and evaluation text kept apart."""
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from calibration.corpora import HUB_CORPORA, WIKI_SAMPLE, load_corpus
-from calibration.windows import split_heldout, tokenize
+from calibration.corpora import HUB_CORPORA, WIKI_SAMPLE, Corpus, load_corpus
+from calibration.windows import HELDOUT_FRACTION, tokenize, tokenize_documents
 
 HUB_EVALUATION_SPLIT = {"wikitext2": "test", "c4": "validation"}
 
@@ -15,37 +15,37 @@ class TextSources:
 
     Hub corpora give calibration text from their train split and evaluation text from their test
     (or validation) split. The embedded wiki-sample, and any local corpus used for both roles, is
-    split once: calibration windows come from the head, evaluation windows from the held-out tail,
-    so the two never overlap.
+    split once, between documents: calibration windows come from the first 90 % of its text,
+    evaluation windows from the held-out rest, so the two never share text. Evaluation text is
+    tokenised in one pass (the perplexity protocol); calibration text in pieces, to save memory.
     """
 
     def __init__(self, tokenizer, *, calibration: str | None, evaluation: str | None) -> None:
         self.tokenizer = tokenizer
         self.calibration = calibration
         self.evaluation = evaluation
-        self._streams: dict[tuple[str, str], Tensor] = {}
+        self._corpora: dict[tuple[str, str], Corpus] = {}
 
-    def _stream(self, source: str, split: str) -> Tensor:
-        key = (source, split)
-        if key not in self._streams:
-            self._streams[key] = tokenize(self.tokenizer, load_corpus(source, split=split).text)
-        return self._streams[key]
-
-    def _is_split(self, source: str) -> bool:
-        return source == WIKI_SAMPLE or (self.calibration == self.evaluation and source not in HUB_CORPORA)
+    def corpus(self, source: str, role: str) -> Corpus:
+        """The text `source` gives for `role` ('calibration' or 'evaluation')."""
+        if source in HUB_CORPORA:
+            split = "train" if role == "calibration" else HUB_EVALUATION_SPLIT[source]
+            key = (source, split)
+            if key not in self._corpora:
+                self._corpora[key] = load_corpus(source, split=split)
+            return self._corpora[key]
+        if (source, "all") not in self._corpora:
+            self._corpora[(source, "all")] = load_corpus(source)
+        whole = self._corpora[(source, "all")]
+        if source == WIKI_SAMPLE or (self.calibration == self.evaluation):
+            head, tail = whole.split(HELDOUT_FRACTION)
+            return head if role == "calibration" else tail
+        return whole
 
     def calibration_ids(self) -> Tensor:
         """Token ids calibration windows may be drawn from."""
-        source = self.calibration
-        if source in HUB_CORPORA:
-            return self._stream(source, "train")
-        ids = self._stream(source, "all")
-        return split_heldout(ids)[0] if self._is_split(source) else ids
+        return tokenize_documents(self.tokenizer, self.corpus(self.calibration, "calibration").documents)
 
     def evaluation_ids(self) -> Tensor:
-        """Token ids of the evaluation text, disjoint from the calibration text."""
-        source = self.evaluation
-        if source in HUB_CORPORA:
-            return self._stream(source, HUB_EVALUATION_SPLIT[source])
-        ids = self._stream(source, "all")
-        return split_heldout(ids)[1] if self._is_split(source) else ids
+        """Token ids of the evaluation text, which shares no text with the calibration text."""
+        return tokenize(self.tokenizer, self.corpus(self.evaluation, "evaluation").text)

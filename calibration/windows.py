@@ -16,10 +16,22 @@ def tokenize(tokenizer, text: str) -> Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def split_heldout(ids: Tensor, fraction: float = HELDOUT_FRACTION) -> tuple[Tensor, Tensor]:
-    """Split a token stream into a calibration part (the head) and a held-out evaluation part (the tail)."""
-    boundary = int(len(ids) * (1.0 - fraction))
-    return ids[:boundary], ids[boundary:]
+def tokenize_documents(tokenizer, documents: tuple[str, ...], piece_characters: int = 200_000) -> Tensor:
+    """Token ids of documents joined by blank lines, tokenised a few hundred kB at a time.
+
+    Tokenising megabytes in one call holds hundreds of MB of intermediate encodings; pieces keep that
+    small, at the cost of a handful of tokens at piece boundaries. Evaluation text uses `tokenize`.
+    """
+    pieces, current, size = [], [], 0
+    for document in documents:
+        current.append(document)
+        size += len(document)
+        if size >= piece_characters:
+            pieces.append("\n\n".join(current) + "\n\n")
+            current, size = [], 0
+    if current:
+        pieces.append("\n\n".join(current))
+    return torch.cat([tokenize(tokenizer, piece) for piece in pieces]) if pieces else torch.zeros(0, dtype=torch.long)
 
 
 def sample_windows(ids: Tensor, nsamples: int, seqlen: int, seed: int) -> Tensor:

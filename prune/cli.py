@@ -30,7 +30,7 @@ MODEL_HELP = "; ".join(f"{name}: {what}" for name, what in EMBEDDED_MODELS.items
 @click.option("--nsamples", type=int, default=128, help="Calibration windows.")
 @click.option("--seqlen", type=int, default=512, help="Tokens per calibration window.")
 @click.option("--seed", type=int, default=0, help="Seed for the choice of calibration windows.")
-@click.option("--batch-size", type=int, default=8, help="Calibration windows per forward pass.")
+@click.option("--batch-size", type=int, default=4, help="Calibration windows per forward pass.")
 @click.option("--device", default="auto", help="auto (CUDA when available), cpu or cuda; the model stays where it is, blocks run here.")
 @click.option("--blocksize", type=int, default=None, help="SparseGPT lazy-update block (default 128).")
 @click.option("--mask-blocksize", type=int, default=None, help="SparseGPT adaptive-mask block (default 64).")

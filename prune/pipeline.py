@@ -62,7 +62,7 @@ class PruneSettings:
     nsamples: int = 128
     seqlen: int = 512
     seed: int = 0
-    batch_size: int = 8
+    batch_size: int = 4
     device: str = "auto"
     method_options: dict = field(default_factory=dict)  # e.g. blocksize, mask_blocksize, percdamp for SparseGPT
     propagate: str = "pruned"  # which outputs feed the next block: the pruned block's or the dense block's

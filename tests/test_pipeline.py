@@ -7,8 +7,10 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from calibration.capture import LayerInputStatistics, capture_block_inputs, run_block
+from calibration.corpora import load_corpus
 from calibration.statistics import ColumnNormAccumulator, HessianAccumulator
 from calibration.text import TextSources
+from calibration.windows import tokenize, tokenize_documents
 from eval.perplexity import perplexity
 from prune import load_model, prune_model
 from prune.models import layer_weight, prunable_layers, transformer_blocks
@@ -157,13 +159,25 @@ def test_perplexity_follows_the_protocol(model_folders, tokenizer) -> None:
 def test_evaluation_text_never_overlaps_calibration(tokenizer, text_file) -> None:
     for calibration, evaluation in (("wiki-sample", "wiki-sample"), (str(text_file), str(text_file)), (str(text_file), "wiki-sample")):
         sources = TextSources(tokenizer, calibration=calibration, evaluation=evaluation)
-        calibration_ids, evaluation_ids = sources.calibration_ids(), sources.evaluation_ids()
+        head, tail = sources.corpus(calibration, "calibration"), sources.corpus(evaluation, "evaluation")
         if calibration == evaluation:
-            whole = sources._stream(calibration, "all")
-            assert torch.equal(torch.cat([calibration_ids, evaluation_ids]), whole)  # head and tail of one stream
-            assert len(evaluation_ids) == pytest.approx(0.1 * len(whole), abs=1)
+            whole = load_corpus(calibration)
+            pieces = whole.documents if len(whole.documents) > 1 else tuple(whole.documents[0].split("\n"))
+            head_pieces = head.documents if len(whole.documents) > 1 else tuple(head.documents[0].split("\n"))
+            tail_pieces = tail.documents if len(whole.documents) > 1 else tuple(tail.documents[0].split("\n"))
+            assert head_pieces + tail_pieces == pieces  # a clean cut between documents (or lines)
+            assert len(tail.text) == pytest.approx(0.1 * len(whole.text), rel=0.5)
         else:
-            assert len(calibration_ids) == len(sources._stream(calibration, "all"))
+            assert head.documents == load_corpus(calibration).documents
+        assert len(sources.calibration_ids()) > 0 and len(sources.evaluation_ids()) > 0
+
+
+def test_calibration_tokenised_in_pieces_matches_one_pass_but_for_a_few_tokens(tokenizer, wiki_text) -> None:
+    documents = tuple(wiki_text.split("\n\n"))
+    pieces = tokenize_documents(tokenizer, documents, piece_characters=20_000)
+    whole = tokenize(tokenizer, "\n\n".join(documents))
+    assert abs(len(pieces) - len(whole)) <= len(wiki_text) // 20_000 + 1
+    assert torch.equal(pieces[:1000], whole[:1000])
 
 
 def test_report_has_the_promised_fields(model_folders, text_file) -> None:
