@@ -10,10 +10,11 @@ import click
 from transformers.utils import logging as transformers_logging
 
 from calibration.corpora import CorpusError
-from methods import METHODS, PruningError
+from methods import METHODS, PruningError, owl
 from prune.models import EMBEDDED_MODELS, SMOLLM2, ModelError, load_model
 from prune.output import OutputError, check_output_dir, save_pruned
-from prune.pipeline import HESSIAN_DTYPES, PROPAGATE_CHOICES, PruneSettings, run_pipeline
+from prune.pipeline import ALLOCATIONS, HESSIAN_DTYPES, PROPAGATE_CHOICES, PruneSettings, run_pipeline
+from prune.plots import plot_allocation
 
 USER_ERRORS = (PruningError, CorpusError, ModelError, OutputError)
 
@@ -34,7 +35,11 @@ MODEL_HELP = "; ".join(f"{name}: {what}" for name, what in EMBEDDED_MODELS.items
 @click.option("--device", default="auto", help="auto (CUDA when available), cpu or cuda; the model stays where it is, blocks run here.")
 @click.option("--blocksize", type=int, default=None, help="SparseGPT lazy-update block (default 128).")
 @click.option("--mask-blocksize", type=int, default=None, help="SparseGPT adaptive-mask block (default 64).")
-@click.option("--percdamp", type=float, default=None, help="SparseGPT damping, a fraction of mean(diag H) (default 0.01).")
+@click.option("--percdamp", type=float, default=None, help="SparseGPT/OBS damping, a fraction of mean(diag H) (default 0.01).")
+@click.option("--allocation", type=click.Choice(ALLOCATIONS), default="uniform", help="Spread the sparsity uniformly, or by OWL outlier ratios (unstructured targets only).")
+@click.option("--owl-rule", type=click.Choice(owl.RULES), default=owl.LAMBDA_RULE, help="lambda: the OWL paper (ratios scaled to [0, 2λ], clipped to S ± λ); seed: sparsity ∝ 1 − D.")
+@click.option("--owl-m", type=float, default=5.0, help="OWL outlier threshold M: a score is an outlier above M x the block's mean.")
+@click.option("--owl-lambda", type=float, default=0.08, help="OWL λ: block sparsities stay within [S − λ, S + λ] (lambda rule).")
 @click.option("--propagate", type=click.Choice(PROPAGATE_CHOICES), default="pruned", help="Feed the next block the pruned block's outputs, or the dense block's.")
 @click.option("--hessian-dtype", type=click.Choice(sorted(HESSIAN_DTYPES)), default="float32", help="Precision of the Hessian accumulation.")
 @click.option("--skip-incompatible", is_flag=True, help="Leave dense the layers whose input size is not a multiple of M, instead of refusing.")
@@ -74,6 +79,10 @@ def command(**options) -> None:
         batch_size=options["batch_size"],
         device=options["device"],
         method_options=method_options,
+        allocation=options["allocation"],
+        owl_rule=options["owl_rule"],
+        owl_m=options["owl_m"],
+        owl_lambda=options["owl_lambda"],
         propagate=options["propagate"],
         hessian_dtype=options["hessian_dtype"],
         skip_incompatible=options["skip_incompatible"],
@@ -88,7 +97,11 @@ def command(**options) -> None:
     report = run_pipeline(loaded, settings, load_seconds=time.perf_counter() - started)
     click.echo(report.table())
     if options["output"] is not None:
-        save_pruned(loaded, report, options["output"], overwrite=options["overwrite"])
+        figures = None
+        if report.allocation is not None:
+            def figures(folder: Path) -> None:
+                plot_allocation(report.allocation, report.target["sparsity"], folder / "allocation.png")
+        save_pruned(loaded, report, options["output"], overwrite=options["overwrite"], extra=figures)
         click.echo(f"saved the pruned model, tokenizer and report.json to {options['output']}")
 
 

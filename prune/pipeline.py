@@ -15,7 +15,8 @@ from calibration.text import TextSources
 from calibration.windows import evaluation_windows, sample_windows
 from eval.perplexity import perplexity
 from eval.sparsity import nm_valid, zero_fraction
-from methods import Method, PruningError, Target, get_method
+from methods import Method, PruningError, Target, get_method, obs, owl, wanda
+from methods.registry import COLUMN_NORMS
 from methods.sparsegpt import check_options as check_sparsegpt_options
 from prune.models import (
     CAUSAL_LM,
@@ -31,6 +32,8 @@ from prune.models import (
 from prune.report import LayerReport, Report
 
 PROPAGATE_CHOICES = ("pruned", "dense")
+ALLOCATIONS = ("uniform", "owl")
+LARGE_WORK_FLOP = 1e12  # above this much estimated work, say so before starting
 HESSIAN_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -68,6 +71,10 @@ class PruneSettings:
     propagate: str = "pruned"  # which outputs feed the next block: the pruned block's or the dense block's
     hessian_dtype: str = "float32"
     skip_incompatible: bool = False  # leave dense the layers that cannot hold an N:M pattern, instead of refusing
+    allocation: str = "uniform"  # how the target spreads over blocks: 'uniform' or 'owl'
+    owl_rule: str = "lambda"  # 'lambda' (the OWL paper) or 'seed' (seed 003, section 4)
+    owl_m: float = 5.0  # a Wanda score is an outlier when it exceeds owl_m times the block's mean score
+    owl_lambda: float = 0.08  # the lambda rule keeps block sparsities within [S - owl_lambda, S + owl_lambda]
     eval_data: str | None = None  # perplexity text: 'wiki-sample', 'wikitext2', 'c4' or a path; None: no evaluation
     eval_seqlen: int | None = None  # default: seqlen
     eval_windows: int | None = None  # at most this many windows (default: all)
@@ -101,6 +108,17 @@ class PruneSettings:
             raise PruningError(f"--eval-seqlen must be at least 2, got {self.eval_seqlen}")
         if self.eval_windows is not None and self.eval_windows < 1:
             raise PruningError(f"--eval-windows must be at least 1, got {self.eval_windows}")
+        if self.allocation not in ALLOCATIONS:
+            raise PruningError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
+        if self.allocation == "owl":
+            if target.is_nm:
+                raise PruningError(f"OWL allocates unstructured sparsity per block; it does not apply to pattern {target.pattern}")
+            if self.owl_rule not in owl.RULES:
+                raise PruningError(f"--owl-rule must be one of {', '.join(owl.RULES)}")
+            if self.owl_m <= 0:
+                raise PruningError(f"--owl-m must be positive, got {self.owl_m:g}")
+            if self.owl_rule == owl.LAMBDA_RULE and not 0 <= self.owl_lambda <= min(target.sparsity, 1 - target.sparsity):
+                raise PruningError(f"--owl-lambda must be in [0, {min(target.sparsity, 1 - target.sparsity):g}] for sparsity {target.sparsity:g}")
         if self.propagate not in PROPAGATE_CHOICES:
             raise PruningError(f"propagate must be one of {', '.join(PROPAGATE_CHOICES)}")
         if self.hessian_dtype not in HESSIAN_DTYPES:
@@ -158,22 +176,53 @@ def skipped_layer(name: str, layer: nn.Module, reason: str) -> LayerReport:
     return LayerReport(name, tuple(weight.shape), zero_fraction(weight), None, None, 0.0, [reason])
 
 
+def block_pass(block: nn.Module, calls: list[BlockCall], statistics: LayerInputStatistics | None, keep_outputs: bool) -> list | None:
+    """Run every captured call through `block`, feeding `statistics` when given; the outputs when asked."""
+    outputs = [] if keep_outputs else None
+    for call in calls:
+        if statistics is not None:
+            statistics.begin_batch(call.token_mask)
+        output = run_block(block, call)
+        if keep_outputs:
+            outputs.append(output)
+    return outputs
+
+
+def outlier_ratios(blocks: nn.ModuleList, calls: list[BlockCall], threshold: float, device: torch.device, progress: bool) -> tuple[list[float], list[int]]:
+    """OWL on the dense model: per block, the fraction of Wanda scores |W|·‖X‖ above `threshold` x their mean, and its parameters."""
+    ratios, parameters = [], []
+    for block in tqdm(blocks, desc="OWL outlier ratios", unit="block", disable=not progress, leave=False):
+        home = next(block.parameters()).device
+        block.to(device)
+        layers = prunable_layers(block)
+        with LayerInputStatistics(layers, COLUMN_NORMS, device) as statistics:
+            outputs = block_pass(block, calls, statistics, keep_outputs=True)
+        scores = [wanda.scores(layer_weight(layer), statistics.statistics(name)) for name, layer in layers.items() if statistics.statistics(name) is not None]
+        ratios.append(owl.outlier_ratio(scores, threshold))
+        parameters.append(sum(layer_weight(layer).numel() for layer in layers.values()))
+        calls = [call.with_hidden_states(output) for call, output in zip(calls, outputs, strict=True)]
+        block.to(home)
+    return ratios, parameters
+
+
 def prune_blocks(
     blocks: nn.ModuleList,
     blocks_name: str,
     calls: list[BlockCall] | None,
     method: Method,
-    target: Target,
+    targets: list[Target],
     settings: PruneSettings,
     device: torch.device,
     skip: set[str],
 ) -> tuple[list[LayerReport], dict]:
-    """Prune every block in turn; `calls` are the captured inputs of the first block (None: no calibration)."""
+    """Prune block i to targets[i], in turn; `calls` are the captured inputs of the first block (None: no calibration)."""
     layers_report: list[LayerReport] = []
     breakdown = {"statistics": 0.0, "method": 0.0, "propagate": 0.0}
     hessian_dtype = HESSIAN_DTYPES[settings.hessian_dtype]
-    bar = tqdm(list(enumerate(blocks)), desc=f"{method.name} {target.describe()}", unit="block", disable=not settings.progress)
+    description = f"{method.name} {targets[0].describe()}" if len(set(targets)) == 1 else f"{method.name} OWL"
+    bar = tqdm(list(enumerate(blocks)), desc=description, unit="block", disable=not settings.progress)
     for index, block in bar:
+        target = targets[index]
         home = next(block.parameters()).device
         block.to(device)
         layers = prunable_layers(block)
@@ -182,13 +231,7 @@ def prune_blocks(
         if method.statistics is not None:
             started = time.perf_counter()
             with LayerInputStatistics(layers, method.statistics, device, hessian_dtype) as statistics:
-                outputs = []
-                for call in calls:
-                    statistics.begin_batch(call.token_mask)
-                    output = run_block(block, call)
-                    if settings.propagate == "dense":
-                        outputs.append(output)
-                dense_outputs = outputs if settings.propagate == "dense" else None
+                dense_outputs = block_pass(block, calls, statistics, keep_outputs=settings.propagate == "dense")
             synchronize(device)
             breakdown["statistics"] += time.perf_counter() - started
 
@@ -213,7 +256,7 @@ def prune_blocks(
         if calls is not None:
             started = time.perf_counter()
             if dense_outputs is None:
-                dense_outputs = [run_block(block, call) for call in calls]
+                dense_outputs = block_pass(block, calls, None, keep_outputs=True)
             calls = [call.with_hidden_states(output) for call, output in zip(calls, dense_outputs, strict=True)]
             dense_outputs = None
             synchronize(device)
@@ -222,6 +265,13 @@ def prune_blocks(
         if block_losses:
             bar.set_postfix(loss=f"{sum(block_losses):.3g}")
     return layers_report, breakdown
+
+
+def estimated_work(blocks: nn.ModuleList, method: Method, target: Target) -> float | None:
+    """Floating-point work of methods whose cost grows fast with the layer size (exact OBS), else None."""
+    if method.name != "obs":
+        return None
+    return sum(obs.work(*layer_weight(layer).shape, target) for block in blocks for layer in prunable_layers(block).values())
 
 
 def evaluate(model: nn.Module, ids: torch.Tensor, settings: PruneSettings, device: torch.device, label: str) -> dict:
@@ -258,6 +308,7 @@ def run_pipeline(loaded: LoadedModel, settings: PruneSettings, load_seconds: flo
             raise PruningError(f"--{label} {length} is longer than the model's {limit} positions")
 
     evaluate_perplexity = settings.eval_data is not None and loaded.kind == CAUSAL_LM
+    needs_calibration = method.statistics is not None or settings.allocation == "owl"
     report = Report(
         method=method.name,
         target={"sparsity": target.sparsity, "pattern": target.pattern},
@@ -267,14 +318,20 @@ def run_pipeline(loaded: LoadedModel, settings: PruneSettings, load_seconds: flo
             "nsamples": settings.nsamples,
             "seqlen": settings.seqlen,
             "seed": settings.seed,
-            "used": method.statistics is not None,
+            "used": needs_calibration,
         },
         device=str(device),
         options={**settings.method_options, "propagate": settings.propagate, "hessian_dtype": settings.hessian_dtype},
     )
     report.seconds["load"] = load_seconds
-    if method.statistics is None:
+    if not needs_calibration:
         report.notes.append(f"{method.name} uses no calibration data")
+    work = estimated_work(blocks, method, target)
+    if work is not None and work > LARGE_WORK_FLOP:
+        message = f"{method.name} will do about {work / 1e12:.1f} TFLOP of work (rows x k² x d per layer); on a CPU this takes a long time"
+        report.notes.append(message)
+        if settings.progress:
+            tqdm.write(message)
     if incompatible:
         report.notes.append(f"{len(incompatible)} layer(s) left dense: input size not a multiple of M={target.m}")
     if settings.eval_data is not None and not evaluate_perplexity:
@@ -282,12 +339,12 @@ def run_pipeline(loaded: LoadedModel, settings: PruneSettings, load_seconds: flo
 
     sources = TextSources(
         loaded.tokenizer,
-        calibration=settings.calibration if method.statistics is not None else None,
+        calibration=settings.calibration if needs_calibration else None,
         evaluation=settings.eval_data if evaluate_perplexity else None,
     )
     started = time.perf_counter()
     evaluation_ids = sources.evaluation_ids() if evaluate_perplexity else None
-    calibration_ids = sources.calibration_ids() if method.statistics is not None else None
+    calibration_ids = sources.calibration_ids() if needs_calibration else None
     report.seconds["data"] = time.perf_counter() - started
 
     if evaluate_perplexity:
@@ -300,11 +357,27 @@ def run_pipeline(loaded: LoadedModel, settings: PruneSettings, load_seconds: flo
     if calibration_ids is not None:
         windows = sample_windows(calibration_ids, settings.nsamples, settings.seqlen, settings.seed)
         calls = capture_block_inputs(model, blocks[0], calibration_batches(windows, settings.batch_size), device)
+    targets = [target] * len(blocks)
+    if settings.allocation == "owl":
+        ratios, parameters = outlier_ratios(blocks, calls, settings.owl_m, device, settings.progress)
+        sparsities = owl.allocate(settings.owl_rule, ratios, parameters, target.sparsity, settings.owl_lambda)
+        targets = [Target(sparsity) for sparsity in sparsities]
+        report.allocation = {
+            "rule": settings.owl_rule,
+            "owl_m": settings.owl_m,
+            "owl_lambda": settings.owl_lambda if settings.owl_rule == owl.LAMBDA_RULE else None,
+            "blocks": [
+                {"block": index, "outlier_ratio": ratio, "sparsity": sparsity, "parameters": count}
+                for index, (ratio, sparsity, count) in enumerate(zip(ratios, sparsities, parameters, strict=True))
+            ],
+        }
     report.seconds["calibrate"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    report.layers, report.prune_breakdown = prune_blocks(blocks, blocks_name, calls, method, target, settings, device, set(incompatible))
+    method_calls = calls if method.statistics is not None else None
     del calls
+    report.layers, report.prune_breakdown = prune_blocks(blocks, blocks_name, method_calls, method, targets, settings, device, set(incompatible))
+    del method_calls
     report.seconds["prune"] = time.perf_counter() - started
 
     if evaluate_perplexity:

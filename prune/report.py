@@ -33,6 +33,7 @@ class Report:
     sparsity: float = 0.0  # zeros over all pruned layers
     seconds: dict = field(default_factory=dict)  # load, calibrate, prune, evaluate, total
     prune_breakdown: dict = field(default_factory=dict)  # seconds in statistics passes, method sweeps, propagation passes
+    allocation: dict | None = None  # OWL: rule, owl_m, owl_lambda, and per block its outlier ratio, sparsity, parameters
     perplexity: dict | None = None  # {"dense": {...}, "pruned": {...}} with value, seqlen, windows
     peak_memory_mb: float = 0.0  # peak resident memory of the process
     peak_device_memory_mb: float | None = None  # peak CUDA memory allocated, when run on CUDA
@@ -65,6 +66,10 @@ class Report:
             note = f"  ({'; '.join(layer.notes)})" if layer.notes else ""
             lines.append(f"{layer.name:<{width}}  {shape:>11}  {layer.sparsity:>8.2%}  {valid:>6}  {loss:>10}  {layer.seconds:>7.2f}{note}")
         lines.append("")
+        if self.allocation:
+            lines.append(f"OWL allocation ({self.allocation['rule']} rule, M = {self.allocation['owl_m']:g}): block, outlier ratio, sparsity")
+            lines.extend(f"  {entry['block']:>3}  {entry['outlier_ratio']:.4f}  {entry['sparsity']:.4f}" for entry in self.allocation["blocks"])
+            lines.append("")
         target = self.target["pattern"] or f"{self.target['sparsity']:.0%}"
         lines.append(f"method {self.method}, target {target}, sparsity reached {self.sparsity:.2%} over {len(self.layers)} layers")
         if self.perplexity:

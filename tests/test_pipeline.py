@@ -25,7 +25,7 @@ def weights_outside_blocks(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
-@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "obs"])
 @pytest.mark.parametrize("target", [{"sparsity": 0.5}, {"pattern": "2:4"}, {"pattern": "4:8"}])
 def test_every_architecture_and_method_reaches_its_target(model_folders, text_file, architecture, method, target) -> None:
     loaded = load_model(str(model_folders[architecture]))

@@ -1,0 +1,29 @@
+"""Figures written next to a pruned model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_allocation(allocation: dict, target_sparsity: float, path: Path) -> None:
+    """Per-block sparsity (bars) and OWL outlier ratio (line) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    blocks = [entry["block"] for entry in allocation["blocks"]]
+    figure, sparsity_axis = pyplot.subplots(figsize=(max(6, len(blocks) * 0.3), 4))
+    sparsity_axis.bar(blocks, [entry["sparsity"] for entry in allocation["blocks"]], color="tab:blue", alpha=0.7, label="block sparsity")
+    sparsity_axis.axhline(target_sparsity, color="tab:blue", linestyle="--", linewidth=1, label=f"target {target_sparsity:.0%}")
+    sparsity_axis.set_xlabel("block")
+    sparsity_axis.set_ylabel("sparsity", color="tab:blue")
+    ratio_axis = sparsity_axis.twinx()
+    ratio_axis.plot(blocks, [entry["outlier_ratio"] for entry in allocation["blocks"]], color="tab:red", marker="o", label="outlier ratio D")
+    ratio_axis.set_ylabel(f"outlier ratio (scores > {allocation['owl_m']:g} x mean)", color="tab:red")
+    rule = allocation["rule"] + (f", λ = {allocation['owl_lambda']:g}" if allocation.get("owl_lambda") is not None else "")
+    sparsity_axis.set_title(f"OWL allocation ({rule})")
+    figure.legend(loc="upper right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    pyplot.close(figure)

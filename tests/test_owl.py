@@ -1,0 +1,99 @@
+"""OWL layerwise sparsity: the allocation rules, and OWL through the pipeline and the command."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from methods import PruningError, owl
+from prune import prune_model
+from prune.cli import main
+from prune.models import layer_weight, prunable_layers, transformer_blocks
+
+SMALL = {"nsamples": 8, "seqlen": 32, "batch_size": 4, "progress": False}
+
+ratios_and_sizes = st.integers(2, 12).flatmap(
+    lambda count: st.tuples(
+        st.lists(st.floats(0.0, 0.2), min_size=count, max_size=count),
+        st.lists(st.integers(1000, 100000), min_size=count, max_size=count),
+    )
+)
+
+
+def weighted_mean(values, weights) -> float:
+    return sum(v * w for v, w in zip(values, weights, strict=True)) / sum(weights)
+
+
+@settings(max_examples=50, deadline=None)
+@given(data=ratios_and_sizes, sparsity=st.floats(0.2, 0.8), rule=st.sampled_from(owl.RULES))
+def test_parameter_weighted_mean_is_the_target(data, sparsity, rule) -> None:
+    ratios, sizes = data
+    allocation = owl.allocate(rule, ratios, sizes, sparsity, lam=min(0.08, sparsity, 1 - sparsity))
+    assert weighted_mean(allocation, sizes) == pytest.approx(sparsity, abs=1e-6)
+    assert all(0 <= s < 1 for s in allocation)
+
+
+@settings(max_examples=50, deadline=None)
+@given(data=ratios_and_sizes, sparsity=st.floats(0.2, 0.8), rule=st.sampled_from(owl.RULES))
+def test_more_outliers_lower_sparsity(data, sparsity, rule) -> None:
+    ratios, sizes = data
+    allocation = owl.allocate(rule, ratios, sizes, sparsity, lam=min(0.08, sparsity, 1 - sparsity))
+    for i in range(len(ratios)):
+        for j in range(len(ratios)):
+            if ratios[i] > ratios[j]:
+                assert allocation[i] <= allocation[j] + 1e-12
+
+
+@settings(max_examples=50, deadline=None)
+@given(data=ratios_and_sizes, sparsity=st.floats(0.2, 0.8), lam=st.floats(0.01, 0.1))
+def test_lambda_rule_stays_within_s_plus_minus_lambda(data, sparsity, lam) -> None:
+    ratios, sizes = data
+    allocation = owl.allocate_lambda(ratios, sizes, sparsity, min(lam, sparsity, 1 - sparsity))
+    lam = min(lam, sparsity, 1 - sparsity)
+    assert all(sparsity - lam - 1e-12 <= s <= sparsity + lam + 1e-12 for s in allocation)
+
+
+def test_lambda_rule_reaches_both_ends_when_outliers_vary() -> None:
+    allocation = owl.allocate_lambda([0.01, 0.02, 0.03, 0.04, 0.05], [10] * 5, 0.6, 0.08)
+    assert allocation[0] == pytest.approx(0.68) and allocation[-1] == pytest.approx(0.52)
+    assert owl.allocate_lambda([0.03] * 4, [5, 6, 7, 8], 0.6, 0.08) == [0.6] * 4  # no variation: uniform
+
+
+def test_seed_rule_is_proportional_to_one_minus_d() -> None:
+    allocation = owl.allocate_seed([0.0, 0.5], [1, 1], 0.5)
+    assert allocation == pytest.approx([2 / 3, 1 / 3])
+    with pytest.raises(PruningError):
+        owl.allocate_seed([0.0, 0.9], [1, 1], 0.9)
+
+
+def test_outlier_ratio_counts_scores_above_m_times_the_mean() -> None:
+    scores = [torch.tensor([[1.0, 1.0, 1.0, 10.0]]), torch.ones(2, 2)]
+    # mean = 17/8 = 2.125: one score above 2 x mean, none above 5 x mean
+    assert owl.outlier_ratio(scores, 2.0) == pytest.approx(1 / 8)
+    assert owl.outlier_ratio(scores, 5.0) == 0.0
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "obs"])
+def test_owl_through_the_pipeline(model_folders, text_file, method) -> None:
+    model, report = prune_model(str(model_folders["llama"]), method=method, sparsity=0.6, calibration=str(text_file),
+                                allocation="owl", owl_m=3.0, owl_lambda=0.1, **SMALL)
+    blocks = report.allocation["blocks"]
+    assert len(blocks) == 2
+    assert weighted_mean([b["sparsity"] for b in blocks], [b["parameters"] for b in blocks]) == pytest.approx(0.6, abs=1e-6)
+    for index, block in enumerate(transformer_blocks(model)[1]):
+        weights = [layer_weight(layer) for layer in prunable_layers(block).values()]
+        zeros = sum((w == 0).sum().item() for w in weights) / sum(w.numel() for w in weights)
+        assert zeros == pytest.approx(blocks[index]["sparsity"], abs=0.02)
+    assert report.sparsity == pytest.approx(0.6, abs=0.01)
+
+
+def test_owl_refuses_n_m_and_plots_the_allocation(model_folders, text_file, tmp_path, capsys) -> None:
+    common = ["--model", str(model_folders["llama"]), "--calibration", str(text_file), "--no-eval", "--nsamples", "8", "--seqlen", "32", "--quiet"]
+    with pytest.raises(SystemExit) as exit_:
+        main([*common, "--pattern", "2:4", "--allocation", "owl"])
+    assert exit_.value.code == 2 and "does not apply to pattern 2:4" in capsys.readouterr().err
+    main([*common, "--sparsity", "0.5", "--allocation", "owl", "--owl-rule", "seed", "--output", str(tmp_path / "out")])
+    assert (tmp_path / "out" / "allocation.png").stat().st_size > 1000
+    assert "OWL allocation (seed rule" in capsys.readouterr().out
