@@ -12,9 +12,12 @@ ROW_BATCH_ELEMENTS = 2**25  # rows processed together: rows x removals x inputs 
 
 
 def work(rows: int, columns: int, target: Target) -> float:
-    """Approximate floating-point operations of pruning a (rows, columns) layer to `target`: about rows · k² · d."""
+    """Floating-point operations of pruning a (rows, columns) layer to `target`, about rows · k² · d.
+
+    Step t of a row reads t downdate factors of length d (2 t d operations); k steps make k² d.
+    """
     removals = prune_count(columns, target.sparsity)
-    return 2.0 * rows * removals * removals * columns
+    return float(rows) * removals * removals * columns
 
 
 def prune(weight: Tensor, hessian: Tensor, target: Target, *, percdamp: float = 0.01, row_batch: int | None = None) -> LayerResult:
