@@ -29,7 +29,23 @@ from prune import PruneSettings, load_model, run_pipeline
 from prune.models import prunable_layers, transformer_blocks
 
 DEFAULT_WIKITEXT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
-RUNS = [("dense", None), *[(method, target) for method in ("magnitude", "wanda", "sparsegpt") for target in ("50%", "2:4")]]
+
+
+def planned_runs(methods: list[str], targets: list[str], allocations: list[str]) -> list[tuple[str, str | None, str]]:
+    """(method, target, allocation) for every combination, dense first; OWL only for unstructured targets."""
+    runs = [("dense", None, "uniform")]
+    for target in targets:
+        for method in methods:
+            for allocation in allocations:
+                if allocation == "owl" and ":" in target:
+                    continue
+                runs.append((method, target, allocation))
+    return runs
+
+
+def target_options(target: str) -> dict:
+    """'60%' -> sparsity 0.6; '2:4' -> pattern."""
+    return {"pattern": target} if ":" in target else {"sparsity": float(target.rstrip("%")) / 100}
 
 
 def memory_mb() -> dict[str, float]:
@@ -62,7 +78,7 @@ def matmul_rate(device: torch.device, size: int = 2048, repeats: int = 10) -> fl
 def sparsegpt_work(model, report, nsamples: int, seqlen: int, blocksize: int) -> dict[str, float]:
     """Floating-point operations of a SparseGPT run, by stage (what a perfect implementation still has to do)."""
     tokens = nsamples * seqlen
-    _, blocks = transformer_blocks(model)
+    blocks_name, blocks = transformer_blocks(model)
     linear = sum(layer.weight.numel() for layer in prunable_layers(blocks[0]).values())
     config = model.config
     attention_width = config.num_attention_heads * getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
@@ -71,18 +87,20 @@ def sparsegpt_work(model, report, nsamples: int, seqlen: int, blocksize: int) ->
     hessian = sum(2 * tokens * layer.shape[1] ** 2 for layer in report.layers if layer.statistics_from == layer.name)
     sweep = 0.0
     for layer in report.layers:
+        if layer.loss is None:
+            continue
         rows, columns = layer.shape
         for start in range(0, columns, blocksize):
             width = min(blocksize, columns - start)
             sweep += rows * width * (width + 1)  # rank-one updates inside the block
             sweep += 2 * rows * width * (columns - start - width)  # the lazy update of the columns after it
         sweep += (1 / 3 + 1 + 1 / 3) * columns**3  # Cholesky, inverse, Cholesky of the inverse
-    blocks_count = len(blocks)
+    pruned_blocks = {int(layer.name[len(blocks_name) + 1 :].split(".")[0]) for layer in report.layers if layer.loss is not None}
     return {
-        "forward (statistics pass)": blocks_count * one_pass,
+        "forward (statistics pass)": len(pruned_blocks) * one_pass,
         "hessian accumulation": hessian,
         "sweep": sweep,
-        "forward (propagation pass)": blocks_count * one_pass,
+        "forward (propagation pass)": max(pruned_blocks) * one_pass,  # every block before the last pruned one
     }
 
 
@@ -98,17 +116,18 @@ def memory_allowed_mb(model, report, nsamples: int, seqlen: int) -> float:
     return (parameters + activations + per_block) / 2**20
 
 
-def run_one(method: str, target: str | None, options: dict) -> dict:
+def run_one(method: str, target: str | None, allocation: str, options: dict) -> dict:
     """Prune (unless dense) and evaluate in this process; memory is measured from before the model is loaded."""
     device = torch.device(options["device_resolved"])
     baseline = memory_mb()["VmRSS"]
     loaded = load_model("smollm2-135m")
-    row = {"method": method, "target": target or "-", "prune_seconds": None}
+    row = {"method": method, "target": target or "-", "allocation": allocation, "prune_seconds": None}
     if method != "dense":
         settings = PruneSettings(
             method=method,
-            sparsity=0.5 if target == "50%" else None,
-            pattern=target if target == "2:4" else None,
+            **target_options(target),
+            allocation=allocation,
+            blocks=options["blocks"],
             nsamples=options["nsamples"],
             seqlen=options["seqlen"],
             batch_size=options["batch_size"],
@@ -145,29 +164,32 @@ def run_one(method: str, target: str | None, options: dict) -> dict:
 @click.option("--eval-seqlen", default=512, show_default=True)
 @click.option("--eval-windows", type=int, default=None, help="Evaluate only the first N windows (default: all).")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--only", multiple=True, help="Run only these methods (dense, magnitude, wanda, sparsegpt).")
+@click.option("--methods", default="magnitude,wanda,sparsegpt", show_default=True, help="Comma-separated methods (dense always runs).")
+@click.option("--targets", default="50%,2:4", show_default=True, help="Comma-separated targets: 50%, 60%, 2:4, 4:8 ...")
+@click.option("--allocations", default="uniform", show_default=True, help="uniform, owl, or both (OWL only for unstructured targets).")
+@click.option("--blocks", default=None, help="Prune only these blocks (e.g. 0-9), for methods too slow for the whole model.")
 @click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the results as JSON.")
 @click.option("--single", default=None, hidden=True, help="Internal: run one METHOD:TARGET in this process and print JSON.")
 def main(wikitext: Path, nsamples: int, seqlen: int, batch_size: int, eval_seqlen: int, eval_windows: int | None, device: str,
-         only: tuple[str, ...], json_out: Path | None, single: str | None) -> None:
+         methods: str, targets: str, allocations: str, blocks: str | None, json_out: Path | None, single: str | None) -> None:
     device_resolved = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     options = {"wikitext": str(wikitext), "nsamples": nsamples, "seqlen": seqlen, "batch_size": batch_size, "eval_seqlen": eval_seqlen,
-               "eval_windows": eval_windows, "device": device, "device_resolved": device_resolved}
+               "eval_windows": eval_windows, "device": device, "device_resolved": device_resolved, "blocks": blocks}
     if single is not None:
-        method, _, target = single.partition(":")
-        click.echo(json.dumps(run_one(method, target or None, options)))
+        method, target, allocation = single.split("|")
+        click.echo(json.dumps(run_one(method, target or None, allocation, options)))
         return
     rate = matmul_rate(torch.device(device_resolved))
     click.echo(f"device {device_resolved}, {torch.get_num_threads()} threads; fp32 matmul rate {rate / 1e9:.1f} GFLOP/s")
     results = []
-    for method, target in RUNS:
-        if only and method not in only:
-            continue
+    for method, target, allocation in planned_runs(methods.split(","), targets.split(","), allocations.split(",")):
         # each run in a fresh process, so that one run's memory does not count against the next
-        arguments = [sys.executable, __file__, "--single", f"{method}:{target or ''}", "--wikitext", str(wikitext), "--nsamples", str(nsamples),
+        arguments = [sys.executable, __file__, "--single", f"{method}|{target or ''}|{allocation}", "--wikitext", str(wikitext), "--nsamples", str(nsamples),
                      "--seqlen", str(seqlen), "--batch-size", str(batch_size), "--eval-seqlen", str(eval_seqlen), "--device", device]
         if eval_windows is not None:
             arguments += ["--eval-windows", str(eval_windows)]
+        if blocks is not None:
+            arguments += ["--blocks", blocks]
         finished = subprocess.run(arguments, capture_output=True, text=True, check=False)
         if finished.returncode != 0:
             raise click.ClickException(f"run {method} {target} failed: {finished.stderr.strip().splitlines()[-1:]}")
@@ -175,20 +197,22 @@ def main(wikitext: Path, nsamples: int, seqlen: int, batch_size: int, eval_seqle
         if "work_gflop" in row:
             row["bound_seconds"] = sum(row["work_gflop"].values()) * 1e9 / rate
         results.append(row)
-        click.echo(f"  done {method} {target or ''}: perplexity {row['perplexity']:.2f}")
+        click.echo(f"  done {method} {target or ''} {allocation}: perplexity {row['perplexity']:.2f}, prune {row['prune_seconds'] or 0:.1f} s")
 
     windows = results[0]["eval_windows"]
     click.echo("")
     click.echo(f"SmolLM2-135M, calibration {nsamples} x {seqlen} tokens of wiki-sample (batches of {batch_size}); "
                f"WikiText-2 test perplexity, seqlen {eval_seqlen}, {windows} windows ({results[0]['eval_tokens']} tokens)")
-    click.echo(f"{'method':<10} {'target':>6} {'perplexity':>11} {'prune s':>8} {'peak MB':>8} {'over start':>10} {'allowed':>8} {'ratio':>6}")
+    if blocks is not None:
+        click.echo(f"only blocks {blocks} pruned; the others stay dense")
+    click.echo(f"{'method':<10} {'target':>6} {'alloc':>7} {'perplexity':>11} {'prune s':>8} {'peak MB':>8} {'over start':>10} {'allowed':>8} {'ratio':>6}")
     for row in results:
         if row["prune_seconds"] is None:
-            click.echo(f"{row['method']:<10} {row['target']:>6} {row['perplexity']:>11.2f} {'-':>8} {'-':>8} {'-':>10} {'-':>8} {'-':>6}")
+            click.echo(f"{row['method']:<10} {row['target']:>6} {'-':>7} {row['perplexity']:>11.2f} {'-':>8} {'-':>8} {'-':>10} {'-':>8} {'-':>6}")
             continue
         ratio = row["peak_over_baseline_mb"] / row["allowed_mb"]
         click.echo(
-            f"{row['method']:<10} {row['target']:>6} {row['perplexity']:>11.2f} {row['prune_seconds']:>8.1f} {row['peak_mb']:>8.0f} "
+            f"{row['method']:<10} {row['target']:>6} {row['allocation']:>7} {row['perplexity']:>11.2f} {row['prune_seconds']:>8.1f} {row['peak_mb']:>8.0f} "
             f"{row['peak_over_baseline_mb']:>10.0f} {row['allowed_mb']:>8.0f} {ratio:>6.2f}"
         )
     click.echo("(peak MB: resident-memory high-water mark of the pruning stage; over start: minus the process after its imports,")
@@ -198,7 +222,7 @@ def main(wikitext: Path, nsamples: int, seqlen: int, batch_size: int, eval_seqle
         if "work_gflop" not in row:
             continue
         click.echo("")
-        click.echo(f"SparseGPT {row['target']}: floating-point work against the measured matmul rate ({rate / 1e9:.1f} GFLOP/s)")
+        click.echo(f"SparseGPT {row['target']} {row['allocation']}: floating-point work against the measured matmul rate ({rate / 1e9:.1f} GFLOP/s)")
         for stage, gflop in row["work_gflop"].items():
             click.echo(f"  {stage:<28} {gflop:>9.1f} GFLOP  {gflop * 1e9 / rate:>7.1f} s at the matmul rate")
         measured = row["breakdown"]

@@ -42,6 +42,7 @@ MODEL_HELP = "; ".join(f"{name}: {what}" for name, what in EMBEDDED_MODELS.items
 @click.option("--owl-lambda", type=float, default=0.08, help="OWL λ: block sparsities stay within [S − λ, S + λ] (lambda rule).")
 @click.option("--propagate", type=click.Choice(PROPAGATE_CHOICES), default="pruned", help="Feed the next block the pruned block's outputs, or the dense block's.")
 @click.option("--hessian-dtype", type=click.Choice(sorted(HESSIAN_DTYPES)), default="float32", help="Precision of the Hessian accumulation.")
+@click.option("--blocks", default=None, metavar="0-9,12", help="Prune only these transformer blocks (the others stay dense). Default: all.")
 @click.option("--skip-incompatible", is_flag=True, help="Leave dense the layers whose input size is not a multiple of M, instead of refusing.")
 @click.option("--eval-data", default="wiki-sample", help="Perplexity text: wiki-sample (held-out part), wikitext2, c4, or a text file/folder.")
 @click.option("--no-eval", is_flag=True, help="Skip the perplexity evaluation.")
@@ -85,6 +86,7 @@ def command(**options) -> None:
         owl_lambda=options["owl_lambda"],
         propagate=options["propagate"],
         hessian_dtype=options["hessian_dtype"],
+        blocks=options["blocks"],
         skip_incompatible=options["skip_incompatible"],
         eval_data=None if options["no_eval"] else options["eval_data"],
         eval_seqlen=options["eval_seqlen"],

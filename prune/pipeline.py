@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,7 @@ class PruneSettings:
     method_options: dict = field(default_factory=dict)  # e.g. blocksize, mask_blocksize, percdamp for SparseGPT
     propagate: str = "pruned"  # which outputs feed the next block: the pruned block's or the dense block's
     hessian_dtype: str = "float32"
+    blocks: str | None = None  # prune only these blocks, e.g. "0-9,12" (the others stay dense); None: all
     skip_incompatible: bool = False  # leave dense the layers that cannot hold an N:M pattern, instead of refusing
     allocation: str = "uniform"  # how the target spreads over blocks: 'uniform' or 'owl'
     owl_rule: str = "lambda"  # 'lambda' (the OWL paper) or 'seed' (seed 003, section 4)
@@ -129,14 +131,30 @@ class PruneSettings:
                 raise PruningError(f"--{label}: no such file or folder: {source}")
 
 
-def incompatible_layers(blocks: nn.ModuleList, blocks_name: str, target: Target) -> list[str]:
-    """Names of the layers whose input size is not a multiple of the target's M."""
+def parse_blocks(spec: str | None, count: int) -> list[int]:
+    """Block indices from a spec like '0-9,12' (None: all `count` blocks)."""
+    if spec is None:
+        return list(range(count))
+    selected = set()
+    for part in spec.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if match is None:
+            raise PruningError(f"--blocks must look like 0-9,12, got {spec!r}")
+        first, last = int(match.group(1)), int(match.group(2) or match.group(1))
+        if first > last or last >= count:
+            raise PruningError(f"--blocks {spec}: the model has blocks 0-{count - 1}")
+        selected.update(range(first, last + 1))
+    return sorted(selected)
+
+
+def incompatible_layers(blocks: nn.ModuleList, blocks_name: str, target: Target, selected: list[int]) -> list[str]:
+    """Names of the layers of the selected blocks whose input size is not a multiple of the target's M."""
     if not target.is_nm:
         return []
     return [
         f"{blocks_name}.{index}.{name}"
-        for index, block in enumerate(blocks)
-        for name, layer in prunable_layers(block).items()
+        for index in selected
+        for name, layer in prunable_layers(blocks[index]).items()
         if input_features(layer) % target.m
     ]
 
@@ -188,19 +206,23 @@ def block_pass(block: nn.Module, calls: list[BlockCall], statistics: LayerInputS
     return outputs
 
 
-def outlier_ratios(blocks: nn.ModuleList, calls: list[BlockCall], threshold: float, device: torch.device, progress: bool) -> tuple[list[float], list[int]]:
-    """OWL on the dense model: per block, the fraction of Wanda scores |W|·‖X‖ above `threshold` x their mean, and its parameters."""
+def outlier_ratios(blocks: nn.ModuleList, selected: list[int], calls: list[BlockCall], threshold: float, device: torch.device, progress: bool) -> tuple[list[float], list[int]]:
+    """OWL on the dense model: for each selected block, the fraction of its Wanda scores |W|·‖X‖ above
+    `threshold` x their mean, and its number of prunable weights."""
     ratios, parameters = [], []
-    for block in tqdm(blocks, desc="OWL outlier ratios", unit="block", disable=not progress, leave=False):
+    for index in tqdm(range(max(selected) + 1), desc="OWL outlier ratios", unit="block", disable=not progress, leave=False):
+        block = blocks[index]
         home = next(block.parameters()).device
         block.to(device)
-        layers = prunable_layers(block)
+        layers = prunable_layers(block) if index in selected else {}
         with LayerInputStatistics(layers, COLUMN_NORMS, device) as statistics:
-            outputs = block_pass(block, calls, statistics, keep_outputs=True)
-        scores = [wanda.scores(layer_weight(layer), statistics.statistics(name)) for name, layer in layers.items() if statistics.statistics(name) is not None]
-        ratios.append(owl.outlier_ratio(scores, threshold))
-        parameters.append(sum(layer_weight(layer).numel() for layer in layers.values()))
-        calls = [call.with_hidden_states(output) for call, output in zip(calls, outputs, strict=True)]
+            outputs = block_pass(block, calls, statistics, keep_outputs=index < max(selected))
+        if index in selected:
+            scores = [wanda.scores(layer_weight(layer), statistics.statistics(name)) for name, layer in layers.items() if statistics.statistics(name) is not None]
+            ratios.append(owl.outlier_ratio(scores, threshold))
+            parameters.append(sum(layer_weight(layer).numel() for layer in layers.values()))
+        if outputs is not None:
+            calls = [call.with_hidden_states(output) for call, output in zip(calls, outputs, strict=True)]
         block.to(home)
     return ratios, parameters
 
@@ -210,19 +232,32 @@ def prune_blocks(
     blocks_name: str,
     calls: list[BlockCall] | None,
     method: Method,
-    targets: list[Target],
+    targets: list[Target | None],
     settings: PruneSettings,
     device: torch.device,
     skip: set[str],
 ) -> tuple[list[LayerReport], dict]:
-    """Prune block i to targets[i], in turn; `calls` are the captured inputs of the first block (None: no calibration)."""
+    """Prune block i to targets[i], in turn (None: leave it dense); `calls` are the captured inputs of the first block
+    (None: no calibration)."""
     layers_report: list[LayerReport] = []
     breakdown = {"statistics": 0.0, "method": 0.0, "propagate": 0.0}
     hessian_dtype = HESSIAN_DTYPES[settings.hessian_dtype]
-    description = f"{method.name} {targets[0].describe()}" if len(set(targets)) == 1 else f"{method.name} OWL"
+    chosen = [target for target in targets if target is not None]
+    description = f"{method.name} {chosen[0].describe()}" if len(set(chosen)) == 1 else f"{method.name} OWL"
+    last = max(index for index, target in enumerate(targets) if target is not None)
     bar = tqdm(list(enumerate(blocks)), desc=description, unit="block", disable=not settings.progress)
     for index, block in bar:
         target = targets[index]
+        if target is None:
+            layers_report.extend(skipped_layer(f"{blocks_name}.{index}.{name}", layer, "block not selected; left dense") for name, layer in prunable_layers(block).items())
+            if calls is not None and index < last:
+                started = time.perf_counter()
+                home = next(block.parameters()).device
+                block.to(device)
+                calls = [call.with_hidden_states(output) for call, output in zip(calls, block_pass(block, calls, None, keep_outputs=True), strict=True)]
+                block.to(home)
+                breakdown["propagate"] += time.perf_counter() - started
+            continue
         home = next(block.parameters()).device
         block.to(device)
         layers = prunable_layers(block)
@@ -253,7 +288,7 @@ def prune_blocks(
         del statistics
         breakdown["method"] += time.perf_counter() - started
 
-        if calls is not None:
+        if calls is not None and index < last:
             started = time.perf_counter()
             if dense_outputs is None:
                 dense_outputs = block_pass(block, calls, None, keep_outputs=True)
@@ -267,7 +302,7 @@ def prune_blocks(
     return layers_report, breakdown
 
 
-def estimated_work(blocks: nn.ModuleList, method: Method, target: Target) -> float | None:
+def estimated_work(blocks: list[nn.Module], method: Method, target: Target) -> float | None:
     """Floating-point work of methods whose cost grows fast with the layer size (exact OBS), else None."""
     if method.name != "obs":
         return None
@@ -295,7 +330,8 @@ def run_pipeline(loaded: LoadedModel, settings: PruneSettings, load_seconds: flo
         torch.cuda.reset_peak_memory_stats(device)
 
     blocks_name, blocks = transformer_blocks(model)
-    incompatible = incompatible_layers(blocks, blocks_name, target)
+    selected = parse_blocks(settings.blocks, len(blocks))
+    incompatible = incompatible_layers(blocks, blocks_name, target, selected)
     if incompatible and not settings.skip_incompatible:
         raise PruningError(
             f"{len(incompatible)} layer(s) cannot hold pattern {target.pattern}: {incompatible[0]} has "
@@ -326,7 +362,7 @@ def run_pipeline(loaded: LoadedModel, settings: PruneSettings, load_seconds: flo
     report.seconds["load"] = load_seconds
     if not needs_calibration:
         report.notes.append(f"{method.name} uses no calibration data")
-    work = estimated_work(blocks, method, target)
+    work = estimated_work([blocks[index] for index in selected], method, target)
     if work is not None and work > LARGE_WORK_FLOP:
         message = f"{method.name} will do about {work / 1e12:.1f} TFLOP of work (rows x k² x d per layer); on a CPU this takes a long time"
         report.notes.append(message)
@@ -334,6 +370,8 @@ def run_pipeline(loaded: LoadedModel, settings: PruneSettings, load_seconds: flo
             tqdm.write(message)
     if incompatible:
         report.notes.append(f"{len(incompatible)} layer(s) left dense: input size not a multiple of M={target.m}")
+    if len(selected) < len(blocks):
+        report.notes.append(f"only blocks {settings.blocks} pruned ({len(selected)} of {len(blocks)}); the others stay dense")
     if settings.eval_data is not None and not evaluate_perplexity:
         report.notes.append(f"perplexity skipped: it needs a causal LM, and this model is a {loaded.kind}")
 
@@ -357,18 +395,19 @@ def run_pipeline(loaded: LoadedModel, settings: PruneSettings, load_seconds: flo
     if calibration_ids is not None:
         windows = sample_windows(calibration_ids, settings.nsamples, settings.seqlen, settings.seed)
         calls = capture_block_inputs(model, blocks[0], calibration_batches(windows, settings.batch_size), device)
-    targets = [target] * len(blocks)
+    targets: list[Target | None] = [target if index in selected else None for index in range(len(blocks))]
     if settings.allocation == "owl":
-        ratios, parameters = outlier_ratios(blocks, calls, settings.owl_m, device, settings.progress)
+        ratios, parameters = outlier_ratios(blocks, selected, calls, settings.owl_m, device, settings.progress)
         sparsities = owl.allocate(settings.owl_rule, ratios, parameters, target.sparsity, settings.owl_lambda)
-        targets = [Target(sparsity) for sparsity in sparsities]
+        for index, sparsity in zip(selected, sparsities, strict=True):
+            targets[index] = Target(sparsity)
         report.allocation = {
             "rule": settings.owl_rule,
             "owl_m": settings.owl_m,
             "owl_lambda": settings.owl_lambda if settings.owl_rule == owl.LAMBDA_RULE else None,
             "blocks": [
                 {"block": index, "outlier_ratio": ratio, "sparsity": sparsity, "parameters": count}
-                for index, (ratio, sparsity, count) in enumerate(zip(ratios, sparsities, parameters, strict=True))
+                for index, ratio, sparsity, count in zip(selected, ratios, sparsities, parameters, strict=True)
             ],
         }
     report.seconds["calibrate"] = time.perf_counter() - started

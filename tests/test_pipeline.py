@@ -12,6 +12,7 @@ from calibration.statistics import ColumnNormAccumulator, HessianAccumulator
 from calibration.text import TextSources
 from calibration.windows import tokenize, tokenize_documents
 from eval.perplexity import perplexity
+from methods import PruningError
 from prune import load_model, prune_model
 from prune.models import layer_weight, prunable_layers, transformer_blocks
 from tests.conftest import ARCHITECTURES
@@ -199,3 +200,18 @@ def test_token_classifier_is_pruned_without_perplexity(model_folders, text_file)
     _, report = prune_model(str(model_folders["bert"]), method="wanda", sparsity=0.5, calibration=str(text_file), eval_data=str(text_file), **SMALL)
     assert report.perplexity is None
     assert any("perplexity skipped" in note for note in report.notes)
+
+
+def test_only_the_selected_blocks_are_pruned(model_folders, text_file) -> None:
+    loaded = load_model(str(model_folders["opt"]))
+    before = [layer_weight(layer).clone() for layer in prunable_layers(transformer_blocks(loaded.model)[1][0]).values()]
+    model, report = prune_model(loaded, method="sparsegpt", sparsity=0.5, calibration=str(text_file), blocks="1", **SMALL)
+    first, second = transformer_blocks(model)[1]
+    assert all(torch.equal(a, layer_weight(b)) for a, b in zip(before, prunable_layers(first).values(), strict=True))
+    assert all((layer_weight(layer) == 0).float().mean() == pytest.approx(0.5, abs=0.02) for layer in prunable_layers(second).values())
+    assert report.sparsity == pytest.approx(0.5, abs=0.01)
+    assert any("block not selected" in note for layer in report.layers for note in layer.notes)
+    with pytest.raises(PruningError, match="blocks 0-1"):
+        prune_model(str(model_folders["opt"]), method="wanda", sparsity=0.5, calibration=str(text_file), blocks="0-2", **SMALL)
+    with pytest.raises(PruningError, match="must look like"):
+        prune_model(str(model_folders["opt"]), method="wanda", sparsity=0.5, calibration=str(text_file), blocks="first", **SMALL)
