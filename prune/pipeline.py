@@ -194,35 +194,36 @@ def skipped_layer(name: str, layer: nn.Module, reason: str) -> LayerReport:
     return LayerReport(name, tuple(weight.shape), zero_fraction(weight), None, None, 0.0, [reason])
 
 
-def block_pass(block: nn.Module, calls: list[BlockCall], statistics: LayerInputStatistics | None, keep_outputs: bool) -> list | None:
-    """Run every captured call through `block`, feeding `statistics` when given; the outputs when asked."""
-    outputs = [] if keep_outputs else None
-    for call in calls:
+def block_pass(block: nn.Module, calls: list[BlockCall], statistics: LayerInputStatistics | None, *, advance: bool) -> None:
+    """Run every captured call through `block`, feeding `statistics` when given.
+
+    With `advance`, each call's hidden states are replaced by the block's output as soon as it is
+    computed, so that `calls` becomes the next block's inputs while holding one activation buffer.
+    """
+    for position, call in enumerate(calls):
         if statistics is not None:
             statistics.begin_batch(call.token_mask)
         output = run_block(block, call)
-        if keep_outputs:
-            outputs.append(output)
-    return outputs
+        if advance:
+            calls[position] = call.with_hidden_states(output)
 
 
 def outlier_ratios(blocks: nn.ModuleList, selected: list[int], calls: list[BlockCall], threshold: float, device: torch.device, progress: bool) -> tuple[list[float], list[int]]:
     """OWL on the dense model: for each selected block, the fraction of its Wanda scores |W|·‖X‖ above
     `threshold` x their mean, and its number of prunable weights."""
     ratios, parameters = [], []
+    calls = list(calls)  # advanced in place below; the caller's list keeps the first block's inputs
     for index in tqdm(range(max(selected) + 1), desc="OWL outlier ratios", unit="block", disable=not progress, leave=False):
         block = blocks[index]
         home = next(block.parameters()).device
         block.to(device)
         layers = prunable_layers(block) if index in selected else {}
         with LayerInputStatistics(layers, COLUMN_NORMS, device) as statistics:
-            outputs = block_pass(block, calls, statistics, keep_outputs=index < max(selected))
+            block_pass(block, calls, statistics, advance=index < max(selected))
         if index in selected:
             scores = [wanda.scores(layer_weight(layer), statistics.statistics(name)) for name, layer in layers.items() if statistics.statistics(name) is not None]
             ratios.append(owl.outlier_ratio(scores, threshold))
             parameters.append(sum(layer_weight(layer).numel() for layer in layers.values()))
-        if outputs is not None:
-            calls = [call.with_hidden_states(output) for call, output in zip(calls, outputs, strict=True)]
         block.to(home)
     return ratios, parameters
 
@@ -254,7 +255,7 @@ def prune_blocks(
                 started = time.perf_counter()
                 home = next(block.parameters()).device
                 block.to(device)
-                calls = [call.with_hidden_states(output) for call, output in zip(calls, block_pass(block, calls, None, keep_outputs=True), strict=True)]
+                block_pass(block, calls, None, advance=True)
                 block.to(home)
                 breakdown["propagate"] += time.perf_counter() - started
             continue
@@ -262,11 +263,12 @@ def prune_blocks(
         block.to(device)
         layers = prunable_layers(block)
         statistics = None
-        dense_outputs = None
+        advanced = False  # whether `calls` already hold this block's outputs
         if method.statistics is not None:
             started = time.perf_counter()
             with LayerInputStatistics(layers, method.statistics, device, hessian_dtype) as statistics:
-                dense_outputs = block_pass(block, calls, statistics, keep_outputs=settings.propagate == "dense")
+                advanced = settings.propagate == "dense" and index < last
+                block_pass(block, calls, statistics, advance=advanced)
             synchronize(device)
             breakdown["statistics"] += time.perf_counter() - started
 
@@ -288,12 +290,9 @@ def prune_blocks(
         del statistics
         breakdown["method"] += time.perf_counter() - started
 
-        if calls is not None and index < last:
+        if calls is not None and index < last and not advanced:
             started = time.perf_counter()
-            if dense_outputs is None:
-                dense_outputs = block_pass(block, calls, None, keep_outputs=True)
-            calls = [call.with_hidden_states(output) for call, output in zip(calls, dense_outputs, strict=True)]
-            dense_outputs = None
+            block_pass(block, calls, None, advance=True)
             synchronize(device)
             breakdown["propagate"] += time.perf_counter() - started
         block.to(home)

@@ -10,9 +10,9 @@ from calibration.capture import LayerInputStatistics, capture_block_inputs, run_
 from calibration.corpora import load_corpus
 from calibration.statistics import ColumnNormAccumulator, HessianAccumulator
 from calibration.text import TextSources
-from calibration.windows import tokenize, tokenize_documents
+from calibration.windows import sample_windows, tokenize, tokenize_documents
 from eval.perplexity import perplexity
-from methods import PruningError
+from methods import PruningError, Target, wanda
 from prune import load_model, prune_model
 from prune.models import layer_weight, prunable_layers, transformer_blocks
 from tests.conftest import ARCHITECTURES
@@ -215,3 +215,25 @@ def test_only_the_selected_blocks_are_pruned(model_folders, text_file) -> None:
         prune_model(str(model_folders["opt"]), method="wanda", sparsity=0.5, calibration=str(text_file), blocks="0-2", **SMALL)
     with pytest.raises(PruningError, match="must look like"):
         prune_model(str(model_folders["opt"]), method="wanda", sparsity=0.5, calibration=str(text_file), blocks="first", **SMALL)
+
+
+def test_second_block_is_pruned_on_the_pruned_first_blocks_outputs(model_folders, text_file) -> None:
+    """Rebuild block 1's Wanda result by hand: inputs from the model whose block 0 is already pruned."""
+    pruned, _ = prune_model(str(model_folders["llama"]), method="wanda", sparsity=0.5, calibration=str(text_file), **SMALL)
+    reference = load_model(str(model_folders["llama"]))
+    blocks = transformer_blocks(reference.model)[1]
+    blocks[0].load_state_dict(transformer_blocks(pruned)[1][0].state_dict())
+    windows = sample_windows(TextSources(reference.tokenizer, calibration=str(text_file), evaluation=None).calibration_ids(), 8, 32, 0)
+    squares = {}
+    hooks = [
+        layer.register_forward_pre_hook(lambda module, args, name=name: squares.setdefault(name, []).append(args[0].reshape(-1, args[0].shape[-1]) ** 2))
+        for name, layer in prunable_layers(blocks[1]).items()
+    ]
+    with torch.no_grad():
+        reference.model(input_ids=windows)
+    for hook in hooks:
+        hook.remove()
+    for name, layer in prunable_layers(blocks[1]).items():
+        norms = torch.cat(squares[name]).mean(0).sqrt()
+        expected = wanda.prune(layer_weight(layer), norms, Target(0.5)).mask
+        assert torch.equal(layer_weight(prunable_layers(transformer_blocks(pruned)[1][1])[name]) != 0, expected), name
