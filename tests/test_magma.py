@@ -1,0 +1,110 @@
+"""The Magma / SkipUpdate optimizer wrapper."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from methods.magma import Magma
+
+
+def quadratic_problem(seed: int = 0) -> tuple[torch.nn.Parameter, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.nn.Parameter(torch.randn(6, 5, generator=generator)), torch.randn(6, 5, generator=generator)
+
+
+def loss_of(parameter: torch.nn.Parameter, target: torch.Tensor) -> torch.Tensor:
+    return ((parameter - target) ** 2 * torch.arange(1, 6)).sum()
+
+
+@pytest.mark.parametrize("make_base", [
+    lambda params: torch.optim.AdamW(params, lr=0.01, weight_decay=0.1),
+    lambda params: torch.optim.Adam(params, lr=0.01),
+    lambda params: torch.optim.RMSprop(params, lr=0.01),
+])
+@pytest.mark.parametrize("granularity", ["tensor", "row", "column", "element"])
+def test_p_one_and_score_one_is_the_base_optimizer(make_base, granularity) -> None:
+    wrapped, target = quadratic_problem()
+    plain = torch.nn.Parameter(wrapped.detach().clone())
+    magma = Magma(make_base([wrapped]), p=1.0, fixed_score=1.0, granularity=granularity)
+    base = make_base([plain])
+    for _ in range(20):
+        for optimizer, parameter in ((magma, wrapped), (base, plain)):
+            optimizer.zero_grad()
+            loss_of(parameter, target).backward()
+            optimizer.step()
+    torch.testing.assert_close(wrapped.detach(), plain.detach(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row", "element"])
+def test_fraction_of_updated_blocks_is_p(granularity) -> None:
+    parameters = [torch.nn.Parameter(torch.randn(8, 4)) for _ in range(10)]
+    magma = Magma(torch.optim.AdamW(parameters, lr=0.01), p=0.3, granularity=granularity, seed=1)
+    fractions = []
+    for _ in range(200):
+        magma.zero_grad()
+        sum((p**2).sum() for p in parameters).backward()
+        magma.step()
+        fractions.append(magma.updated_fraction)
+    blocks = {"tensor": 10, "row": 80, "element": 320}[granularity] * 200
+    mean = sum(fractions) / len(fractions)
+    assert abs(mean - 0.3) < 4 * (0.3 * 0.7 / blocks) ** 0.5  # four binomial standard deviations
+
+
+def test_skipupdate_is_unbiased() -> None:
+    gradient = torch.randn(4, 3)
+    start = torch.randn(4, 3)
+    base_step = 0.1 * gradient  # plain SGD
+    updates = []
+    for seed in range(2000):
+        parameter = torch.nn.Parameter(start.clone())
+        optimizer = torch.optim.SGD([parameter], lr=0.1)
+        wrapper = Magma(optimizer, mode="skipupdate", p=0.5, seed=seed)
+        parameter.grad = gradient.clone()
+        wrapper.step()
+        updates.append(start - parameter.detach())
+    mean = torch.stack(updates).mean(0)
+    # each update is 2Δ or 0: the mean of 2000 has standard deviation |Δ| / sqrt(2000); allow five
+    torch.testing.assert_close(mean, base_step, atol=5 * base_step.abs().max().item() / 2000**0.5, rtol=0)
+
+
+def test_pruned_weights_stay_zero_and_state_round_trips() -> None:
+    parameter, target = quadratic_problem(3)
+    keep = torch.rand(6, 5, generator=torch.Generator().manual_seed(4)) > 0.5
+    with torch.no_grad():
+        parameter.mul_(keep)
+    magma = Magma(torch.optim.AdamW([parameter], lr=0.05), keep_masks={parameter: keep}, granularity="row", debug=True, seed=5)
+
+    def run(optimizer: Magma, steps: int) -> None:
+        for _ in range(steps):
+            optimizer.zero_grad()
+            loss_of(parameter, target).backward()
+            optimizer.step()
+            assert torch.all(parameter[~keep] == 0)
+
+    run(magma, 30)
+    saved_state, saved_parameter = copy.deepcopy(magma.state_dict()), parameter.detach().clone()  # as torch.save would
+    run(magma, 30)
+    continued = parameter.detach().clone()
+
+    with torch.no_grad():
+        parameter.copy_(saved_parameter)
+    restored = Magma(torch.optim.AdamW([parameter], lr=0.05), keep_masks={parameter: keep}, granularity="row", seed=99)
+    restored.load_state_dict(saved_state)
+    run(restored, 30)
+    assert torch.equal(parameter.detach(), continued)
+
+
+def test_magma_uses_the_alignment_of_gradient_and_momentum() -> None:
+    parameter = torch.nn.Parameter(torch.zeros(3))
+    magma = Magma(torch.optim.Adam([parameter], lr=0.1), p=1.0, tau=2.0)
+    parameter.grad = torch.ones(3)
+    magma.step()
+    # after one step Adam's first moment is 0.1 g: perfectly aligned, s = sigmoid(1 / 2)
+    assert magma.scores[0].item() == pytest.approx(torch.sigmoid(torch.tensor(0.5)).item())
+    parameter.grad = -torch.ones(3)
+    magma.step()
+    # μ = 0.9·0.1 g − 0.1 g = −0.01 g: aligned with the new gradient again
+    assert magma.scores[0].item() == pytest.approx(torch.sigmoid(torch.tensor(0.5)).item())
