@@ -210,9 +210,8 @@ def block_pass(block: nn.Module, calls: list[BlockCall], statistics: LayerInputS
 
 def outlier_ratios(blocks: nn.ModuleList, selected: list[int], calls: list[BlockCall], threshold: float, device: torch.device, progress: bool) -> tuple[list[float], list[int]]:
     """OWL on the dense model: for each selected block, the fraction of its Wanda scores |W|·‖X‖ above
-    `threshold` x their mean, and its number of prunable weights."""
+    `threshold` x their mean, and its number of prunable weights. `calls` are advanced in place (consumed)."""
     ratios, parameters = [], []
-    calls = list(calls)  # advanced in place below; the caller's list keeps the first block's inputs
     for index in tqdm(range(max(selected) + 1), desc="OWL outlier ratios", unit="block", disable=not progress, leave=False):
         block = blocks[index]
         home = next(block.parameters()).device
@@ -393,10 +392,13 @@ def run_pipeline(loaded: LoadedModel, settings: PruneSettings, load_seconds: flo
     calls = None
     if calibration_ids is not None:
         windows = sample_windows(calibration_ids, settings.nsamples, settings.seqlen, settings.seed)
-        calls = capture_block_inputs(model, blocks[0], calibration_batches(windows, settings.batch_size), device)
+        batches = calibration_batches(windows, settings.batch_size)
+        calls = capture_block_inputs(model, blocks[0], batches, device)
     targets: list[Target | None] = [target if index in selected else None for index in range(len(blocks))]
     if settings.allocation == "owl":
         ratios, parameters = outlier_ratios(blocks, selected, calls, settings.owl_m, device, settings.progress)
+        # the OWL pass consumed the captured inputs; capturing again costs only the embeddings, and keeps one buffer
+        calls = capture_block_inputs(model, blocks[0], batches, device)
         sparsities = owl.allocate(settings.owl_rule, ratios, parameters, target.sparsity, settings.owl_lambda)
         for index, sparsity in zip(selected, sparsities, strict=True):
             targets[index] = Target(sparsity)
