@@ -11,10 +11,12 @@ from transformers.utils import logging as transformers_logging
 
 from calibration.corpora import CorpusError
 from methods import METHODS, PruningError, owl
+from methods.magma import GRANULARITIES
 from prune.models import EMBEDDED_MODELS, SMOLLM2, ModelError, load_model
 from prune.output import OutputError, check_output_dir, save_pruned
 from prune.pipeline import ALLOCATIONS, HESSIAN_DTYPES, PROPAGATE_CHOICES, PruneSettings, run_pipeline
-from prune.plots import plot_allocation
+from prune.plots import plot_allocation, plot_recover
+from prune.recover import RECOVER_OPTIMIZERS, RecoverSettings
 
 USER_ERRORS = (PruningError, CorpusError, ModelError, OutputError)
 
@@ -48,6 +50,18 @@ MODEL_HELP = "; ".join(f"{name}: {what}" for name, what in EMBEDDED_MODELS.items
 @click.option("--no-eval", is_flag=True, help="Skip the perplexity evaluation.")
 @click.option("--eval-seqlen", type=int, default=None, help="Tokens per evaluation window (default: --seqlen).")
 @click.option("--eval-windows", type=int, default=None, help="Evaluate at most this many windows (default: all).")
+@click.option("--recover", type=click.Choice(RECOVER_OPTIMIZERS), default=None,
+              help="After pruning, fine-tune the surviving attention/MLP weights on the calibration text (pruned weights stay zero): "
+                   "magma (AdamW under Magma), adamw (plain baseline) or skipupdate.")
+@click.option("--recover-steps", type=int, default=100, help="Recovery optimizer steps.")
+@click.option("--recover-lr", type=float, default=5e-5, help="Peak recovery learning rate (10 % warm-up, cosine decay to 10 %).")
+@click.option("--recover-batch", type=int, default=4, help="Recovery windows per step.")
+@click.option("--recover-seqlen", type=int, default=256, help="Tokens per recovery window.")
+@click.option("--recover-p", type=float, default=0.5, help="Magma/SkipUpdate: probability that a block is updated.")
+@click.option("--recover-tau", type=float, default=2.0, help="Magma: temperature of the momentum alignment.")
+@click.option("--recover-granularity", type=click.Choice(GRANULARITIES), default="tensor", help="Magma/SkipUpdate: what one masked block is.")
+@click.option("--recover-train-other", is_flag=True, help="Also train norms, embeddings and heads (plain AdamW); default: frozen.")
+@click.option("--recover-debug", is_flag=True, help="Check after every recovery step that no pruned weight moved.")
 @click.option("--output", type=click.Path(path_type=Path), default=None, help="Save the pruned model, tokenizer and report.json here.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --output folder.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Where converted embedded models are kept (default ~/.cache/obs-prune).")
@@ -91,6 +105,20 @@ def command(**options) -> None:
         eval_data=None if options["no_eval"] else options["eval_data"],
         eval_seqlen=options["eval_seqlen"],
         eval_windows=options["eval_windows"],
+        recover=None if options["recover"] is None else RecoverSettings(
+            optimizer=options["recover"],
+            steps=options["recover_steps"],
+            lr=options["recover_lr"],
+            batch=options["recover_batch"],
+            seqlen=options["recover_seqlen"],
+            p=options["recover_p"],
+            tau=options["recover_tau"],
+            granularity=options["recover_granularity"],
+            train_other=options["recover_train_other"],
+            seed=options["seed"],
+            debug=options["recover_debug"],
+            progress=not options["quiet"],
+        ),
         progress=not options["quiet"],
     )
     settings.check()
@@ -99,10 +127,12 @@ def command(**options) -> None:
     report = run_pipeline(loaded, settings, load_seconds=time.perf_counter() - started)
     click.echo(report.table())
     if options["output"] is not None:
-        figures = None
-        if report.allocation is not None:
-            def figures(folder: Path) -> None:
+        def figures(folder: Path) -> None:
+            if report.allocation is not None:
                 plot_allocation(report.allocation, report.target["sparsity"], folder / "allocation.png")
+            if report.recover is not None:
+                plot_recover(report.recover, folder / "recover.png")
+
         save_pruned(loaded, report, options["output"], overwrite=options["overwrite"], extra=figures)
         click.echo(f"saved the pruned model, tokenizer and report.json to {options['output']}")
 

@@ -19,6 +19,7 @@ from eval.sparsity import nm_valid, zero_fraction
 from methods import Method, PruningError, Target, get_method, obs, owl, wanda
 from methods.registry import COLUMN_NORMS
 from methods.sparsegpt import check_options as check_sparsegpt_options
+from prune.devices import resolve_device, synchronize
 from prune.models import (
     CAUSAL_LM,
     LoadedModel,
@@ -30,29 +31,13 @@ from prune.models import (
     set_layer_weight,
     transformer_blocks,
 )
+from prune.recover import RecoverSettings, language_model_batches, recover
 from prune.report import LayerReport, Report
 
 PROPAGATE_CHOICES = ("pruned", "dense")
 ALLOCATIONS = ("uniform", "owl")
 LARGE_WORK_FLOP = 1e12  # above this much estimated work, say so before starting
 HESSIAN_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise PruningError(f"--device {name} was asked for, but no CUDA device is available")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise PruningError(f"unknown device {name!r}: use auto, cpu or cuda") from None
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @dataclass
@@ -81,7 +66,12 @@ class PruneSettings:
     eval_seqlen: int | None = None  # default: seqlen
     eval_windows: int | None = None  # at most this many windows (default: all)
     eval_batch_size: int = 4
+    recover: RecoverSettings | None = None  # a recovery fine-tune after pruning (None: none)
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.recover, str):  # prune_model(..., recover="magma") in a notebook
+            self.recover = RecoverSettings(optimizer=self.recover, seed=self.seed, progress=self.progress)
 
     def target(self) -> Target:
         return Target.from_options(self.sparsity, self.pattern)
@@ -125,6 +115,8 @@ class PruneSettings:
             raise PruningError(f"propagate must be one of {', '.join(PROPAGATE_CHOICES)}")
         if self.hessian_dtype not in HESSIAN_DTYPES:
             raise PruningError(f"hessian dtype must be one of {', '.join(HESSIAN_DTYPES)}")
+        if self.recover is not None:
+            self.recover.check()
         resolve_device(self.device)
         for label, source in (("calibration", self.calibration), ("eval-data", self.eval_data)):
             if source is not None and source not in ("wiki-sample", "wikitext2", "c4") and not Path(source).expanduser().exists():
@@ -337,7 +329,13 @@ def run_pipeline(loaded: LoadedModel, settings: PruneSettings, load_seconds: flo
             "(--skip-incompatible leaves such layers dense)"
         )
     limit = max_positions(model)
-    for label, length in (("seqlen", settings.seqlen), ("eval-seqlen", settings.eval_seqlen)):
+    if settings.recover is not None and loaded.kind != CAUSAL_LM:
+        raise PruningError(
+            f"--recover trains a causal LM on the calibration text; this model is a {loaded.kind}, which needs labelled "
+            "task data: call prune.recover.recover() with its own batches"
+        )
+    recover_seqlen = settings.recover.seqlen if settings.recover is not None else None
+    for label, length in (("seqlen", settings.seqlen), ("eval-seqlen", settings.eval_seqlen), ("recover-seqlen", recover_seqlen)):
         if limit is not None and length is not None and length > limit:
             raise PruningError(f"--{label} {length} is longer than the model's {limit} positions")
 
@@ -373,14 +371,15 @@ def run_pipeline(loaded: LoadedModel, settings: PruneSettings, load_seconds: flo
     if settings.eval_data is not None and not evaluate_perplexity:
         report.notes.append(f"perplexity skipped: it needs a causal LM, and this model is a {loaded.kind}")
 
+    needs_text = needs_calibration or settings.recover is not None
     sources = TextSources(
         loaded.tokenizer,
-        calibration=settings.calibration if needs_calibration else None,
+        calibration=settings.calibration if needs_text else None,
         evaluation=settings.eval_data if evaluate_perplexity else None,
     )
     started = time.perf_counter()
     evaluation_ids = sources.evaluation_ids() if evaluate_perplexity else None
-    calibration_ids = sources.calibration_ids() if needs_calibration else None
+    calibration_ids = sources.calibration_ids() if needs_text else None
     report.seconds["data"] = time.perf_counter() - started
 
     if evaluate_perplexity:
@@ -390,7 +389,7 @@ def run_pipeline(loaded: LoadedModel, settings: PruneSettings, load_seconds: flo
 
     started = time.perf_counter()
     calls = None
-    if calibration_ids is not None:
+    if needs_calibration:
         windows = sample_windows(calibration_ids, settings.nsamples, settings.seqlen, settings.seed)
         batches = calibration_batches(windows, settings.batch_size)
         calls = capture_block_inputs(model, blocks[0], batches, device)
@@ -424,6 +423,21 @@ def run_pipeline(loaded: LoadedModel, settings: PruneSettings, load_seconds: flo
         started = time.perf_counter()
         report.perplexity["pruned"] = evaluate(model, evaluation_ids, settings, device, "pruned perplexity")
         report.seconds["evaluate"] += time.perf_counter() - started
+
+    if settings.recover is not None:
+        started = time.perf_counter()
+        batches = language_model_batches(calibration_ids, settings.recover.seqlen, settings.recover.batch, settings.recover.seed)
+        result = recover(model, batches, settings.recover, device)
+        report.seconds["recover"] = time.perf_counter() - started
+        if evaluate_perplexity:
+            started = time.perf_counter()
+            report.perplexity["recovered"] = evaluate(model, evaluation_ids, settings, device, "recovered perplexity")
+            report.seconds["evaluate"] += time.perf_counter() - started
+            result.perplexity_before = report.perplexity["pruned"]["value"]
+            result.perplexity_after = report.perplexity["recovered"]["value"]
+        report.recover = result.as_dict()
+        if not result.zeros_kept:
+            raise PruningError("internal error: pruned weights moved during recovery")
     report.seconds["total"] = sum(report.seconds.values())
     report.finish()
     return report

@@ -27,3 +27,27 @@ def plot_allocation(allocation: dict, target_sparsity: float, path: Path) -> Non
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     pyplot.close(figure)
+
+
+def plot_recover(recover: dict, path: Path) -> None:
+    """Training loss (and learning rate) against step of the recovery fine-tune, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    steps = [point["step"] for point in recover["curve"]]
+    figure, loss_axis = pyplot.subplots(figsize=(6, 4))
+    loss_axis.plot(steps, [point["loss"] for point in recover["curve"]], color="tab:blue", marker=".", label="training loss")
+    loss_axis.set_xlabel("step")
+    loss_axis.set_ylabel("training loss", color="tab:blue")
+    rate_axis = loss_axis.twinx()
+    rate_axis.plot(steps, [point["lr"] for point in recover["curve"]], color="tab:gray", linestyle=":", label="learning rate")
+    rate_axis.set_ylabel("learning rate", color="tab:gray")
+    title = f"recovery with {recover['optimizer']} ({recover['steps']} steps)"
+    if recover.get("perplexity_before") is not None:
+        title += f": perplexity {recover['perplexity_before']:.2f} -> {recover['perplexity_after']:.2f}"
+    loss_axis.set_title(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    pyplot.close(figure)

@@ -34,7 +34,8 @@ class Report:
     seconds: dict = field(default_factory=dict)  # load, calibrate, prune, evaluate, total
     prune_breakdown: dict = field(default_factory=dict)  # seconds in statistics passes, method sweeps, propagation passes
     allocation: dict | None = None  # OWL: rule, owl_m, owl_lambda, and per block its outlier ratio, sparsity, parameters
-    perplexity: dict | None = None  # {"dense": {...}, "pruned": {...}} with value, seqlen, windows
+    perplexity: dict | None = None  # {"dense": {...}, "pruned": {...}, "recovered": {...}} with value, seqlen, windows
+    recover: dict | None = None  # the recovery fine-tune: optimizer, steps, loss curve, seconds, perplexity before/after
     peak_memory_mb: float = 0.0  # peak resident memory of the process
     peak_device_memory_mb: float | None = None  # peak CUDA memory allocated, when run on CUDA
     notes: list[str] = field(default_factory=list)
@@ -73,12 +74,18 @@ class Report:
         target = self.target["pattern"] or f"{self.target['sparsity']:.0%}"
         lines.append(f"method {self.method}, target {target}, sparsity reached {self.sparsity:.2%} over {len(self.layers)} layers")
         if self.perplexity:
-            dense, pruned = self.perplexity.get("dense"), self.perplexity.get("pruned")
-            figures = ", ".join(
-                f"{label} {value['value']:.3f}" for label, value in (("dense", dense), ("pruned", pruned)) if value
-            )
-            window = dense or pruned
+            stages = [(label, self.perplexity[label]) for label in ("dense", "pruned", "recovered") if self.perplexity.get(label)]
+            figures = ", ".join(f"{label} {value['value']:.3f}" for label, value in stages)
+            window = stages[0][1]
             lines.append(f"perplexity ({self.perplexity['data']}, {window['windows']} windows of {window['seqlen']} tokens): {figures}")
+        if self.recover:
+            recovered = self.recover
+            curve = recovered["curve"]
+            lines.append(
+                f"recovery ({recovered['optimizer']}, {recovered['steps']} steps, lr {recovered['lr']:g}, batch {recovered['batch']} x {recovered['seqlen']} tokens): "
+                f"training loss {curve[0]['loss']:.3f} -> {curve[-1]['loss']:.3f}, {recovered['seconds_per_step']:.2f} s/step "
+                f"(optimizer {recovered['seconds_optimizer'] / recovered['steps']:.3f} s), pruned weights kept at zero: {'yes' if recovered['zeros_kept'] else 'NO'}"
+            )
         stages = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in self.seconds.items())
         lines.append(f"time: {stages}")
         memory = f"peak memory {self.peak_memory_mb:.0f} MB"
