@@ -1,0 +1,144 @@
+"""MaskPro (seed 002): learn an N:M mask by policy gradient over one logit per weight.
+
+The logits π of a layer (out, in) are grouped by M consecutive inputs of a row: shape (out, in/M, M),
+p = softmax(π) per group. A mask is N draws without replacement from p (Eq. 15). We draw with
+Gumbel-top-k: the N largest of π + Gumbel noise are an exact sample of that sequential process, in the
+order drawn. The policy gradient uses log p(m | π) either of the unordered set (`set`, Eq. 16, the
+paper's: a sum over the N! orders, for N <= 4) or of the sampled order (`sequence`, Eq. 15 alone: an
+unbiased estimator of the same gradient, any N). The update is Eq. 12:
+π ← π − η (L(m) − L(m₀) − δ) ∇ log p(m | π), δ ← α δ + (1 − α)(L(m) − L(m₀)), with π₀ = C · m₀.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+from torch import Tensor
+
+ESTIMATORS = ("set", "sequence")
+MAX_SET_N = 4  # the set probability sums over N! orders
+
+
+def grouped(tensor: Tensor, m: int) -> Tensor:
+    """(out, in) -> (out, in/M, M)."""
+    return tensor.reshape(tensor.shape[0], tensor.shape[1] // m, m)
+
+
+def initial_logits(mask: Tensor, m: int, scale: float) -> Tensor:
+    """π₀ = C · m₀ (App. A.1), grouped: (out, in/M, M), float32."""
+    return grouped(mask.to(torch.float32) * scale, m).contiguous()
+
+
+def sample_order(logits: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
+    """N indices per group drawn without replacement from softmax(logits), in draw order: (..., N).
+
+    Gumbel-top-k: with G_i i.i.d. Gumbel(0, 1), the indices of the N largest π_i + G_i, sorted by that
+    value, have exactly the law of N sequential draws without replacement (Eq. 15).
+    """
+    uniform = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+    gumbel = -torch.log(-torch.log(uniform.clamp_(min=torch.finfo(logits.dtype).tiny)))
+    return (logits + gumbel).topk(n, dim=-1, sorted=True).indices
+
+
+def order_to_mask(order: Tensor, m: int) -> Tensor:
+    """Draw orders (..., N) -> keep masks (..., M), bool."""
+    mask = torch.zeros(*order.shape[:-1], m, dtype=torch.bool, device=order.device)
+    return mask.scatter_(-1, order, True)
+
+
+def top_n_mask(logits: Tensor, n: int) -> Tensor:
+    """The final mask: the N largest logits of each group, (..., M) bool."""
+    return order_to_mask(logits.topk(n, dim=-1).indices, logits.shape[-1])
+
+
+def log_prob_sequence(logits: Tensor, order: Tensor) -> Tensor:
+    """log Pr(draws = order | π) per group (Eq. 15): Σ_j π_σ(j) − logsumexp(π over what is left before draw j)."""
+    remaining = logits.clone()
+    total = torch.zeros(logits.shape[:-1], dtype=logits.dtype, device=logits.device)
+    for j in range(order.shape[-1]):
+        index = order[..., j : j + 1]
+        total = total + logits.gather(-1, index).squeeze(-1) - torch.logsumexp(remaining, dim=-1)
+        remaining = remaining.scatter(-1, index, -math.inf)
+    return total
+
+
+def grad_log_prob_sequence(logits: Tensor, order: Tensor) -> Tensor:
+    """∇_π log Pr(draws = order | π): 1[k drawn] − Σ_j softmax_k(π over what is left before draw j)."""
+    gradient = order_to_mask(order, logits.shape[-1]).to(logits.dtype)
+    remaining = logits.clone()
+    for j in range(order.shape[-1]):
+        gradient -= torch.softmax(remaining, dim=-1)
+        remaining.scatter_(-1, order[..., j : j + 1], -math.inf)
+    return gradient
+
+
+def kept_indices(mask: Tensor, n: int) -> Tensor:
+    """The N kept positions of each group of a keep mask (..., M), in increasing order: (..., N)."""
+    positions = torch.arange(mask.shape[-1], device=mask.device)
+    return torch.where(mask, positions, mask.shape[-1] + positions).topk(n, dim=-1, largest=False).indices.sort(dim=-1).values
+
+
+def log_prob_set(logits: Tensor, mask: Tensor, n: int) -> Tensor:
+    """log p(m | π) of the unordered kept set per group (Eq. 16): logsumexp over the N! draw orders."""
+    if n > MAX_SET_N:
+        raise ValueError(f"the set probability sums over N! orders; N = {n} is too many (use the sequence estimator)")
+    kept = kept_indices(mask, n)
+    permutations = torch.tensor(list(itertools.permutations(range(n))), device=logits.device)  # (N!, N)
+    orders = kept[..., permutations]  # (..., N!, N)
+    expanded = logits.unsqueeze(-2).expand(*logits.shape[:-1], len(permutations), logits.shape[-1])
+    return torch.logsumexp(log_prob_sequence(expanded, orders), dim=-1)
+
+
+def grad_log_prob_set(logits: Tensor, mask: Tensor, n: int) -> Tensor:
+    """∇_π log p(m | π) of the unordered set (Eq. 18), by automatic differentiation of Eq. 16."""
+    with torch.enable_grad():
+        leaf = logits.detach().requires_grad_(True)
+        (gradient,) = torch.autograd.grad(log_prob_set(leaf, mask, n).sum(), leaf)
+    return gradient
+
+
+class MaskPro:
+    """Policy-gradient state for a set of layers: their logits and the loss-residual tracker δ.
+
+    `initial_masks`: name -> keep mask (out, in) of the one-shot stage (m₀). Each step, `sample()` draws
+    a mask per layer, the caller measures L(m) and L(m₀) on one batch, and `update()` applies Eq. 12.
+    """
+
+    def __init__(self, initial_masks: dict[str, Tensor], n: int, m: int, *, lr: float = 50.0, logit_scale: float = 10.0,
+                 alpha: float = 0.99, estimator: str = "set", seed: int = 0) -> None:
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
+        if estimator == "set" and n > MAX_SET_N:
+            raise ValueError(f"the set estimator sums over N! orders: N = {n} > {MAX_SET_N}; use the sequence estimator")
+        self.n, self.m, self.lr, self.alpha, self.estimator = n, m, lr, alpha, estimator
+        self.logits = {name: initial_logits(mask, m, logit_scale) for name, mask in initial_masks.items()}
+        self.tracker = 0.0
+        device = next(iter(self.logits.values())).device if self.logits else torch.device("cpu")
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def sample(self) -> dict[str, Tensor]:
+        """A draw order (out, in/M, N) per layer."""
+        return {name: sample_order(logits, self.n, self.generator) for name, logits in self.logits.items()}
+
+    def masks(self, orders: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Keep masks (out, in) of the given draws."""
+        return {name: order_to_mask(order, self.m).flatten(1) for name, order in orders.items()}
+
+    def grad_log_prob(self, name: str, order: Tensor) -> Tensor:
+        logits = self.logits[name]
+        if self.estimator == "set":
+            return grad_log_prob_set(logits, order_to_mask(order, self.m), self.n)
+        return grad_log_prob_sequence(logits, order)
+
+    def update(self, orders: dict[str, Tensor], residual: float) -> None:
+        """Eq. 12 with residual = L(m) − L(m₀) measured on one batch; then the tracker moves."""
+        advantage = residual - self.tracker
+        for name, order in orders.items():
+            self.logits[name].sub_(self.grad_log_prob(name, order), alpha=self.lr * advantage)
+        self.tracker = self.alpha * self.tracker + (1 - self.alpha) * residual
+
+    def final_masks(self) -> dict[str, Tensor]:
+        """The top-N logits of each group, (out, in) bool per layer."""
+        return {name: top_n_mask(logits, self.n).flatten(1) for name, logits in self.logits.items()}

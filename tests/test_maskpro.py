@@ -1,0 +1,178 @@
+"""MaskPro: exact N-of-M sampling, log-probabilities and their gradients, and the policy-gradient loop on toy problems."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from methods.maskpro import (
+    MaskPro,
+    grad_log_prob_sequence,
+    grad_log_prob_set,
+    log_prob_sequence,
+    log_prob_set,
+    order_to_mask,
+    sample_order,
+    top_n_mask,
+)
+
+
+def brute_force_set_probability(probabilities: list[float], kept: tuple[int, ...]) -> float:
+    """Σ over the orders of `kept` of Π_j p_σ(j) / (1 − Σ_{a<j} p_σ(a)), with explicit loops (Eq. 16)."""
+    total = 0.0
+    for order in itertools.permutations(kept):
+        product, used = 1.0, 0.0
+        for index in order:
+            product *= probabilities[index] / (1 - used)
+            used += probabilities[index]
+        total += product
+    return total
+
+
+@given(st.integers(0, 10_000), st.sampled_from([(1, 4), (2, 4), (3, 4), (2, 5), (4, 8)]))
+@settings(max_examples=25, deadline=None)
+def test_every_group_holds_exactly_n_distinct_positions(seed, pattern) -> None:
+    n, m = pattern
+    logits = torch.randn(3, 7, m, generator=torch.Generator().manual_seed(seed)) * 5
+    order = sample_order(logits, n, torch.Generator().manual_seed(seed))
+    mask = order_to_mask(order, m)
+    assert order.shape == (3, 7, n)
+    assert torch.all(mask.sum(-1) == n)
+    assert torch.all(torch.sort(order, dim=-1).values.diff(dim=-1) > 0)  # distinct
+
+
+@pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 3), (3, 5)])
+def test_set_probability_matches_brute_force_and_sums_to_one(n, m) -> None:
+    logits = torch.tensor([0.3, -1.2, 2.0, 0.7, -0.4][:m], dtype=torch.float64)
+    probabilities = torch.softmax(logits, 0).tolist()
+    total = 0.0
+    for kept in itertools.combinations(range(m), n):
+        mask = torch.zeros(m, dtype=torch.bool)
+        mask[list(kept)] = True
+        exact = brute_force_set_probability(probabilities, kept)
+        assert log_prob_set(logits, mask, n).exp().item() == pytest.approx(exact, rel=1e-10)
+        total += exact
+    assert total == pytest.approx(1.0, abs=1e-12)
+
+
+def test_sampled_set_frequencies_match_the_exact_probabilities() -> None:
+    n, m, draws = 2, 4, 200_000
+    logits = torch.tensor([1.5, 0.2, -0.7, 0.9])
+    order = sample_order(logits.expand(draws, m), n, torch.Generator().manual_seed(0))
+    codes = (order_to_mask(order, m).long() * torch.tensor([1, 2, 4, 8])).sum(-1)
+    chi_square = 0.0
+    sets = list(itertools.combinations(range(m), n))
+    for kept in sets:
+        mask = torch.zeros(m, dtype=torch.bool)
+        mask[list(kept)] = True
+        expected = draws * log_prob_set(logits.double(), mask, n).exp().item()
+        observed = (codes == sum(2**k for k in kept)).sum().item()
+        chi_square += (observed - expected) ** 2 / expected
+    assert chi_square < 20.5  # the 0.999 quantile of chi-square with 5 degrees of freedom
+
+
+def test_sampled_orders_follow_the_sequential_law() -> None:
+    """The first draw is softmax(π); the second, given the first, is softmax over the rest (Eq. 15)."""
+    logits = torch.tensor([1.0, 0.0, -1.0, 0.5])
+    order = sample_order(logits.expand(100_000, 4), 2, torch.Generator().manual_seed(1))
+    first = torch.bincount(order[:, 0], minlength=4).double() / len(order)
+    assert torch.allclose(first, torch.softmax(logits.double(), 0), atol=0.006)
+    after_zero = order[order[:, 0] == 0, 1]
+    rest = torch.softmax(logits[1:].double(), 0)
+    assert torch.allclose(torch.bincount(after_zero, minlength=4)[1:].double() / len(after_zero), rest, atol=0.01)
+
+
+def test_gradients_of_log_probabilities_match_autograd_and_finite_differences() -> None:
+    generator = torch.Generator().manual_seed(2)
+    logits = torch.randn(5, 3, 8, generator=generator, dtype=torch.float64)
+    order = sample_order(logits, 4, generator)
+    leaf = logits.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(log_prob_sequence(leaf, order).sum(), leaf)
+    assert torch.allclose(grad_log_prob_sequence(logits, order), expected, atol=1e-12)
+
+    mask = order_to_mask(order, 8)
+    analytic = grad_log_prob_set(logits, mask, 4)
+    step = 1e-6
+    for index in [(0, 0, 0), (2, 1, 5), (4, 2, 7)]:
+        shifted_up, shifted_down = logits.clone(), logits.clone()
+        shifted_up[index] += step
+        shifted_down[index] -= step
+        numeric = (log_prob_set(shifted_up, mask, 4) - log_prob_set(shifted_down, mask, 4)).sum() / (2 * step)
+        assert analytic[index].item() == pytest.approx(numeric.item(), abs=1e-6)
+
+
+def test_top_n_mask_keeps_the_largest_logits() -> None:
+    logits = torch.tensor([[[0.1, 3.0, -1.0, 2.0], [5.0, 4.0, 6.0, -2.0]]])
+    assert top_n_mask(logits, 2).tolist() == [[[False, True, False, True], [True, False, True, False]]]
+
+
+def toy_problem(seed: int = 0, rows: int = 2, columns: int = 8):
+    """A small linear layer at 2:4 with independent unit inputs. Each group of 4 weights holds two large
+    (|w| in [1, 1.5]) and two small (|w| in [0.2, 0.4]) in random places. L(mask) is the relative output error
+    ||x (W ⊙ m)ᵀ − x Wᵀ||² / ||x Wᵀ||² on a minibatch, so the best mask keeps the two largest w²·E[x²] of
+    each group (known in closed form), and minibatches make the loss noisy."""
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(8192, columns, generator=generator)
+    groups = (rows, columns // 4)
+    large = 1.0 + 0.5 * torch.rand(*groups, 2, generator=generator)
+    small = 0.2 + 0.2 * torch.rand(*groups, 2, generator=generator)
+    places = torch.rand(*groups, 4, generator=generator).argsort(-1)
+    signs = torch.where(torch.rand(*groups, 4, generator=generator) < 0.5, -1.0, 1.0)
+    weight = (torch.cat([large, small], -1).gather(-1, places) * signs).flatten(1)
+    best = top_n_mask((weight.pow(2) * inputs.pow(2).mean(0)).reshape(*groups, 4), 2).flatten(1)
+
+    def loss(mask: torch.Tensor, rows: torch.Tensor | None = None) -> float:
+        batch = inputs if rows is None else inputs[rows]
+        dense = batch @ weight.T
+        return ((batch @ (weight * mask).T - dense).pow(2).sum() / dense.pow(2).sum()).item()
+
+    return best, inputs, loss
+
+
+@pytest.mark.parametrize("estimator", ["set", "sequence"])
+def test_maskpro_finds_the_best_mask_from_a_wrong_start(estimator) -> None:
+    target, inputs, loss = toy_problem()
+    wrong = ~target  # each group keeps exactly the two the best mask drops
+    refiner = MaskPro({"layer": wrong}, n=2, m=4, lr=1.0, logit_scale=1.0, alpha=0.9, estimator=estimator, seed=0)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(400):
+        rows = torch.randint(0, len(inputs), (256,), generator=generator)
+        orders = refiner.sample()
+        residual = loss(refiner.masks(orders)["layer"], rows) - loss(wrong, rows)
+        refiner.update(orders, residual)
+    assert torch.equal(refiner.final_masks()["layer"], target)
+    assert loss(target) < 0.1 < 0.9 < loss(wrong)
+
+
+def test_the_tracker_reduces_the_variance_of_the_update() -> None:
+    """Theorem 2 of seed 002 on the toy problem: at fixed logits, with a minibatch per step, the update
+    (L(m) − L(m₀) − δ) ∇log p has a smaller variance than L(m) ∇log p (Eq. 10) and than the raw residual (Eq. 11)."""
+    _, inputs, loss = toy_problem(seed=3, rows=4, columns=16)
+    start = torch.ones(4, 16, dtype=torch.bool)
+    start[:, 1::2] = False
+    refiner = MaskPro({"layer": start}, n=2, m=4, logit_scale=2.0, seed=0)
+    generator = torch.Generator().manual_seed(4)
+    raw, residual_only, tracked = [], [], []
+    tracker = 0.0
+    for step in range(3000):
+        rows = torch.randint(0, len(inputs), (16,), generator=generator)
+        orders = refiner.sample()
+        value = loss(refiner.masks(orders)["layer"], rows)
+        residual = value - loss(start, rows)
+        gradient = refiner.grad_log_prob("layer", orders["layer"]).flatten()
+        if step >= 500:  # let the tracker settle first
+            raw.append(value * gradient)
+            residual_only.append(residual * gradient)
+            tracked.append((residual - tracker) * gradient)
+        tracker = 0.99 * tracker + 0.01 * residual
+
+    def total_variance(updates: list[torch.Tensor]) -> float:
+        return torch.stack(updates).var(dim=0).sum().item()
+
+    assert total_variance(tracked) < total_variance(residual_only) < total_variance(raw)
+    assert math.isfinite(total_variance(tracked))
