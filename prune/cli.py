@@ -12,11 +12,13 @@ from transformers.utils import logging as transformers_logging
 from calibration.corpora import CorpusError
 from methods import METHODS, PruningError, owl
 from methods.magma import GRANULARITIES
+from methods.maskpro import ESTIMATORS
 from prune.models import EMBEDDED_MODELS, SMOLLM2, ModelError, load_model
 from prune.output import OutputError, check_output_dir, save_pruned
 from prune.pipeline import ALLOCATIONS, HESSIAN_DTYPES, PROPAGATE_CHOICES, PruneSettings, run_pipeline
-from prune.plots import plot_allocation, plot_recover
+from prune.plots import plot_allocation, plot_recover, plot_refine
 from prune.recover import RECOVER_OPTIMIZERS, RecoverSettings
+from prune.refine import REFINE_METHODS, UNDER_MASK, RefineSettings
 
 USER_ERRORS = (PruningError, CorpusError, ModelError, OutputError)
 
@@ -50,6 +52,20 @@ MODEL_HELP = "; ".join(f"{name}: {what}" for name, what in EMBEDDED_MODELS.items
 @click.option("--no-eval", is_flag=True, help="Skip the perplexity evaluation.")
 @click.option("--eval-seqlen", type=int, default=None, help="Tokens per evaluation window (default: --seqlen).")
 @click.option("--eval-windows", type=int, default=None, help="Evaluate at most this many windows (default: all).")
+@click.option("--refine", type=click.Choice(REFINE_METHODS), default=None,
+              help="After pruning to N:M, learn better masks of the pruned layers by MaskPro policy gradient (forward passes only).")
+@click.option("--refine-steps", type=int, default=100, help="MaskPro steps (one mask draw and one forward pass each).")
+@click.option("--refine-lr", type=float, default=50.0, help="MaskPro learning rate of the logits (paper: 50).")
+@click.option("--refine-logit-scale", type=float, default=10.0, help="C in π₀ = C · m₀ (paper: 10).")
+@click.option("--refine-alpha", type=float, default=0.99, help="Moving-average factor of the loss-residual tracker (paper: 0.99).")
+@click.option("--refine-batch", type=int, default=4, help="Calibration windows per MaskPro step.")
+@click.option("--refine-seqlen", type=int, default=256, help="Tokens per MaskPro window.")
+@click.option("--refine-windows", type=int, default=64, help="Training windows (fixed batches; L(m₀) is measured once per batch).")
+@click.option("--refine-holdout", type=int, default=8, help="Held-out windows on which the final mask is compared with the one-shot mask.")
+@click.option("--refine-candidates", type=int, default=0, help="Also draw K masks from the learned policy and keep the best of them, the top-N mask and the one-shot mask on the held-out windows.")
+@click.option("--refine-weights", type=click.Choice(UNDER_MASK), default="oneshot",
+              help="Weights under the mask: the one-shot weights where the one-shot mask kept one, dense elsewhere (oneshot), or the dense originals (dense, the paper's).")
+@click.option("--refine-estimator", type=click.Choice(ESTIMATORS), default="sequence", help="∇log p of the sampled draw order (sequence) or of the unordered set (set, N <= 4).")
 @click.option("--recover", type=click.Choice(RECOVER_OPTIMIZERS), default=None,
               help="After pruning, fine-tune the surviving attention/MLP weights on the calibration text (pruned weights stay zero): "
                    "magma (AdamW under Magma), adamw (plain baseline) or skipupdate.")
@@ -105,6 +121,22 @@ def command(**options) -> None:
         eval_data=None if options["no_eval"] else options["eval_data"],
         eval_seqlen=options["eval_seqlen"],
         eval_windows=options["eval_windows"],
+        refine=None if options["refine"] is None else RefineSettings(
+            method=options["refine"],
+            steps=options["refine_steps"],
+            lr=options["refine_lr"],
+            logit_scale=options["refine_logit_scale"],
+            alpha=options["refine_alpha"],
+            batch=options["refine_batch"],
+            seqlen=options["refine_seqlen"],
+            windows=options["refine_windows"],
+            holdout=options["refine_holdout"],
+            candidates=options["refine_candidates"],
+            weights=options["refine_weights"],
+            estimator=options["refine_estimator"],
+            seed=options["seed"],
+            progress=not options["quiet"],
+        ),
         recover=None if options["recover"] is None else RecoverSettings(
             optimizer=options["recover"],
             steps=options["recover_steps"],
@@ -130,6 +162,8 @@ def command(**options) -> None:
         def figures(folder: Path) -> None:
             if report.allocation is not None:
                 plot_allocation(report.allocation, report.target["sparsity"], folder / "allocation.png")
+            if report.refine is not None:
+                plot_refine(report.refine, folder / "refine.png")
             if report.recover is not None:
                 plot_recover(report.recover, folder / "recover.png")
 

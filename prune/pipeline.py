@@ -32,6 +32,7 @@ from prune.models import (
     transformer_blocks,
 )
 from prune.recover import RecoverSettings, language_model_batches, recover
+from prune.refine import RefineSettings, refine
 from prune.report import LayerReport, Report
 
 PROPAGATE_CHOICES = ("pruned", "dense")
@@ -66,12 +67,15 @@ class PruneSettings:
     eval_seqlen: int | None = None  # default: seqlen
     eval_windows: int | None = None  # at most this many windows (default: all)
     eval_batch_size: int = 4
-    recover: RecoverSettings | None = None  # a recovery fine-tune after pruning (None: none)
+    refine: RefineSettings | None = None  # a MaskPro refinement of N:M masks after pruning (None: none)
+    recover: RecoverSettings | None = None  # a recovery fine-tune after pruning (and refinement) (None: none)
     progress: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.recover, str):  # prune_model(..., recover="magma") in a notebook
             self.recover = RecoverSettings(optimizer=self.recover, seed=self.seed, progress=self.progress)
+        if isinstance(self.refine, str):  # prune_model(..., refine="maskpro")
+            self.refine = RefineSettings(method=self.refine, seed=self.seed, progress=self.progress)
 
     def target(self) -> Target:
         return Target.from_options(self.sparsity, self.pattern)
@@ -117,6 +121,8 @@ class PruneSettings:
             raise PruningError(f"hessian dtype must be one of {', '.join(HESSIAN_DTYPES)}")
         if self.recover is not None:
             self.recover.check()
+        if self.refine is not None:
+            self.refine.check(target)
         resolve_device(self.device)
         for label, source in (("calibration", self.calibration), ("eval-data", self.eval_data)):
             if source is not None and source not in ("wiki-sample", "wikitext2", "c4") and not Path(source).expanduser().exists():
@@ -292,6 +298,40 @@ def prune_blocks(
     return layers_report, breakdown
 
 
+def dense_snapshot(blocks: nn.ModuleList, blocks_name: str, selected: list[int], skip: set[str]) -> dict[str, torch.Tensor]:
+    """A CPU copy of the (out, in) weight of every layer that the one-shot stage will prune."""
+    snapshot = {}
+    for index in selected:
+        for name, layer in prunable_layers(blocks[index]).items():
+            full_name = f"{blocks_name}.{index}.{name}"
+            if full_name not in skip:
+                snapshot[full_name] = layer_weight(layer).detach().to("cpu", copy=True)
+    return snapshot
+
+
+def weights_under_mask(layers: dict[str, nn.Module], dense: dict[str, torch.Tensor], which: str) -> dict[str, torch.Tensor]:
+    """The weights the refinement masks: the dense originals ('dense'), or the pruned layer's weights where it kept
+    one and the dense originals elsewhere ('oneshot'), on each layer's device."""
+    under = {}
+    for name, layer in layers.items():
+        pruned = layer_weight(layer)
+        original = dense[name].to(pruned.device)
+        under[name] = original if which == "dense" else torch.where(pruned != 0, pruned, original)
+    return under
+
+
+def check_refined_layers(report: Report, model: nn.Module, target: Target) -> None:
+    """After refinement every refined layer must still hold the pattern; update the per-layer sparsity and validity."""
+    for layer_report in report.layers:
+        if layer_report.loss is None:
+            continue
+        weight = layer_weight(model.get_submodule(layer_report.name))
+        layer_report.sparsity = zero_fraction(weight)
+        layer_report.pattern_valid = nm_valid(weight, target.n, target.m)
+        if not layer_report.pattern_valid:
+            raise PruningError(f"internal error: {layer_report.name} lost its {target.pattern} pattern during refinement")
+
+
 def estimated_work(blocks: list[nn.Module], method: Method, target: Target) -> float | None:
     """Floating-point work of methods whose cost grows fast with the layer size (exact OBS), else None."""
     if method.name != "obs":
@@ -334,8 +374,15 @@ def run_pipeline(loaded: LoadedModel, settings: PruneSettings, load_seconds: flo
             f"--recover trains a causal LM on the calibration text; this model is a {loaded.kind}, which needs labelled "
             "task data: call prune.recover.recover() with its own batches"
         )
+    if settings.refine is not None and loaded.kind != CAUSAL_LM:
+        raise PruningError(
+            f"--refine measures the language-modelling loss on the calibration text; this model is a {loaded.kind}: "
+            "call prune.refine.refine() with a loss of its own task"
+        )
     recover_seqlen = settings.recover.seqlen if settings.recover is not None else None
-    for label, length in (("seqlen", settings.seqlen), ("eval-seqlen", settings.eval_seqlen), ("recover-seqlen", recover_seqlen)):
+    refine_seqlen = settings.refine.seqlen if settings.refine is not None else None
+    for label, length in (("seqlen", settings.seqlen), ("eval-seqlen", settings.eval_seqlen), ("recover-seqlen", recover_seqlen),
+                          ("refine-seqlen", refine_seqlen)):
         if limit is not None and length is not None and length > limit:
             raise PruningError(f"--{label} {length} is longer than the model's {limit} positions")
 
@@ -371,7 +418,7 @@ def run_pipeline(loaded: LoadedModel, settings: PruneSettings, load_seconds: flo
     if settings.eval_data is not None and not evaluate_perplexity:
         report.notes.append(f"perplexity skipped: it needs a causal LM, and this model is a {loaded.kind}")
 
-    needs_text = needs_calibration or settings.recover is not None
+    needs_text = needs_calibration or settings.recover is not None or settings.refine is not None
     sources = TextSources(
         loaded.tokenizer,
         calibration=settings.calibration if needs_text else None,
@@ -412,6 +459,8 @@ def run_pipeline(loaded: LoadedModel, settings: PruneSettings, load_seconds: flo
         }
     report.seconds["calibrate"] = time.perf_counter() - started
 
+    # the refinement needs the dense weights under the masks it tries (one copy of the prunable weights, on the CPU)
+    dense_weights = dense_snapshot(blocks, blocks_name, selected, set(incompatible)) if settings.refine is not None else None
     started = time.perf_counter()
     method_calls = calls if method.statistics is not None else None
     del calls
@@ -424,6 +473,24 @@ def run_pipeline(loaded: LoadedModel, settings: PruneSettings, load_seconds: flo
         report.perplexity["pruned"] = evaluate(model, evaluation_ids, settings, device, "pruned perplexity")
         report.seconds["evaluate"] += time.perf_counter() - started
 
+    if settings.refine is not None:
+        started = time.perf_counter()
+        refined = {layer.name: model.get_submodule(layer.name) for layer in report.layers if layer.loss is not None}
+        under = weights_under_mask(refined, dense_weights, settings.refine.weights)
+        del dense_weights
+        windows = sample_windows(calibration_ids, settings.refine.windows + settings.refine.holdout, settings.refine.seqlen, settings.seed + 1)
+        result = refine(model, refined, under, target, windows[: settings.refine.windows], windows[settings.refine.windows :], settings.refine, device)
+        del under
+        report.seconds["refine"] = time.perf_counter() - started
+        if evaluate_perplexity:
+            started = time.perf_counter()
+            report.perplexity["refined"] = evaluate(model, evaluation_ids, settings, device, "refined perplexity")
+            report.seconds["evaluate"] += time.perf_counter() - started
+            result.perplexity_before = report.perplexity["pruned"]["value"]
+            result.perplexity_after = report.perplexity["refined"]["value"]
+        report.refine = result.as_dict()
+        check_refined_layers(report, model, target)
+
     if settings.recover is not None:
         started = time.perf_counter()
         batches = language_model_batches(calibration_ids, settings.recover.seqlen, settings.recover.batch, settings.recover.seed)
@@ -433,7 +500,7 @@ def run_pipeline(loaded: LoadedModel, settings: PruneSettings, load_seconds: flo
             started = time.perf_counter()
             report.perplexity["recovered"] = evaluate(model, evaluation_ids, settings, device, "recovered perplexity")
             report.seconds["evaluate"] += time.perf_counter() - started
-            result.perplexity_before = report.perplexity["pruned"]["value"]
+            result.perplexity_before = report.perplexity["refined" if settings.refine is not None else "pruned"]["value"]
             result.perplexity_after = report.perplexity["recovered"]["value"]
         report.recover = result.as_dict()
         if not result.zeros_kept:

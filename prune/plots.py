@@ -51,3 +51,27 @@ def plot_recover(recover: dict, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     pyplot.close(figure)
+
+
+def plot_refine(refine: dict, path: Path) -> None:
+    """The loss residual L(m) − L(m₀) (and the tracker δ) against step of the MaskPro refinement, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    steps = [point["step"] for point in refine["curve"]]
+    figure, axis = pyplot.subplots(figsize=(6, 4))
+    axis.plot(steps, [point["residual"] for point in refine["curve"]], color="tab:blue", marker=".", label="L(m) − L(m₀), mean since last point")
+    axis.plot(steps, [point["tracker"] for point in refine["curve"]], color="tab:orange", linestyle="--", label="tracker δ")
+    axis.axhline(0.0, color="tab:gray", linewidth=0.8)
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss residual")
+    title = f"MaskPro refinement ({refine['steps']} steps)"
+    if refine.get("perplexity_before") is not None:
+        title += f": perplexity {refine['perplexity_before']:.2f} -> {refine['perplexity_after']:.2f}"
+    axis.set_title(title)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    pyplot.close(figure)

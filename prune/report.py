@@ -35,6 +35,7 @@ class Report:
     prune_breakdown: dict = field(default_factory=dict)  # seconds in statistics passes, method sweeps, propagation passes
     allocation: dict | None = None  # OWL: rule, owl_m, owl_lambda, and per block its outlier ratio, sparsity, parameters
     perplexity: dict | None = None  # {"dense": {...}, "pruned": {...}, "recovered": {...}} with value, seqlen, windows
+    refine: dict | None = None  # the MaskPro refinement: steps, residual curve, changed groups, held-out losses, time split
     recover: dict | None = None  # the recovery fine-tune: optimizer, steps, loss curve, seconds, perplexity before/after
     peak_memory_mb: float = 0.0  # peak resident memory of the process
     peak_device_memory_mb: float | None = None  # peak CUDA memory allocated, when run on CUDA
@@ -74,10 +75,22 @@ class Report:
         target = self.target["pattern"] or f"{self.target['sparsity']:.0%}"
         lines.append(f"method {self.method}, target {target}, sparsity reached {self.sparsity:.2%} over {len(self.layers)} layers")
         if self.perplexity:
-            stages = [(label, self.perplexity[label]) for label in ("dense", "pruned", "recovered") if self.perplexity.get(label)]
+            stages = [(label, self.perplexity[label]) for label in ("dense", "pruned", "refined", "recovered") if self.perplexity.get(label)]
             figures = ", ".join(f"{label} {value['value']:.3f}" for label, value in stages)
             window = stages[0][1]
             lines.append(f"perplexity ({self.perplexity['data']}, {window['windows']} windows of {window['seqlen']} tokens): {figures}")
+        if self.refine:
+            refined = self.refine
+            curve = refined["curve"]
+            heldout = refined["heldout"]["losses"]
+            lines.append(
+                f"refinement ({refined['method']}, {refined['steps']} steps, lr {refined['lr']:g}, C {refined['logit_scale']:g}, α {refined['alpha']:g}, "
+                f"{refined['weights']} weights under the mask): residual {curve[0]['residual']:+.4f} -> {curve[-1]['residual']:+.4f}, "
+                f"{refined['changed_groups']:.2%} of groups changed, held-out loss one-shot {heldout['one-shot']:.4f} / top-N {heldout['top-N']:.4f} "
+                f"(kept {refined['heldout']['kept']}), {refined['seconds_per_step']:.2f} s/step "
+                f"(sampling {refined['seconds_sampling'] / max(refined['seconds'], 1e-12):.0%}, forward {refined['seconds_forward'] / max(refined['seconds'], 1e-12):.0%}, "
+                f"update {refined['seconds_update'] / max(refined['seconds'], 1e-12):.0%})"
+            )
         if self.recover:
             recovered = self.recover
             curve = recovered["curve"]
