@@ -42,6 +42,53 @@ def sample_order(logits: Tensor, n: int, generator: torch.Generator | None = Non
     return (logits + gumbel).topk(n, dim=-1, sorted=True).indices
 
 
+def sample_ranks(logits: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
+    """One draw of N without replacement per group, as each position's draw rank (0 = first drawn; >= N: not
+    drawn), int8 (..., M). The same Gumbel-top-k sample as `sample_order`, computed by M(M−1) comparisons of
+    the group members (fast for small M: no sort over a tiny last dimension)."""
+    uniform = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+    keys = logits - torch.log(-torch.log(uniform.clamp_(min=torch.finfo(logits.dtype).tiny)))
+    return ranks_of(keys)
+
+
+def ranks_of(keys: Tensor) -> Tensor:
+    """Rank of each entry within its group (..., M), largest first: the number of members with a larger key
+    (ties, which have probability zero for continuous keys, go to the lower index)."""
+    m = keys.shape[-1]
+    ranks = torch.zeros(keys.shape, dtype=torch.int8, device=keys.device)
+    members = [keys[..., j] for j in range(m)]
+    for i in range(m):
+        rank = ranks[..., i]
+        for j in range(m):
+            if j < i:
+                rank += members[j] >= members[i]
+            elif j > i:
+                rank += members[j] > members[i]
+    return ranks
+
+
+def group_softmax(logits: Tensor) -> Tensor:
+    """softmax over the last dimension (a group), written with amax/sum, which are much faster than
+    torch.softmax for a last dimension of 4-16 on the CPU; -inf entries get probability 0."""
+    exponentials = torch.exp(logits - logits.amax(dim=-1, keepdim=True))
+    return exponentials / exponentials.sum(dim=-1, keepdim=True)
+
+
+def grad_log_prob_ranks(logits: Tensor, ranks: Tensor, n: int) -> Tensor:
+    """∇_π log Pr(the draw with these ranks | π) (Eq. 15): 1[drawn] − Σ_{t<N} softmax(π over the members not
+    drawn before draw t). Equals `grad_log_prob_sequence` for the corresponding order."""
+    gradient = (ranks < n).to(logits.dtype)
+    for draw in range(n):
+        remaining = logits if draw == 0 else logits.masked_fill(ranks < draw, -math.inf)
+        gradient -= group_softmax(remaining)
+    return gradient
+
+
+def ranks_to_order(ranks: Tensor, n: int) -> Tensor:
+    """Draw ranks (..., M) -> the drawn positions in draw order (..., N)."""
+    return ranks.to(torch.int64).argsort(dim=-1, stable=True)[..., :n]
+
+
 def order_to_mask(order: Tensor, m: int) -> Tensor:
     """Draw orders (..., N) -> keep masks (..., M), bool."""
     mask = torch.zeros(*order.shape[:-1], m, dtype=torch.bool, device=order.device)
@@ -103,11 +150,12 @@ class MaskPro:
     """Policy-gradient state for a set of layers: their logits and the loss-residual tracker δ.
 
     `initial_masks`: name -> keep mask (out, in) of the one-shot stage (m₀). Each step, `sample()` draws
-    a mask per layer, the caller measures L(m) and L(m₀) on one batch, and `update()` applies Eq. 12.
+    a mask per layer (as draw ranks), the caller measures L(m) and L(m₀) on one batch, and `update()`
+    applies Eq. 12. Memory: one float32 logit per weight; a draw is one int8 per weight.
     """
 
     def __init__(self, initial_masks: dict[str, Tensor], n: int, m: int, *, lr: float = 50.0, logit_scale: float = 10.0,
-                 alpha: float = 0.99, estimator: str = "set", seed: int = 0) -> None:
+                 alpha: float = 0.99, estimator: str = "sequence", seed: int = 0) -> None:
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
         if estimator == "set" and n > MAX_SET_N:
@@ -119,24 +167,24 @@ class MaskPro:
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def sample(self) -> dict[str, Tensor]:
-        """A draw order (out, in/M, N) per layer."""
-        return {name: sample_order(logits, self.n, self.generator) for name, logits in self.logits.items()}
+        """A draw per layer: the draw rank of every weight, int8 (out, in/M, M); rank < N means kept."""
+        return {name: sample_ranks(logits, self.n, self.generator) for name, logits in self.logits.items()}
 
-    def masks(self, orders: dict[str, Tensor]) -> dict[str, Tensor]:
+    def masks(self, draws: dict[str, Tensor]) -> dict[str, Tensor]:
         """Keep masks (out, in) of the given draws."""
-        return {name: order_to_mask(order, self.m).flatten(1) for name, order in orders.items()}
+        return {name: (ranks < self.n).flatten(1) for name, ranks in draws.items()}
 
-    def grad_log_prob(self, name: str, order: Tensor) -> Tensor:
+    def grad_log_prob(self, name: str, ranks: Tensor) -> Tensor:
         logits = self.logits[name]
         if self.estimator == "set":
-            return grad_log_prob_set(logits, order_to_mask(order, self.m), self.n)
-        return grad_log_prob_sequence(logits, order)
+            return grad_log_prob_set(logits, ranks < self.n, self.n)
+        return grad_log_prob_ranks(logits, ranks, self.n)
 
-    def update(self, orders: dict[str, Tensor], residual: float) -> None:
+    def update(self, draws: dict[str, Tensor], residual: float) -> None:
         """Eq. 12 with residual = L(m) − L(m₀) measured on one batch; then the tracker moves."""
         advantage = residual - self.tracker
-        for name, order in orders.items():
-            self.logits[name].sub_(self.grad_log_prob(name, order), alpha=self.lr * advantage)
+        for name, ranks in draws.items():
+            self.logits[name].sub_(self.grad_log_prob(name, ranks), alpha=self.lr * advantage)
         self.tracker = self.alpha * self.tracker + (1 - self.alpha) * residual
 
     def final_masks(self) -> dict[str, Tensor]:

@@ -12,12 +12,16 @@ from hypothesis import strategies as st
 
 from methods.maskpro import (
     MaskPro,
+    grad_log_prob_ranks,
     grad_log_prob_sequence,
     grad_log_prob_set,
+    group_softmax,
     log_prob_sequence,
     log_prob_set,
     order_to_mask,
+    ranks_to_order,
     sample_order,
+    sample_ranks,
     top_n_mask,
 )
 
@@ -104,6 +108,28 @@ def test_gradients_of_log_probabilities_match_autograd_and_finite_differences() 
         shifted_down[index] -= step
         numeric = (log_prob_set(shifted_up, mask, 4) - log_prob_set(shifted_down, mask, 4)).sum() / (2 * step)
         assert analytic[index].item() == pytest.approx(numeric.item(), abs=1e-6)
+
+
+@pytest.mark.parametrize(("n", "m"), [(1, 4), (2, 4), (4, 8), (8, 16)])
+def test_sampled_ranks_are_the_gumbel_top_k_sample(n, m) -> None:
+    """sample_ranks draws the same keys as sample_order from the same generator state, so it inherits its law."""
+    logits = torch.randn(6, 5, m, generator=torch.Generator().manual_seed(n)) * 4
+    ranks = sample_ranks(logits, n, torch.Generator().manual_seed(9))
+    assert ranks.dtype == torch.int8
+    assert torch.equal(ranks.sort(dim=-1).values, torch.arange(m, dtype=torch.int8).expand_as(ranks))  # a permutation per group
+    assert torch.equal(ranks_to_order(ranks, n), sample_order(logits, n, torch.Generator().manual_seed(9)))
+
+
+def test_rank_gradient_equals_the_sequence_gradient_and_survives_large_logits() -> None:
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(4, 6, 8, generator=generator, dtype=torch.float64) * 3
+    ranks = sample_ranks(logits, 3, generator)
+    assert torch.allclose(grad_log_prob_ranks(logits, ranks, 3), grad_log_prob_sequence(logits, ranks_to_order(ranks, 3)), atol=1e-12)
+    spread = torch.tensor([[[300.0, -300.0, 0.0, 150.0]]])  # probabilities that underflow in float32
+    gradient = grad_log_prob_ranks(spread, sample_ranks(spread, 2, generator), 2)
+    assert torch.isfinite(gradient).all()
+    with_minus_infinity = torch.tensor([[1.0, -math.inf, 0.5, 2.0]])
+    assert torch.allclose(group_softmax(with_minus_infinity), torch.softmax(with_minus_infinity, -1))
 
 
 def test_top_n_mask_keeps_the_largest_logits() -> None:
