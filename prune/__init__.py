@@ -6,6 +6,9 @@
 
 from prune.models import LoadedModel, load_model
 from prune.pipeline import PruneSettings, prune_model, run_pipeline
+from prune.recover import RecoverSettings
+from prune.refine import RefineSettings
 from prune.report import LayerReport, Report
 
-__all__ = ["LayerReport", "LoadedModel", "PruneSettings", "Report", "load_model", "prune_model", "run_pipeline"]
+__all__ = ["LayerReport", "LoadedModel", "PruneSettings", "RecoverSettings", "RefineSettings", "Report", "load_model", "prune_model",
+           "run_pipeline"]
