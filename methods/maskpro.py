@@ -84,6 +84,59 @@ def grad_log_prob_ranks(logits: Tensor, ranks: Tensor, n: int) -> Tensor:
     return gradient
 
 
+def log_prob_ranks(logits: Tensor, ranks: Tensor, n: int) -> Tensor:
+    """log Pr(the draw with these ranks | π) per group (Eq. 15), from the ranks."""
+    total = torch.zeros(logits.shape[:-1], dtype=logits.dtype, device=logits.device)
+    for draw in range(n):
+        remaining = logits if draw == 0 else logits.masked_fill(ranks < draw, -math.inf)
+        top = remaining.amax(dim=-1, keepdim=True)
+        normaliser = top.squeeze(-1) + torch.log(torch.exp(remaining - top).sum(dim=-1))
+        total += logits.masked_fill(ranks != draw, 0.0).sum(dim=-1) - normaliser
+    return total
+
+
+def group_logsumexp(logits: Tensor) -> Tensor:
+    """logsumexp over the last dimension (a group), with amax/sum (see `group_softmax`)."""
+    top = logits.amax(dim=-1, keepdim=True)
+    return (top + torch.log(torch.exp(logits - top).sum(dim=-1, keepdim=True))).squeeze(-1)
+
+
+def grad_log_prob_pair(logits: Tensor, ranks: Tensor) -> Tensor:
+    """∇_π log p({a, b} | π) for N = 2 in closed form (a, b: the members of draw rank 0 and 1): with p = softmax(π)
+    and q⁽ᵃ⁾ = softmax(π without a), the orders (a, b) and (b, a) have weights w and 1 − w,
+    w = sigmoid(log Pr(a, b) − log Pr(b, a)), and the gradient is 1[kept] − p − w q⁽ᵃ⁾ − (1 − w) q⁽ᵇ⁾ (Eq. 18,
+    in log space)."""
+    whole = group_logsumexp(logits)
+    without_first = logits.masked_fill(ranks == 0, -math.inf)
+    without_second = logits.masked_fill(ranks == 1, -math.inf)
+    normaliser_first, normaliser_second = group_logsumexp(without_first), group_logsumexp(without_second)
+    # log Pr(a, b) − log Pr(b, a) = (π_a − lse + π_b − lse⁽ᵃ⁾) − (π_b − lse + π_a − lse⁽ᵇ⁾) = lse⁽ᵇ⁾ − lse⁽ᵃ⁾
+    weight = torch.sigmoid(normaliser_second - normaliser_first).unsqueeze(-1)
+    gradient = (ranks < 2).to(logits.dtype) - torch.exp(logits - whole.unsqueeze(-1))
+    gradient -= weight * torch.exp(without_first - normaliser_first.unsqueeze(-1))
+    gradient -= (1 - weight) * torch.exp(without_second - normaliser_second.unsqueeze(-1))
+    return gradient
+
+
+def grad_log_prob_set_ranks(logits: Tensor, ranks: Tensor, n: int) -> Tensor:
+    """∇_π log p(m | π) of the unordered kept set m = {ranks < N} (Eq. 16-18) without autograd: the gradients of
+    the N! draw orders of the set, weighted by each order's share of the set's probability, p(σ | π) / p(m | π)."""
+    if n > MAX_SET_N:
+        raise ValueError(f"the set probability sums over N! orders; N = {n} is too many (use the sequence estimator)")
+    if n == 2:
+        return grad_log_prob_pair(logits, ranks)
+    kept = kept_indices(ranks < n, n)
+    steps = torch.arange(n, dtype=torch.int8, device=logits.device).expand(kept.shape)
+    log_probs, gradients = [], []
+    for permutation in itertools.permutations(range(n)):
+        order = kept[..., list(permutation)]
+        ordered = torch.full(logits.shape, n, dtype=torch.int8, device=logits.device).scatter_(-1, order, steps)
+        log_probs.append(log_prob_ranks(logits, ordered, n))
+        gradients.append(grad_log_prob_ranks(logits, ordered, n))
+    weights = torch.softmax(torch.stack(log_probs), dim=0)
+    return sum(weight.unsqueeze(-1) * gradient for weight, gradient in zip(weights, gradients, strict=True))
+
+
 def ranks_to_order(ranks: Tensor, n: int) -> Tensor:
     """Draw ranks (..., M) -> the drawn positions in draw order (..., N)."""
     return ranks.to(torch.int64).argsort(dim=-1, stable=True)[..., :n]
@@ -177,7 +230,7 @@ class MaskPro:
     def grad_log_prob(self, name: str, ranks: Tensor) -> Tensor:
         logits = self.logits[name]
         if self.estimator == "set":
-            return grad_log_prob_set(logits, ranks < self.n, self.n)
+            return grad_log_prob_set_ranks(logits, ranks, self.n)
         return grad_log_prob_ranks(logits, ranks, self.n)
 
     def update(self, draws: dict[str, Tensor], residual: float) -> None:

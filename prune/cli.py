@@ -12,13 +12,12 @@ from transformers.utils import logging as transformers_logging
 from calibration.corpora import CorpusError
 from methods import METHODS, PruningError, owl
 from methods.magma import GRANULARITIES
-from methods.maskpro import ESTIMATORS
 from prune.models import EMBEDDED_MODELS, SMOLLM2, ModelError, load_model
 from prune.output import OutputError, check_output_dir, save_pruned
 from prune.pipeline import ALLOCATIONS, HESSIAN_DTYPES, PROPAGATE_CHOICES, PruneSettings, run_pipeline
 from prune.plots import plot_allocation, plot_recover, plot_refine
 from prune.recover import RECOVER_OPTIMIZERS, RecoverSettings
-from prune.refine import REFINE_METHODS, UNDER_MASK, RefineSettings
+from prune.refine import REFINE_ESTIMATORS, REFINE_METHODS, UNDER_MASK, RefineSettings
 
 USER_ERRORS = (PruningError, CorpusError, ModelError, OutputError)
 
@@ -65,7 +64,8 @@ MODEL_HELP = "; ".join(f"{name}: {what}" for name, what in EMBEDDED_MODELS.items
 @click.option("--refine-candidates", type=int, default=0, help="Also draw K masks from the learned policy and keep the best of them, the top-N mask and the one-shot mask on the held-out windows.")
 @click.option("--refine-weights", type=click.Choice(UNDER_MASK), default="oneshot",
               help="Weights under the mask: the one-shot weights where the one-shot mask kept one, dense elsewhere (oneshot), or the dense originals (dense, the paper's).")
-@click.option("--refine-estimator", type=click.Choice(ESTIMATORS), default="sequence", help="∇log p of the sampled draw order (sequence) or of the unordered set (set, N <= 4).")
+@click.option("--refine-estimator", type=click.Choice(REFINE_ESTIMATORS), default="auto",
+              help="∇log p of the unordered kept set (set, the paper's, N <= 4), of the sampled draw order (sequence, any N, more variance), or auto: set when N <= 4.")
 @click.option("--recover", type=click.Choice(RECOVER_OPTIMIZERS), default=None,
               help="After pruning, fine-tune the surviving attention/MLP weights on the calibration text (pruned weights stay zero): "
                    "magma (AdamW under Magma), adamw (plain baseline) or skipupdate.")

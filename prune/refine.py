@@ -14,6 +14,7 @@ SparseGPT's weight updates are dropped; for magnitude and Wanda the two are the 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +28,7 @@ from methods.maskpro import ESTIMATORS, MAX_SET_N, MaskPro, grouped
 from prune.devices import synchronize
 
 REFINE_METHODS = ("maskpro",)
+REFINE_ESTIMATORS = ("auto", *ESTIMATORS)
 UNDER_MASK = ("oneshot", "dense")
 
 
@@ -45,7 +47,7 @@ class RefineSettings:
     holdout: int = 8  # held-out windows on which the final mask is compared with m₀
     candidates: int = 0  # also draw K masks from the learned policy; keep the best of top-N, the K draws and m₀ on the held-out windows
     weights: str = "oneshot"  # which weights sit under the mask: 'oneshot' or 'dense'
-    estimator: str = "sequence"  # ∇log p of the sampled draw order ('sequence') or of the unordered set ('set', Eq. 16, N <= 4)
+    estimator: str = "auto"  # ∇log p of the unordered set ('set', Eq. 16, N <= 4), of the sampled draw order ('sequence'), or 'auto': set when N <= 4
     seed: int = 0
     log_every: int = 10
     progress: bool = True
@@ -67,13 +69,20 @@ class RefineSettings:
             raise PruningError(f"--refine-alpha must be in [0, 1), got {self.alpha:g}")
         if self.weights not in UNDER_MASK:
             raise PruningError(f"--refine-weights must be one of {', '.join(UNDER_MASK)}, got {self.weights!r}")
-        if self.estimator not in ESTIMATORS:
-            raise PruningError(f"--refine-estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
+        if self.estimator not in REFINE_ESTIMATORS:
+            raise PruningError(f"--refine-estimator must be one of {', '.join(REFINE_ESTIMATORS)}, got {self.estimator!r}")
         if target is not None:
             if not target.is_nm:
                 raise PruningError("--refine maskpro learns N:M masks: it needs --pattern N:M, not an unstructured --sparsity")
             if self.estimator == "set" and target.n > MAX_SET_N:
                 raise PruningError(f"--refine-estimator set sums over N! draw orders; N = {target.n} is too many (use sequence)")
+
+
+def resolved_estimator(estimator: str, n: int) -> str:
+    """'auto' is the paper's set estimator when its N! orders are few (N <= 4), else the sampled-order one."""
+    if estimator != "auto":
+        return estimator
+    return "set" if n <= MAX_SET_N else "sequence"
 
 
 @dataclass
@@ -131,19 +140,23 @@ def language_model_loss(model: nn.Module, ids: Tensor) -> float:
 
 
 def refine(model: nn.Module, layers: dict[str, nn.Module], under: dict[str, Tensor], target: Target, train_windows: Tensor,
-           holdout_windows: Tensor, settings: RefineSettings, device: torch.device) -> RefineResult:
+           holdout_windows: Tensor, settings: RefineSettings, device: torch.device, *, checkpoints: Collection[int] = (),
+           on_checkpoint: Callable[[int], None] | None = None) -> RefineResult:
     """Refine the N:M masks of `layers` (name -> pruned layer) of `model` in place.
 
     `under[name]` is the (out, in) weight that sits under the mask; the layer's current nonzeros are m₀.
-    On return each layer's weight is under ⊙ (the chosen mask).
+    On return each layer's weight is under ⊙ (the chosen mask). After each step in `checkpoints`, the model
+    is given the current top-N masks and `on_checkpoint(step)` is called (e.g. to measure perplexity); that
+    time is not counted in the step times.
     """
     settings.check(target)
     home = next(model.parameters()).device
     model.to(device)
     initial = {name: (layer.weight.T if isinstance(layer, Conv1D) else layer.weight).detach() != 0 for name, layer in layers.items()}
+    estimator = resolved_estimator(settings.estimator, target.n)
     refiner = MaskPro({name: mask for name, mask in initial.items()}, target.n, target.m, lr=settings.lr, logit_scale=settings.logit_scale,
-                      alpha=settings.alpha, estimator=settings.estimator, seed=settings.seed)
-    result = RefineResult(settings.method, settings.steps, settings.lr, settings.logit_scale, settings.alpha, settings.estimator, settings.weights,
+                      alpha=settings.alpha, estimator=estimator, seed=settings.seed)
+    result = RefineResult(settings.method, settings.steps, settings.lr, settings.logit_scale, settings.alpha, estimator, settings.weights,
                           settings.batch, settings.seqlen, len(layers), sum(mask.numel() // target.m for mask in initial.values()))
     result.memory_mb = sum(mask.numel() * (4 + 1) for mask in initial.values()) / 2**20  # float32 logits + bool masks
     keepers: dict[str, KeepMask] = {}
@@ -193,6 +206,11 @@ def refine(model: nn.Module, layers: dict[str, nn.Module], under: dict[str, Tens
             if step % settings.log_every == 0 or step == settings.steps:
                 result.curve.append({"step": step, "residual": sum(residuals) / len(residuals), "tracker": refiner.tracker})
                 residuals = []
+            if on_checkpoint is not None and step in checkpoints:
+                paused = time.perf_counter()
+                use(refiner.final_masks())
+                on_checkpoint(step)
+                started += time.perf_counter() - paused
         result.seconds = time.perf_counter() - started
         result.seconds_per_step = result.seconds / settings.steps
 

@@ -15,7 +15,9 @@ from methods.maskpro import (
     grad_log_prob_ranks,
     grad_log_prob_sequence,
     grad_log_prob_set,
+    grad_log_prob_set_ranks,
     group_softmax,
+    log_prob_ranks,
     log_prob_sequence,
     log_prob_set,
     order_to_mask,
@@ -125,9 +127,14 @@ def test_rank_gradient_equals_the_sequence_gradient_and_survives_large_logits() 
     logits = torch.randn(4, 6, 8, generator=generator, dtype=torch.float64) * 3
     ranks = sample_ranks(logits, 3, generator)
     assert torch.allclose(grad_log_prob_ranks(logits, ranks, 3), grad_log_prob_sequence(logits, ranks_to_order(ranks, 3)), atol=1e-12)
+    assert torch.allclose(log_prob_ranks(logits, ranks, 3), log_prob_sequence(logits, ranks_to_order(ranks, 3)), atol=1e-12)
+    for n in (1, 2, 3, 4):
+        drawn = sample_ranks(logits, n, generator)
+        assert torch.allclose(grad_log_prob_set_ranks(logits, drawn, n), grad_log_prob_set(logits, drawn < n, n), atol=1e-10)
     spread = torch.tensor([[[300.0, -300.0, 0.0, 150.0]]])  # probabilities that underflow in float32
     gradient = grad_log_prob_ranks(spread, sample_ranks(spread, 2, generator), 2)
     assert torch.isfinite(gradient).all()
+    assert torch.isfinite(grad_log_prob_set_ranks(spread, sample_ranks(spread, 2, generator), 2)).all()
     with_minus_infinity = torch.tensor([[1.0, -math.inf, 0.5, 2.0]])
     assert torch.allclose(group_softmax(with_minus_infinity), torch.softmax(with_minus_infinity, -1))
 
