@@ -26,9 +26,9 @@ from methods import Target
 from prune import PruneSettings, load_model, run_pipeline
 from prune.devices import resolve_device
 from prune.models import transformer_blocks
-from prune.pipeline import dense_snapshot, weights_under_mask
+from prune.pipeline import dense_snapshot
 from prune.plots import plot_refine
-from prune.refine import RefineSettings, refine
+from prune.refine import RefineSettings, put_weights_under_mask, refine
 
 DEFAULT_WIKITEXT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
@@ -76,7 +76,7 @@ def main(wikitext: Path, inits: str, pattern: str, steps: str, lr: float, logit_
         report = run_pipeline(loaded, PruneSettings(method=method, pattern=pattern, nsamples=nsamples, seqlen=512, device=device, progress=False))
         before = perplexity(model, evaluation, compute, progress=False).value
         layers = {layer.name: model.get_submodule(layer.name) for layer in report.layers if layer.loss is not None}
-        under = weights_under_mask(layers, dense, weights)
+        initial = put_weights_under_mask(layers, dense, weights)
         del dense
         refine_windows = sample_windows(calibration_ids, windows + 8, seqlen, seed=1)
         at_checkpoint = {}
@@ -86,7 +86,7 @@ def main(wikitext: Path, inits: str, pattern: str, steps: str, lr: float, logit_
             click.echo(f"  {method} step {step}: perplexity {at_checkpoint[step]:.2f}")  # noqa: B023
 
         click.echo(f"\n{method} {pattern}: prune {report.seconds['prune']:.1f} s, perplexity {before:.2f}")
-        result = refine(model, layers, under, target, refine_windows[:windows], refine_windows[windows:], settings, compute,
+        result = refine(model, layers, initial, target, refine_windows[:windows], refine_windows[windows:], settings, compute,
                         checkpoints=set(checkpoints), on_checkpoint=measure)
         after = perplexity(model, evaluation, compute, progress=False).value
         share = {part: getattr(result, f"seconds_{part}") / result.seconds for part in ("sampling", "forward", "update")}

@@ -32,7 +32,7 @@ from prune.models import (
     transformer_blocks,
 )
 from prune.recover import RecoverSettings, language_model_batches, recover
-from prune.refine import RefineSettings, refine
+from prune.refine import RefineSettings, put_weights_under_mask, refine
 from prune.report import LayerReport, Report
 
 PROPAGATE_CHOICES = ("pruned", "dense")
@@ -309,17 +309,6 @@ def dense_snapshot(blocks: nn.ModuleList, blocks_name: str, selected: list[int],
     return snapshot
 
 
-def weights_under_mask(layers: dict[str, nn.Module], dense: dict[str, torch.Tensor], which: str) -> dict[str, torch.Tensor]:
-    """The weights the refinement masks: the dense originals ('dense'), or the pruned layer's weights where it kept
-    one and the dense originals elsewhere ('oneshot'), on each layer's device."""
-    under = {}
-    for name, layer in layers.items():
-        pruned = layer_weight(layer)
-        original = dense[name].to(pruned.device)
-        under[name] = original if which == "dense" else torch.where(pruned != 0, pruned, original)
-    return under
-
-
 def check_refined_layers(report: Report, model: nn.Module, target: Target) -> None:
     """After refinement every refined layer must still hold the pattern; update the per-layer sparsity and validity."""
     for layer_report in report.layers:
@@ -476,11 +465,11 @@ def run_pipeline(loaded: LoadedModel, settings: PruneSettings, load_seconds: flo
     if settings.refine is not None:
         started = time.perf_counter()
         refined = {layer.name: model.get_submodule(layer.name) for layer in report.layers if layer.loss is not None}
-        under = weights_under_mask(refined, dense_weights, settings.refine.weights)
+        initial = put_weights_under_mask(refined, dense_weights, settings.refine.weights)
         del dense_weights
         windows = sample_windows(calibration_ids, settings.refine.windows + settings.refine.holdout, settings.refine.seqlen, settings.seed + 1)
-        result = refine(model, refined, under, target, windows[: settings.refine.windows], windows[settings.refine.windows :], settings.refine, device)
-        del under
+        result = refine(model, refined, initial, target, windows[: settings.refine.windows], windows[settings.refine.windows :], settings.refine, device)
+        del initial
         report.seconds["refine"] = time.perf_counter() - started
         if evaluate_perplexity:
             started = time.perf_counter()

@@ -26,6 +26,7 @@ from transformers.pytorch_utils import Conv1D
 from methods import PruningError, Target
 from methods.maskpro import ESTIMATORS, MAX_SET_N, MaskPro, grouped
 from prune.devices import synchronize
+from prune.models import layer_weight
 
 REFINE_METHODS = ("maskpro",)
 REFINE_ESTIMATORS = ("auto", *ESTIMATORS)
@@ -128,6 +129,26 @@ class KeepMask(nn.Module):
         return original * (self.mask.T if self.transposed else self.mask)
 
 
+def put_weights_under_mask(layers: dict[str, nn.Module], dense: dict[str, Tensor], which: str) -> dict[str, Tensor]:
+    """Write into each pruned layer the weights its mask will sit on, and return its one-shot keep masks m₀ (out, in).
+
+    'dense': the dense originals everywhere; 'oneshot': the layer's pruned weights where m₀ kept one, the dense
+    originals elsewhere. `dense[name]` is the layer's (out, in) weight from before pruning.
+    """
+    if which not in UNDER_MASK:
+        raise PruningError(f"--refine-weights must be one of {', '.join(UNDER_MASK)}, got {which!r}")
+    initial = {}
+    for name, layer in layers.items():
+        weight = layer_weight(layer)
+        initial[name] = weight != 0
+        original = dense[name].to(weight.device)
+        if which == "dense":
+            weight.copy_(original)
+        else:
+            weight[~initial[name]] = original[~initial[name]]
+    return initial
+
+
 def fixed_batches(windows: Tensor, batch: int) -> list[Tensor]:
     """Consecutive batches of `batch` windows (a last incomplete one is dropped)."""
     return [windows[start : start + batch] for start in range(0, len(windows) - batch + 1, batch)]
@@ -139,20 +160,20 @@ def language_model_loss(model: nn.Module, ids: Tensor) -> float:
         return model(input_ids=ids, labels=ids).loss.item()
 
 
-def refine(model: nn.Module, layers: dict[str, nn.Module], under: dict[str, Tensor], target: Target, train_windows: Tensor,
+def refine(model: nn.Module, layers: dict[str, nn.Module], initial: dict[str, Tensor], target: Target, train_windows: Tensor,
            holdout_windows: Tensor, settings: RefineSettings, device: torch.device, *, checkpoints: Collection[int] = (),
            on_checkpoint: Callable[[int], None] | None = None) -> RefineResult:
     """Refine the N:M masks of `layers` (name -> pruned layer) of `model` in place.
 
-    `under[name]` is the (out, in) weight that sits under the mask; the layer's current nonzeros are m₀.
-    On return each layer's weight is under ⊙ (the chosen mask). After each step in `checkpoints`, the model
-    is given the current top-N masks and `on_checkpoint(step)` is called (e.g. to measure perplexity); that
-    time is not counted in the step times.
+    Each layer's weight holds the weights that sit under the mask (see `put_weights_under_mask`) and
+    `initial[name]` is its one-shot keep mask m₀, (out, in). On return each layer's weight is those weights
+    ⊙ the chosen mask. After each step in `checkpoints`, the model is given the current top-N masks and
+    `on_checkpoint(step)` is called (e.g. to measure perplexity); that time is not counted in the step times.
     """
     settings.check(target)
     home = next(model.parameters()).device
     model.to(device)
-    initial = {name: (layer.weight.T if isinstance(layer, Conv1D) else layer.weight).detach() != 0 for name, layer in layers.items()}
+    initial = {name: mask.to(device) for name, mask in initial.items()}
     estimator = resolved_estimator(settings.estimator, target.n)
     refiner = MaskPro({name: mask for name, mask in initial.items()}, target.n, target.m, lr=settings.lr, logit_scale=settings.logit_scale,
                       alpha=settings.alpha, estimator=estimator, seed=settings.seed)
@@ -161,9 +182,7 @@ def refine(model: nn.Module, layers: dict[str, nn.Module], under: dict[str, Tens
     result.memory_mb = sum(mask.numel() * (4 + 1) for mask in initial.values()) / 2**20  # float32 logits + bool masks
     keepers: dict[str, KeepMask] = {}
     for name, layer in layers.items():
-        transposed = isinstance(layer, Conv1D)
-        layer.weight.data.copy_(under[name].T if transposed else under[name])
-        keepers[name] = KeepMask(initial[name], transposed).to(device)
+        keepers[name] = KeepMask(initial[name], isinstance(layer, Conv1D)).to(device)
         parametrize.register_parametrization(layer, "weight", keepers[name], unsafe=True)
 
     def use(masks: dict[str, Tensor]) -> None:

@@ -11,7 +11,7 @@ from eval.sparsity import nm_valid
 from methods import PruningError, Target
 from prune import load_model, prune_model
 from prune.models import layer_weight, prunable_layers, transformer_blocks
-from prune.refine import RefineSettings, refine
+from prune.refine import RefineSettings, put_weights_under_mask, refine
 from tests.conftest import tiny_model
 from tests.test_cli import FAST, assert_one_line_error, run
 
@@ -59,9 +59,11 @@ def test_the_weights_under_the_mask_are_the_documented_ones(tokenizer, weights) 
         layer.weight.data.copy_(weight)
         oneshot[name] = weight
     under = {name: torch.where(oneshot[name] != 0, oneshot[name], dense[name]) if weights == "oneshot" else dense[name] for name in layers}
+    initial = put_weights_under_mask(layers, dense, weights)
+    assert all(torch.equal(initial[name], oneshot[name] != 0) and torch.equal(layer_weight(layers[name]), under[name]) for name in layers)
     ids = torch.randint(0, len(tokenizer), (64, 16), generator=torch.Generator().manual_seed(0))
     settings = RefineSettings(steps=30, lr=500.0, logit_scale=1.0, alpha=0.9, batch=4, seqlen=16, windows=32, holdout=4, weights=weights, progress=False)
-    result = refine(model, layers, under, Target.from_options(pattern="2:4"), ids[:32], ids[32:36], settings, torch.device("cpu"))
+    result = refine(model, layers, initial, Target.from_options(pattern="2:4"), ids[:32], ids[32:36], settings, torch.device("cpu"))
     assert result.changed_groups > 0  # a large learning rate and a weak prior: the masks move
     for name, layer in layers.items():
         weight = layer_weight(layer)
