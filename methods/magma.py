@@ -45,7 +45,9 @@ class Magma:
     `mode`: 'magma' (alignment-scaled), 'skipupdate' (scaled by 1/p) or 'none' (the base optimizer as is).
     `keep_masks`: parameter -> bool tensor of weights that may be nonzero; the others stay exactly zero.
     `fixed_score`: use this s instead of the momentum alignment (1.0 with p = 1 reproduces the base step).
-    LR schedulers attach to the base optimizer. Only one parameter tensor is copied at a time.
+    LR schedulers attach to the base optimizer. With whole-tensor blocks under Adam/AdamW the scale is applied as a
+    factor on the learning rate of that parameter's step (exact, no copy); otherwise one parameter tensor at a time is
+    copied to rescale its update.
     """
 
     def __init__(
@@ -77,6 +79,7 @@ class Magma:
         self.debug = debug
         self.parameters = [parameter for group in base.param_groups for parameter in group["params"]]
         position = {id(parameter): index for index, parameter in enumerate(self.parameters)}
+        self.group_of = [group for group in base.param_groups for _ in group["params"]]
         self.keep_masks = {position[id(parameter)]: mask.to(parameter.device, torch.bool) for parameter, mask in (keep_masks or {}).items()}
         self.generator = torch.Generator().manual_seed(seed)
         self.scores: dict[int, Tensor] = {}  # smoothed alignment s per block
@@ -99,18 +102,43 @@ class Magma:
                 return state[key]
         return self.moments[index]
 
-    def _scale(self, index: int, parameter: Tensor, gradient: Tensor) -> Tensor:
-        """s · m for every block of a parameter (after the base step updated its moments)."""
+    def _scale(self, index: int, parameter: Tensor, gradient: Tensor, cosine: Tensor | None = None) -> Tensor:
+        """s · m for every block of a parameter. `cosine`: cos(μ_t, g_t) per block when the caller knows it;
+        otherwise it is read from the moment after the base step updated it."""
         shape = block_shape(parameter, self.granularity)
         survive = (torch.rand(shape, generator=self.generator) < self.p).to(parameter.device, parameter.dtype)
         if self.mode == "skipupdate":
             return survive / self.p
         if self.fixed_score is not None:
             return survive * self.fixed_score
-        alignment = torch.sigmoid(block_cosine(self.first_moment(index, parameter), gradient, shape) / self.tau)
+        if cosine is None:
+            cosine = block_cosine(self.first_moment(index, parameter), gradient, shape)
+        alignment = torch.sigmoid(cosine / self.tau)
         previous = self.scores.get(index)
         self.scores[index] = alignment if previous is None else self.smoothing * previous + (1 - self.smoothing) * alignment
         return survive * self.scores[index]
+
+    def _scales_by_learning_rate(self, group: dict) -> bool:
+        """Whether a whole-tensor scale can be applied as a learning-rate factor: Δ is linear in lr for Adam and
+        AdamW (Adam only without weight decay, which would enter its moments), so stepping with lr · s · m gives
+        s · m · Δ exactly, with no copy of the parameter."""
+        if self.granularity != "tensor" or isinstance(group["lr"], Tensor) or group.get("maximize", False):
+            return False
+        return isinstance(self.base, torch.optim.AdamW) or (type(self.base) is torch.optim.Adam and group.get("weight_decay", 0) == 0)
+
+    def _upcoming_cosine(self, parameter: Tensor, gradient: Tensor, group: dict) -> Tensor:
+        """cos(μ_t, g_t) for Adam's moment after this step, μ_t = β₁ μ_{t−1} + (1 − β₁) g_t, from three reductions."""
+        beta = group["betas"][0]
+        moment = self.base.state.get(parameter, {}).get("exp_avg")
+        if not isinstance(moment, Tensor):  # first step: μ_1 = (1 − β₁) g_1
+            return torch.ones((1,) * parameter.ndim, device=parameter.device, dtype=parameter.dtype)
+        gradient_norm2 = gradient.pow(2).sum()
+        dot = (moment * gradient).sum()
+        moment_norm2 = moment.pow(2).sum()
+        upcoming_dot = beta * dot + (1 - beta) * gradient_norm2
+        upcoming_norm2 = beta**2 * moment_norm2 + 2 * beta * (1 - beta) * dot + (1 - beta) ** 2 * gradient_norm2
+        cosine = upcoming_dot / (upcoming_norm2.clamp_min(0).sqrt() * gradient_norm2.sqrt() + 1e-12)
+        return cosine.reshape((1,) * parameter.ndim)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -147,6 +175,21 @@ class Magma:
                 ):
                     moment = self.moments.setdefault(index, torch.zeros_like(parameter))
                     moment.mul_(self.beta).add_(gradient, alpha=1 - self.beta)
+                group = self.group_of[index]
+                if self._scales_by_learning_rate(group):
+                    cosine = None if self.mode != "magma" or self.fixed_score is not None else self._upcoming_cosine(parameter, gradient, group)
+                    factor = float(self._scale(index, parameter, gradient, cosine))
+                    rate = group["lr"]
+                    group["lr"] = rate * factor
+                    parameter.grad = gradient
+                    try:
+                        self.base.step()
+                    finally:
+                        group["lr"] = rate
+                        parameter.grad = None
+                    updated += int(factor != 0)
+                    blocks += 1
+                    continue
                 before = parameter.detach().clone()
                 parameter.grad = gradient
                 self.base.step()

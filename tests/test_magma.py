@@ -108,3 +108,33 @@ def test_magma_uses_the_alignment_of_gradient_and_momentum() -> None:
     magma.step()
     # μ = 0.9·0.1 g − 0.1 g = −0.01 g: aligned with the new gradient again
     assert magma.scores[0].item() == pytest.approx(torch.sigmoid(torch.tensor(0.5)).item())
+
+
+@pytest.mark.parametrize("mode", ["magma", "skipupdate"])
+@pytest.mark.parametrize("make_base", [
+    lambda params: torch.optim.AdamW(params, lr=0.05, weight_decay=0.1),
+    lambda params: torch.optim.Adam(params, lr=0.05),
+])
+def test_learning_rate_scaling_equals_rescaling_the_update(monkeypatch, mode, make_base) -> None:
+    """The fast path (whole-tensor scale as a factor on Adam's learning rate, alignment from the upcoming moment)
+    takes the same steps as stepping the base and rescaling θ_before − θ_after."""
+    def train(fast: bool) -> tuple[list[torch.Tensor], dict]:
+        with monkeypatch.context() as patch:
+            if not fast:
+                patch.setattr(Magma, "_scales_by_learning_rate", lambda self, group: False)
+            parameters = [torch.nn.Parameter(torch.randn(6, 5, generator=torch.Generator().manual_seed(seed))) for seed in range(3)]
+            targets = [torch.randn(6, 5, generator=torch.Generator().manual_seed(10 + seed)) for seed in range(3)]
+            optimizer = Magma(make_base(parameters), mode=mode, p=0.6, seed=4)
+            assert optimizer._scales_by_learning_rate(optimizer.param_groups[0]) == fast
+            for _ in range(25):
+                optimizer.zero_grad()
+                sum(loss_of(parameter, target) for parameter, target in zip(parameters, targets, strict=True)).backward()
+                optimizer.step()
+            return [parameter.detach().clone() for parameter in parameters], optimizer.scores
+
+    fast_parameters, fast_scores = train(fast=True)
+    slow_parameters, slow_scores = train(fast=False)
+    for fast, slow in zip(fast_parameters, slow_parameters, strict=True):
+        torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+    for index in slow_scores:
+        torch.testing.assert_close(fast_scores[index], slow_scores[index], rtol=1e-5, atol=1e-6)
