@@ -13,6 +13,7 @@ SparseGPT's weight updates are dropped; for magnitude and Wanda the two are the 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
@@ -109,7 +110,7 @@ class RefineResult:
     seconds_update: float = 0.0  # ∇log p and the logit update
     changed_groups: float = 0.0  # fraction of N:M groups whose kept set differs from m₀
     heldout: dict = field(default_factory=dict)  # held-out loss of m₀, of the top-N mask, of the candidates, and which was kept
-    memory_mb: float = 0.0  # logits + masks held by the stage
+    memory_mb: float = 0.0  # logits (4 bytes per weight) + masks in use, m₀ and the current draw (1 byte each)
     perplexity_before: float | None = None
     perplexity_after: float | None = None
 
@@ -179,7 +180,8 @@ def refine(model: nn.Module, layers: dict[str, nn.Module], initial: dict[str, Te
                       alpha=settings.alpha, estimator=estimator, seed=settings.seed)
     result = RefineResult(settings.method, settings.steps, settings.lr, settings.logit_scale, settings.alpha, estimator, settings.weights,
                           settings.batch, settings.seqlen, len(layers), sum(mask.numel() // target.m for mask in initial.values()))
-    result.memory_mb = sum(mask.numel() * (4 + 1) for mask in initial.values()) / 2**20  # float32 logits + bool masks
+    # float32 logits, and one byte per weight for each of: the masks in use, m₀, the current draw's ranks
+    result.memory_mb = sum(mask.numel() * (4 + 3) for mask in initial.values()) / 2**20
     keepers: dict[str, KeepMask] = {}
     for name, layer in layers.items():
         keepers[name] = KeepMask(initial[name], isinstance(layer, Conv1D)).to(device)
@@ -213,6 +215,8 @@ def refine(model: nn.Module, layers: dict[str, nn.Module], initial: dict[str, Te
             synchronize(device)
             forwarded = time.perf_counter()
             residual = language_model_loss(model, batches[index]) - baselines[index]
+            if not math.isfinite(residual):
+                raise PruningError(f"refinement step {step}: the loss of a sampled mask is not finite ({residual}); the model cannot be refined this way")
             synchronize(device)
             updated = time.perf_counter()
             refiner.update(draws, residual)
