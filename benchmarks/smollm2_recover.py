@@ -42,7 +42,8 @@ def target_options(target: str) -> dict:
 @click.option("--wikitext", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=DEFAULT_WIKITEXT, help="WikiText-2 raw test file.")
 @click.option("--targets", default="2:4,50%", help="Comma-separated SparseGPT targets.")
 @click.option("--optimizers", default=",".join(("adamw", "magma", "skipupdate")), help=f"Comma-separated, from {', '.join(RECOVER_OPTIMIZERS)}.")
-@click.option("--lrs", default="5e-5,2e-4", help="Comma-separated peak learning rates (the sweep, for every optimizer).")
+@click.option("--lrs", default="1e-4,3e-4", help="Comma-separated peak learning rates (the sweep, for every optimizer).")
+@click.option("--lr-of", default=None, metavar="adamw=1e-4,magma=3e-4", help="A learning rate per optimizer instead of the sweep (e.g. the best of a sweep at another target).")
 @click.option("--steps", type=int, default=100)
 @click.option("--batch", type=int, default=4, help="Windows per step.")
 @click.option("--seqlen", type=int, default=256, help="Tokens per training window.")
@@ -50,7 +51,7 @@ def target_options(target: str) -> dict:
 @click.option("--eval-windows", type=int, default=64, help="Evaluate on the first N windows of 512 tokens.")
 @click.option("--device", default="auto")
 @click.option("--json-out", type=click.Path(path_type=Path), default=None)
-def main(wikitext: Path, targets: str, optimizers: str, lrs: str, steps: int, batch: int, seqlen: int, nsamples: int,
+def main(wikitext: Path, targets: str, optimizers: str, lrs: str, lr_of: str | None, steps: int, batch: int, seqlen: int, nsamples: int,
          eval_windows: int, device: str, json_out: Path | None) -> None:
     torch.manual_seed(0)
     compute = resolve_device(device)
@@ -70,7 +71,8 @@ def main(wikitext: Path, targets: str, optimizers: str, lrs: str, steps: int, ba
         before = perplexity(model, evaluation, compute, progress=False).value
         click.echo(f"\nSparseGPT {target}: prune {report.seconds['prune']:.1f} s, perplexity {before:.2f}")
         for optimizer in split_list(optimizers):
-            for lr in [float(value) for value in split_list(lrs)]:
+            chosen = dict(item.split("=") for item in split_list(lr_of)) if lr_of else {}
+            for lr in [float(chosen[optimizer])] if optimizer in chosen else [float(value) for value in split_list(lrs)]:
                 model.load_state_dict(pruned_state)
                 recover_settings = RecoverSettings(optimizer=optimizer, steps=steps, lr=lr, batch=batch, seqlen=seqlen, progress=False)
                 result = recover(model, language_model_batches(training_ids, seqlen, batch, seed=0), recover_settings, compute)
