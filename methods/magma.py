@@ -132,9 +132,10 @@ class Magma:
         moment = self.base.state.get(parameter, {}).get("exp_avg")
         if not isinstance(moment, Tensor):  # first step: μ_1 = (1 − β₁) g_1
             return torch.ones((1,) * parameter.ndim, device=parameter.device, dtype=parameter.dtype)
-        gradient_norm2 = gradient.pow(2).sum()
-        dot = (moment * gradient).sum()
-        moment_norm2 = moment.pow(2).sum()
+        flat_moment, flat_gradient = moment.reshape(-1), gradient.reshape(-1)
+        gradient_norm2 = torch.dot(flat_gradient, flat_gradient)
+        dot = torch.dot(flat_moment, flat_gradient)
+        moment_norm2 = torch.dot(flat_moment, flat_moment)
         upcoming_dot = beta * dot + (1 - beta) * gradient_norm2
         upcoming_norm2 = beta**2 * moment_norm2 + 2 * beta * (1 - beta) * dot + (1 - beta) ** 2 * gradient_norm2
         cosine = upcoming_dot / (upcoming_norm2.clamp_min(0).sqrt() * gradient_norm2.sqrt() + 1e-12)
