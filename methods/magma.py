@@ -153,6 +153,8 @@ class Magma:
                 gradient.mul_(mask)
         if self.mode == "none":
             self.base.step()
+        elif self._one_step_possible():
+            self._scaled_learning_rate_step()
         else:
             self._masked_step()
         for index, mask in self.keep_masks.items():
@@ -161,6 +163,30 @@ class Magma:
                 raise AssertionError(f"pruned weights of parameter {index} moved")
         self.steps += 1
         return loss
+
+    def _one_step_possible(self) -> bool:
+        """Every parameter sits alone in its group and takes the learning-rate path: then one base step does all."""
+        return all(len(group["params"]) == 1 and self._scales_by_learning_rate(group) for group in self.base.param_groups)
+
+    def _scaled_learning_rate_step(self) -> None:
+        """Set each group's learning rate to lr · s · m of its parameter, step the base optimizer once, restore the rates."""
+        rates = [group["lr"] for group in self.base.param_groups]
+        updated = blocks = 0
+        try:
+            for index, parameter in enumerate(self.parameters):
+                if parameter.grad is None:
+                    continue
+                group = self.group_of[index]
+                cosine = None if self.mode != "magma" or self.fixed_score is not None else self._upcoming_cosine(parameter, parameter.grad, group)
+                factor = float(self._scale(index, parameter, parameter.grad, cosine))
+                group["lr"] = group["lr"] * factor
+                updated += int(factor != 0)
+                blocks += 1
+            self.base.step()
+        finally:
+            for group, rate in zip(self.base.param_groups, rates, strict=True):
+                group["lr"] = rate
+        self.updated_fraction = updated / blocks if blocks else 0.0
 
     def _masked_step(self) -> None:
         """Step the base optimizer one parameter at a time, then rescale each parameter's update per block."""

@@ -128,7 +128,8 @@ def make_optimizers(model: nn.Module, settings: RecoverSettings) -> tuple[Magma,
     for parameter in inside:
         parameter.requires_grad_(True)
     keep = {parameter: mask for parameter, mask in masked_weights(model).items() if not bool(mask.all())}
-    base = torch.optim.AdamW(inside, lr=settings.lr, weight_decay=settings.weight_decay)
+    # one group per tensor: Magma then scales each tensor's update through its group's learning rate in one base step
+    base = torch.optim.AdamW([{"params": [parameter]} for parameter in inside], lr=settings.lr, weight_decay=settings.weight_decay)
     masked = Magma(base, mode=WRAPPER_MODE[settings.optimizer], p=settings.p, tau=settings.tau, granularity=settings.granularity,
                    keep_masks=keep, seed=settings.seed, debug=settings.debug)
     other = torch.optim.AdamW(outside, lr=settings.lr, weight_decay=settings.weight_decay) if settings.train_other and outside else None

@@ -114,6 +114,7 @@ def test_magma_uses_the_alignment_of_gradient_and_momentum() -> None:
 @pytest.mark.parametrize("make_base", [
     lambda params: torch.optim.AdamW(params, lr=0.05, weight_decay=0.1),
     lambda params: torch.optim.Adam(params, lr=0.05),
+    lambda params: torch.optim.AdamW([{"params": [parameter]} for parameter in params], lr=0.05, weight_decay=0.1),  # one base step
 ])
 def test_learning_rate_scaling_equals_rescaling_the_update(monkeypatch, mode, make_base) -> None:
     """The fast path (whole-tensor scale as a factor on Adam's learning rate, alignment from the upcoming moment)
