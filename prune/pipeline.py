@@ -457,10 +457,15 @@ def run_pipeline(loaded: LoadedModel, settings: PruneSettings, load_seconds: flo
     del method_calls
     report.seconds["prune"] = time.perf_counter() - started
 
-    if evaluate_perplexity:
+    def measure_perplexity(label: str) -> float:
+        """Evaluate the model as it is now, record it as perplexity[label], and return the value."""
         started = time.perf_counter()
-        report.perplexity["pruned"] = evaluate(model, evaluation_ids, settings, device, "pruned perplexity")
+        report.perplexity[label] = evaluate(model, evaluation_ids, settings, device, f"{label} perplexity")
         report.seconds["evaluate"] += time.perf_counter() - started
+        return report.perplexity[label]["value"]
+
+    if evaluate_perplexity:
+        measure_perplexity("pruned")
 
     if settings.refine is not None:
         started = time.perf_counter()
@@ -472,11 +477,8 @@ def run_pipeline(loaded: LoadedModel, settings: PruneSettings, load_seconds: flo
         del initial
         report.seconds["refine"] = time.perf_counter() - started
         if evaluate_perplexity:
-            started = time.perf_counter()
-            report.perplexity["refined"] = evaluate(model, evaluation_ids, settings, device, "refined perplexity")
-            report.seconds["evaluate"] += time.perf_counter() - started
             result.perplexity_before = report.perplexity["pruned"]["value"]
-            result.perplexity_after = report.perplexity["refined"]["value"]
+            result.perplexity_after = measure_perplexity("refined")
         report.refine = result.as_dict()
         check_refined_layers(report, model, target)
 
@@ -486,11 +488,8 @@ def run_pipeline(loaded: LoadedModel, settings: PruneSettings, load_seconds: flo
         result = recover(model, batches, settings.recover, device)
         report.seconds["recover"] = time.perf_counter() - started
         if evaluate_perplexity:
-            started = time.perf_counter()
-            report.perplexity["recovered"] = evaluate(model, evaluation_ids, settings, device, "recovered perplexity")
-            report.seconds["evaluate"] += time.perf_counter() - started
             result.perplexity_before = report.perplexity["refined" if settings.refine is not None else "pruned"]["value"]
-            result.perplexity_after = report.perplexity["recovered"]["value"]
+            result.perplexity_after = measure_perplexity("recovered")
         report.recover = result.as_dict()
         if not result.zeros_kept:
             raise PruningError("internal error: pruned weights moved during recovery")

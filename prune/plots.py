@@ -5,13 +5,32 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def plot_allocation(allocation: dict, target_sparsity: float, path: Path) -> None:
-    """Per-block sparsity (bars) and OWL outlier ratio (line) as a PNG."""
+def headless_pyplot():
+    """matplotlib's pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
+    return pyplot
+
+
+def save(pyplot, figure, path: Path) -> None:
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    pyplot.close(figure)
+
+
+def with_perplexities(title: str, stage: dict) -> str:
+    """A stage's title, with its perplexity before and after when it was measured."""
+    if stage.get("perplexity_before") is None:
+        return title
+    return f"{title}: perplexity {stage['perplexity_before']:.2f} -> {stage['perplexity_after']:.2f}"
+
+
+def plot_allocation(allocation: dict, target_sparsity: float, path: Path) -> None:
+    """Per-block sparsity (bars) and OWL outlier ratio (line) as a PNG."""
+    pyplot = headless_pyplot()
     blocks = [entry["block"] for entry in allocation["blocks"]]
     figure, sparsity_axis = pyplot.subplots(figsize=(max(6, len(blocks) * 0.3), 4))
     sparsity_axis.bar(blocks, [entry["sparsity"] for entry in allocation["blocks"]], color="tab:blue", alpha=0.7, label="block sparsity")
@@ -24,18 +43,12 @@ def plot_allocation(allocation: dict, target_sparsity: float, path: Path) -> Non
     rule = allocation["rule"] + (f", λ = {allocation['owl_lambda']:g}" if allocation.get("owl_lambda") is not None else "")
     sparsity_axis.set_title(f"OWL allocation ({rule})")
     figure.legend(loc="upper right")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    pyplot.close(figure)
+    save(pyplot, figure, path)
 
 
 def plot_recover(recover: dict, path: Path) -> None:
     """Training loss (and learning rate) against step of the recovery fine-tune, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
+    pyplot = headless_pyplot()
     steps = [point["step"] for point in recover["curve"]]
     figure, loss_axis = pyplot.subplots(figsize=(6, 4))
     loss_axis.plot(steps, [point["loss"] for point in recover["curve"]], color="tab:blue", marker=".", label="training loss")
@@ -44,22 +57,13 @@ def plot_recover(recover: dict, path: Path) -> None:
     rate_axis = loss_axis.twinx()
     rate_axis.plot(steps, [point["lr"] for point in recover["curve"]], color="tab:gray", linestyle=":", label="learning rate")
     rate_axis.set_ylabel("learning rate", color="tab:gray")
-    title = f"recovery with {recover['optimizer']} ({recover['steps']} steps)"
-    if recover.get("perplexity_before") is not None:
-        title += f": perplexity {recover['perplexity_before']:.2f} -> {recover['perplexity_after']:.2f}"
-    loss_axis.set_title(title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    pyplot.close(figure)
+    loss_axis.set_title(with_perplexities(f"recovery with {recover['optimizer']} ({recover['steps']} steps)", recover))
+    save(pyplot, figure, path)
 
 
 def plot_refine(refine: dict, path: Path) -> None:
     """The loss residual L(m) − L(m₀) (and the tracker δ) against step of the MaskPro refinement, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
+    pyplot = headless_pyplot()
     steps = [point["step"] for point in refine["curve"]]
     figure, axis = pyplot.subplots(figsize=(6, 4))
     axis.plot(steps, [point["residual"] for point in refine["curve"]], color="tab:blue", marker=".", label="L(m) − L(m₀), mean since last point")
@@ -67,11 +71,6 @@ def plot_refine(refine: dict, path: Path) -> None:
     axis.axhline(0.0, color="tab:gray", linewidth=0.8)
     axis.set_xlabel("step")
     axis.set_ylabel("loss residual")
-    title = f"MaskPro refinement ({refine['steps']} steps)"
-    if refine.get("perplexity_before") is not None:
-        title += f": perplexity {refine['perplexity_before']:.2f} -> {refine['perplexity_after']:.2f}"
-    axis.set_title(title)
+    axis.set_title(with_perplexities(f"MaskPro refinement ({refine['steps']} steps)", refine))
     axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    pyplot.close(figure)
+    save(pyplot, figure, path)
