@@ -148,10 +148,11 @@ def first_line(error: Exception) -> str:
     return (lines[0] if lines else type(error).__name__)[:200]
 
 
-def load_model(name: str, *, cache_dir: Path | None = None, kind: str | None = None) -> LoadedModel:
+def load_model(name: str, *, cache_dir: Path | None = None, kind: str | None = None, head_options: dict | None = None) -> LoadedModel:
     """Load `name` (an embedded model, a local folder or a hub name) in float32 with its tokenizer.
 
     `kind` forces the head (CAUSAL_LM, TOKEN_CLASSIFICATION, ENCODER); by default the config's architecture decides.
+    `head_options` go to `from_pretrained` (e.g. num_labels, id2label, label2id for a new token-classification head).
     """
     if name in EMBEDDED_MODELS:
         source = str(embedded_model_folder(name, cache_dir or default_cache_dir()))
@@ -167,7 +168,7 @@ def load_model(name: str, *, cache_dir: Path | None = None, kind: str | None = N
     config = read_config(name, source, hub=source == name and not looks_like_path(name))
     kind = kind or model_kind(config)
     try:
-        model = AUTO_CLASSES[kind].from_pretrained(source, dtype=torch.float32)
+        model = AUTO_CLASSES[kind].from_pretrained(source, dtype=torch.float32, **(head_options or {}))
         tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as error:
         raise ModelError(f"could not load model {name!r} from {source}: {first_line(error)}") from None

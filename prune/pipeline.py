@@ -157,7 +157,7 @@ def incompatible_layers(blocks: nn.ModuleList, blocks_name: str, target: Target,
     ]
 
 
-def calibration_batches(windows: torch.Tensor, batch_size: int) -> list[dict]:
+def window_batches(windows: torch.Tensor, batch_size: int) -> list[dict]:
     return [{"input_ids": windows[start : start + batch_size]} for start in range(0, len(windows), batch_size)]
 
 
@@ -338,8 +338,12 @@ def evaluate(model: nn.Module, ids: torch.Tensor, settings: PruneSettings, devic
         model.to(home)
 
 
-def run_pipeline(loaded: LoadedModel, settings: PruneSettings, load_seconds: float = 0.0) -> Report:
-    """Prune `loaded.model` in place as `settings` say; evaluate it before and after when asked."""
+def run_pipeline(loaded: LoadedModel, settings: PruneSettings, load_seconds: float = 0.0, calibration_batches: list[dict] | None = None) -> Report:
+    """Prune `loaded.model` in place as `settings` say; evaluate it before and after when asked.
+
+    `calibration_batches` (dicts of model inputs, e.g. padded sentences with their `attention_mask`) replace the
+    windows of `settings.calibration`; padded positions are left out of every statistic.
+    """
     settings.check()
     target = settings.target()
     method = settings.resolved_method()
@@ -370,7 +374,8 @@ def run_pipeline(loaded: LoadedModel, settings: PruneSettings, load_seconds: flo
         )
     recover_seqlen = settings.recover.seqlen if settings.recover is not None else None
     refine_seqlen = settings.refine.seqlen if settings.refine is not None else None
-    for label, length in (("seqlen", settings.seqlen), ("eval-seqlen", settings.eval_seqlen), ("recover-seqlen", recover_seqlen),
+    calibration_seqlen = settings.seqlen if calibration_batches is None else max((batch["input_ids"].shape[1] for batch in calibration_batches), default=None)
+    for label, length in (("seqlen", calibration_seqlen), ("eval-seqlen", settings.eval_seqlen), ("recover-seqlen", recover_seqlen),
                           ("refine-seqlen", refine_seqlen)):
         if limit is not None and length is not None and length > limit:
             raise PruningError(f"--{label} {length} is longer than the model's {limit} positions")
@@ -382,9 +387,9 @@ def run_pipeline(loaded: LoadedModel, settings: PruneSettings, load_seconds: flo
         target={"sparsity": target.sparsity, "pattern": target.pattern},
         model={"name": loaded.name, "source": loaded.source, "kind": loaded.kind, "blocks": f"{blocks_name} ({len(blocks)})"},
         calibration={
-            "source": settings.calibration,
-            "nsamples": settings.nsamples,
-            "seqlen": settings.seqlen,
+            "source": settings.calibration if calibration_batches is None else "given batches",
+            "nsamples": settings.nsamples if calibration_batches is None else sum(len(batch["input_ids"]) for batch in calibration_batches),
+            "seqlen": settings.seqlen if calibration_batches is None else None,
             "seed": settings.seed,
             "used": needs_calibration,
         },
@@ -407,7 +412,9 @@ def run_pipeline(loaded: LoadedModel, settings: PruneSettings, load_seconds: flo
     if settings.eval_data is not None and not evaluate_perplexity:
         report.notes.append(f"perplexity skipped: it needs a causal LM, and this model is a {loaded.kind}")
 
-    needs_text = needs_calibration or settings.recover is not None or settings.refine is not None
+    if calibration_batches is not None and not calibration_batches:
+        raise PruningError("no calibration batches were given")
+    needs_text = (needs_calibration and calibration_batches is None) or settings.recover is not None or settings.refine is not None
     sources = TextSources(
         loaded.tokenizer,
         calibration=settings.calibration if needs_text else None,
@@ -426,8 +433,11 @@ def run_pipeline(loaded: LoadedModel, settings: PruneSettings, load_seconds: flo
     started = time.perf_counter()
     calls = None
     if needs_calibration:
-        windows = sample_windows(calibration_ids, settings.nsamples, settings.seqlen, settings.seed)
-        batches = calibration_batches(windows, settings.batch_size)
+        if calibration_batches is not None:
+            batches = calibration_batches
+        else:
+            windows = sample_windows(calibration_ids, settings.nsamples, settings.seqlen, settings.seed)
+            batches = window_batches(windows, settings.batch_size)
         calls = capture_block_inputs(model, blocks[0], batches, device)
     targets: list[Target | None] = [target if index in selected else None for index in range(len(blocks))]
     if settings.allocation == "owl":
@@ -506,17 +516,18 @@ def prune_model(
     pattern: str | None = None,
     calibration: str = "wiki-sample",
     cache_dir: Path | None = None,
+    calibration_batches: list[dict] | None = None,
     **settings,
 ) -> tuple[nn.Module, Report]:
     """Prune a model one-shot and return it with its report.
 
     `model` is an embedded name ('smollm2-135m', 'minilm-l6'), a local folder, a hub name, or a
     LoadedModel. Other keywords are the fields of PruneSettings (nsamples, seqlen, seed, device,
-    method_options, eval_data, ...).
+    method_options, eval_data, ...). `calibration_batches` replace the calibration text (see run_pipeline).
     """
     options = PruneSettings(method=method, sparsity=sparsity, pattern=pattern, calibration=calibration, **settings)
     options.check()
     started = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else load_model(model, cache_dir=cache_dir)
-    report = run_pipeline(loaded, options, load_seconds=time.perf_counter() - started)
+    report = run_pipeline(loaded, options, load_seconds=time.perf_counter() - started, calibration_batches=calibration_batches)
     return loaded.model, report

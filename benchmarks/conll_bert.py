@@ -1,0 +1,218 @@
+"""CoNLL-2003 NER with a BERT-style token classifier: one-shot pruning methods compared (seed 003, section 5).
+
+Fine-tunes the encoder on the train split once (cached), then prunes every encoder Linear (embeddings and the
+classifier head stay dense) with calibration sentences from the train split and measures test entity F1:
+methods x sparsities x {uniform, OWL} (the seed's Table 1), and F1 against calibration size for OBS and SparseGPT
+at high sparsity (its Figure 1). Writes table.md, results.json and sample_size.png to --output.
+
+    python benchmarks/conll_bert.py                      # the full study (about an hour or more on 2 CPU cores)
+    python benchmarks/conll_bert.py --quick              # a few minutes: 2 sparsities, 64 sentences, 500 test sentences
+    python benchmarks/conll_bert.py --finetune-only      # fine-tune (or find the cached model) and print its F1
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import torch
+
+from calibration.sentences import sentence_batches
+from eval.ner import NerDataError, evaluate_ner, load_conll2003
+from methods import PruningError
+from prune.devices import resolve_device
+from prune.finetune import FinetuneSettings, fresh_copy, load_or_finetune
+from prune.models import MINILM, ModelError
+from prune.output import OutputError
+from prune.pipeline import PruneSettings, run_pipeline
+from prune.plots import headless_pyplot, save
+
+QUICK = {"sparsities": "0.5,0.7", "nsamples": 64, "sample_sizes": "16,64", "test_limit": 500, "train_limit": 2000, "epochs": 1}
+
+
+@dataclass
+class Study:
+    """Everything measured, kept in the order it was measured."""
+
+    setup: dict
+    dense: dict = field(default_factory=dict)
+    runs: list[dict] = field(default_factory=list)  # {"method", "sparsity", "allocation", "nsamples", "f1", ...}
+    seconds: float = 0.0
+
+    def find(self, method: str, sparsity: float, allocation: str, nsamples: int) -> dict | None:
+        return next((run for run in self.runs if (run["method"], run["sparsity"], run["allocation"], run["nsamples"]) == (method, sparsity, allocation, nsamples)), None)
+
+    def as_dict(self) -> dict:
+        return {"setup": self.setup, "dense": self.dense, "runs": self.runs, "seconds": self.seconds}
+
+
+def parse_list(text: str, kind=str) -> list:
+    return [kind(item.strip()) for item in text.split(",") if item.strip()]
+
+
+def table_markdown(study: Study, methods: list[str], sparsities: list[float], allocations: list[str], nsamples: int) -> str:
+    """The seed's Table 1 layout: Sparsity | Method | F1 uniform | F1 OWL | Time s (pruning time of the uniform run)."""
+    lines = ["| Sparsity | Method | F1 (uniform) | F1 (OWL) | Time (s) |", "|---|---|---|---|---|",
+             f"| 0% | Dense | {study.dense['f1']:.3f} | {study.dense['f1']:.3f} | - |"]
+    for sparsity in sparsities:
+        for method in methods:
+            cells = []
+            for allocation in ("uniform", "owl"):
+                run = study.find(method, sparsity, allocation, nsamples) if allocation in allocations else None
+                cells.append(f"{run['f1']:.3f}" if run else "-")
+            timed = study.find(method, sparsity, "uniform", nsamples) or study.find(method, sparsity, "owl", nsamples)
+            cells.append(f"{timed['prune_seconds']:.1f}" if timed else "-")
+            lines.append(f"| {sparsity:.0%} | {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_sample_sizes(study: Study, methods: list[str], sparsities: list[float], sizes: list[int], path: Path) -> None:
+    """F1 against the number of calibration sentences, one line per method and sparsity (seed 003, Figure 1)."""
+    pyplot = headless_pyplot()
+    figure, axes = pyplot.subplots(figsize=(6, 4))
+    for method in methods:
+        for sparsity in sparsities:
+            points = [(size, run["f1"]) for size in sizes if (run := study.find(method, sparsity, "uniform", size))]
+            if points:
+                axes.plot(*zip(*points, strict=True), marker="o", label=f"{method} {sparsity:.0%}")
+    axes.axhline(study.dense["f1"], color="grey", linestyle="--", label="dense")
+    axes.set_xscale("log", base=2)
+    axes.set_xlabel("calibration sentences")
+    axes.set_ylabel("test entity F1")
+    axes.set_title(f"{study.setup['model']} on CoNLL-2003: F1 vs calibration size")
+    axes.legend(fontsize=8)
+    replace_file(path, lambda partial: save(pyplot, figure, partial))
+
+
+def replace_file(path: Path, write) -> None:
+    """Let `write` fill a temporary sibling of `path`, then rename it over `path`: a stopped run never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial{path.suffix}")
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def write_results(output: Path, study: Study, table: str | None) -> None:
+    """results.json (and table.md), each replaced whole."""
+    replace_file(output / "results.json", lambda path: path.write_text(json.dumps(study.as_dict(), indent=2) + "\n", encoding="utf-8"))
+    if table is not None:
+        replace_file(output / "table.md", lambda path: path.write_text(table, encoding="utf-8"))
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100})
+@click.option("--data", default=None, help="A folder of CoNLL files (train/dev/test), 'hub' for the hub dataset. Default: ../shared/data/conll2003.")
+@click.option("--model", default=MINILM, help="The encoder to fine-tune (an embedded name, a local folder or a hub name).")
+@click.option("--methods", default="magnitude,obs,sparsegpt,wanda", help="Comma-separated pruning methods.")
+@click.option("--sparsities", default="0.5,0.6,0.7,0.8", help="Comma-separated sparsities.")
+@click.option("--allocations", default="uniform,owl", help="uniform and/or owl.")
+@click.option("--nsamples", type=int, default=4096, help="Calibration sentences from the train split (seed 003: 4096).")
+@click.option("--sample-sizes", default="128,512,1024,2048,4096", help="Calibration sizes of the F1-vs-size figure ('' to skip it).")
+@click.option("--sample-methods", default="obs,sparsegpt", help="Methods of the F1-vs-size figure.")
+@click.option("--sample-sparsities", default="0.7,0.8", help="Sparsities of the F1-vs-size figure.")
+@click.option("--owl-rule", default="seed", help="OWL rule: seed (S ∝ 1 − D, seed 003) or lambda (the OWL paper).")
+@click.option("--owl-m", type=float, default=1.0, help="OWL outlier threshold M (seed 003 found M = 1 the most stable).")
+@click.option("--owl-lambda", type=float, default=0.08, help="OWL λ of the lambda rule.")
+@click.option("--calibration-batch", type=int, default=32, help="Sentences per calibration forward pass.")
+@click.option("--test-limit", type=int, default=None, help="Score only the first n test sentences.")
+@click.option("--epochs", type=int, default=FinetuneSettings.epochs, help="Fine-tuning epochs.")
+@click.option("--lr", type=float, default=FinetuneSettings.lr, help="Fine-tuning learning rate.")
+@click.option("--train-limit", type=int, default=None, help="Fine-tune on the first n training sentences only.")
+@click.option("--finetune-only", is_flag=True, help="Fine-tune (or load the cached model), print its dev and test F1, and stop.")
+@click.option("--quick", is_flag=True, help=f"A few minutes' smoke run: {QUICK}.")
+@click.option("--seed", type=int, default=0, help="Seed of fine-tuning and of the choice of calibration sentences.")
+@click.option("--device", default="auto", help="auto, cpu or cuda.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Where fine-tuned models are kept (default: ~/.cache/obs-prune).")
+@click.option("--output", type=click.Path(path_type=Path), default=Path("benchmarks/results/conll_bert"), help="Folder of table.md, results.json, sample_size.png.")
+def main(data, model, methods, sparsities, allocations, nsamples, sample_sizes, sample_methods, sample_sparsities, owl_rule, owl_m,
+         owl_lambda, calibration_batch, test_limit, epochs, lr, train_limit, finetune_only, quick, seed, device, cache_dir, output) -> None:
+    """Fine-tune a token classifier on CoNLL-2003, prune it one-shot with every method, and compare test F1 and time."""
+    if quick:
+        sparsities, nsamples, sample_sizes = QUICK["sparsities"], QUICK["nsamples"], QUICK["sample_sizes"]
+        test_limit = test_limit or QUICK["test_limit"]
+        train_limit = train_limit or QUICK["train_limit"]
+        epochs = QUICK["epochs"]
+    try:
+        study = run_study(data, model, parse_list(methods), parse_list(sparsities, float), parse_list(allocations), nsamples,
+                          parse_list(sample_sizes, int), parse_list(sample_methods), parse_list(sample_sparsities, float),
+                          owl_rule, owl_m, owl_lambda, calibration_batch, test_limit, FinetuneSettings(epochs=epochs, lr=lr, seed=seed, train_limit=train_limit),
+                          finetune_only, seed, device, cache_dir, output)
+    except (NerDataError, PruningError, ModelError, OutputError) as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(2)
+    if study is not None:
+        click.echo(f"whole benchmark: {study.seconds:.0f} s; results in {output}")
+
+
+def run_study(data, model, methods, sparsities, allocations, nsamples, sample_sizes, sample_methods, sample_sparsities, owl_rule, owl_m,
+              owl_lambda, calibration_batch, test_limit, finetune, finetune_only, seed, device_name, cache_dir, output) -> Study | None:
+    started = time.perf_counter()
+    for allocation in allocations:
+        if allocation not in ("uniform", "owl"):
+            raise PruningError(f"--allocations takes uniform and owl, got {allocation!r}")
+    for sparsity in {*sparsities, *sample_sparsities}:
+        if not 0 < sparsity < 1:
+            raise PruningError(f"sparsities must be in (0, 1), got {sparsity:g}")
+    for method in {*methods, *sample_methods}:
+        PruneSettings(method=method, sparsity=0.5).resolved_method()  # an unknown method fails here, before any work
+    device = resolve_device(device_name)
+    splits = load_conll2003(data)
+    test = splits["test"][:test_limit] if test_limit else splits["test"]
+    loaded, tuned, cached = load_or_finetune(model, splits, finetune, device, cache_dir)
+    click.echo(f"token classifier: {loaded.source} ({'cached' if cached else f'fine-tuned in {tuned.seconds:.0f} s'}; best dev F1 "
+               f"{tuned.best_dev_f1:.4f} at step {tuned.best_step})")
+    dense = evaluate_ner(loaded.model, loaded.tokenizer, test, tuned.labels, device)
+    click.echo(f"dense test F1 {dense.f1:.4f} (precision {dense.precision:.4f}, recall {dense.recall:.4f}, {len(test)} sentences)")
+    setup = {"model": model, "classifier": loaded.source, "finetune": tuned.as_dict(), "test_sentences": len(test), "nsamples": nsamples,
+             "owl": {"rule": owl_rule, "m": owl_m, "lambda": owl_lambda}, "device": str(device), "seed": seed,
+             "threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+    study = Study(setup=setup, dense={"f1": dense.f1, "precision": dense.precision, "recall": dense.recall})
+    if finetune_only:
+        study.seconds = time.perf_counter() - started
+        return None
+
+    def measure(method: str, sparsity: float, allocation: str, size: int) -> dict:
+        if (known := study.find(method, sparsity, allocation, size)) is not None:
+            return known
+        copy = fresh_copy(loaded)
+        batches = sentence_batches(loaded.tokenizer, splits["train"], size, seed=seed, batch_size=calibration_batch)
+        settings = PruneSettings(method=method, sparsity=sparsity, allocation=allocation, owl_rule=owl_rule, owl_m=owl_m,
+                                 owl_lambda=owl_lambda, device=device_name, seed=seed, progress=False)
+        report = run_pipeline(copy, settings, calibration_batches=batches)
+        scores = evaluate_ner(copy.model, loaded.tokenizer, test, tuned.labels, device)
+        run = {"method": method, "sparsity": sparsity, "allocation": allocation, "nsamples": size, "f1": scores.f1,
+               "precision": scores.precision, "recall": scores.recall, "prune_seconds": report.seconds["calibrate"] + report.seconds["prune"],
+               "method_seconds": report.prune_breakdown["method"], "achieved_sparsity": report.sparsity,
+               "allocation_blocks": [block["sparsity"] for block in report.allocation["blocks"]] if report.allocation else None}
+        study.runs.append(run)
+        click.echo(f"{method:>9} {sparsity:.0%} {allocation:>7} n={size:<5} F1 {scores.f1:.4f}  prune {run['prune_seconds']:.1f} s")
+        return run
+
+    for sparsity in sparsities:
+        for method in methods:
+            for allocation in allocations:
+                measure(method, sparsity, allocation, nsamples)
+        write_results(output, study, table_markdown(study, methods, sparsities, allocations, nsamples))
+    for size in sample_sizes:
+        for sparsity in sample_sparsities:
+            for method in sample_methods:
+                measure(method, sparsity, "uniform", size)
+        write_results(output, study, None)
+    study.seconds = time.perf_counter() - started
+    table = table_markdown(study, methods, sparsities, allocations, nsamples)
+    write_results(output, study, table)
+    if sample_sizes:
+        plot_sample_sizes(study, sample_methods, sample_sparsities, sample_sizes, output / "sample_size.png")
+    click.echo(table)
+    return study
+
+
+if __name__ == "__main__":
+    main()

