@@ -37,34 +37,42 @@ def sample_order(logits: Tensor, n: int, generator: torch.Generator | None = Non
     Gumbel-top-k: with G_i i.i.d. Gumbel(0, 1), the indices of the N largest π_i + G_i, sorted by that
     value, have exactly the law of N sequential draws without replacement (Eq. 15).
     """
-    uniform = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
-    gumbel = -torch.log(-torch.log(uniform.clamp_(min=torch.finfo(logits.dtype).tiny)))
-    return (logits + gumbel).topk(n, dim=-1, sorted=True).indices
+    return gumbel_keys(logits, generator).topk(n, dim=-1, sorted=True).indices
+
+
+def gumbel_keys(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """π + G with G = −log(−log U), U uniform on (0, 1): computed in place in one new buffer (on the CPU the
+    fresh buffers of out-of-place operations cost more than the arithmetic)."""
+    noise = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+    noise.clamp_(min=torch.finfo(logits.dtype).tiny).log_().neg_().log_()  # −G
+    return torch.sub(logits, noise, out=noise)
 
 
 def sample_ranks(logits: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
     """One draw of N without replacement per group, as each position's draw rank (0 = first drawn; >= N: not
     drawn), int8 (..., M). The same Gumbel-top-k sample as `sample_order`, computed by M(M−1) comparisons of
     the group members (fast for small M: no sort over a tiny last dimension)."""
-    uniform = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
-    keys = logits - torch.log(-torch.log(uniform.clamp_(min=torch.finfo(logits.dtype).tiny)))
-    return ranks_of(keys)
+    return ranks_of(gumbel_keys(logits, generator))
 
 
 def ranks_of(keys: Tensor) -> Tensor:
     """Rank of each entry within its group (..., M), largest first: the number of members with a larger key
-    (ties, which have probability zero for continuous keys, go to the lower index)."""
+    (ties, which have probability zero for continuous keys, go to the lower index). The members are laid out
+    one after another first, so that each of the M(M−1) comparisons runs over contiguous memory."""
     m = keys.shape[-1]
-    ranks = torch.zeros(keys.shape, dtype=torch.int8, device=keys.device)
-    members = [keys[..., j] for j in range(m)]
+    members = keys.movedim(-1, 0).contiguous()
+    ranks = torch.zeros(members.shape, dtype=torch.int8, device=keys.device)
+    larger = torch.empty(members.shape[1:], dtype=torch.bool, device=keys.device)
     for i in range(m):
-        rank = ranks[..., i]
         for j in range(m):
             if j < i:
-                rank += members[j] >= members[i]
+                torch.ge(members[j], members[i], out=larger)
             elif j > i:
-                rank += members[j] > members[i]
-    return ranks
+                torch.gt(members[j], members[i], out=larger)
+            else:
+                continue
+            ranks[i].add_(larger)
+    return ranks.movedim(0, -1).contiguous()
 
 
 def group_softmax(logits: Tensor) -> Tensor:

@@ -191,7 +191,7 @@ def test_benchmark_quick_mode_writes_the_table_json_and_figure(model_folders, sp
         assert 0 <= run["f1"] <= 1 and run["prune_seconds"] >= 0
         assert run["achieved_sparsity"] == pytest.approx(run["sparsity"], abs=0.02)
     table = (output / "table.md").read_text()
-    assert table.splitlines()[0] == "| Sparsity | Method | F1 (uniform) | F1 (OWL) | Time (s) |"
+    assert table.splitlines()[0] == "| Sparsity | Method | F1 (uniform) | F1 (OWL) | Time (s) | of which method (s) |"
     assert len(table.splitlines()) == 3 + 2 * 4
     assert (output / "sample_size.png").stat().st_size > 1000
     assert "whole benchmark" in result.output
