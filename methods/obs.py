@@ -8,16 +8,18 @@ from torch import Tensor
 from methods.base import LayerResult, PruningError, Target, exact_matmul, prune_count
 from methods.hessian import damped_inverse
 
-ROW_BATCH_ELEMENTS = 2**25  # rows processed together: rows x removals x inputs stays below this many numbers
+ROW_BATCH_ELEMENTS = 2**25  # rows processed together: rows x inputs x inputs (each row's own H⁻¹) stays below this
+DOWNDATE_BLOCK = 64  # downdates held in factored form before they are applied to each row's H⁻¹ in one matrix product
 
 
 def work(rows: int, columns: int, target: Target) -> float:
-    """Floating-point operations of pruning a (rows, columns) layer to `target`, about rows · k² · d.
+    """Floating-point operations of pruning a (rows, columns) layer to `target`: about 2 · rows · k · d².
 
-    Step t of a row reads t downdate factors of length d (2 t d operations); k steps make k² d.
+    Each of a row's k removals costs one rank-one downdate of its d x d inverse (2 d² operations), applied
+    in blocks as matrix products.
     """
-    removals = prune_count(columns, target.sparsity)
-    return float(rows) * removals * removals * columns
+    removals = columns * (target.m - target.n) // target.m if target.is_nm else prune_count(columns, target.sparsity)
+    return 2.0 * rows * removals * columns * columns
 
 
 def prune(weight: Tensor, hessian: Tensor, target: Target, *, percdamp: float = 0.01, row_batch: int | None = None) -> LayerResult:
@@ -26,9 +28,10 @@ def prune(weight: Tensor, hessian: Tensor, target: Target, *, percdamp: float = 
     Per row, repeatedly: remove the weight with the smallest w_j² / [H⁻¹]_jj, update the remaining
     weights by w ← w − (w_j / [H⁻¹]_jj) H⁻¹[j, :] (seed 003, Eq. 3), and downdate H⁻¹ by the rank-one
     Schur step H⁻¹ ← H⁻¹ − H⁻¹[:, j] H⁻¹[j, :] / [H⁻¹]_jj, until the row holds its quota. For N:M, a
-    group stops losing weights once it holds N. The downdates are kept in factored form,
-    H⁻¹_t = H⁻¹_0 − Σ_s v_s v_sᵀ, so that a step costs O(t · d) per row instead of O(d²), and
-    many rows are processed at once as batched tensor operations.
+    group stops losing weights once it holds N. Each row keeps its own H⁻¹; the downdates v_s v_sᵀ are
+    held in factored form for up to `DOWNDATE_BLOCK` steps (the needed row of H⁻¹ is then
+    H⁻¹[j, :] − Σ_s v_s[j] v_s) and applied together as one rank-B matrix product, and many rows are
+    processed at once as batched tensor operations.
     """
     rows, columns = weight.shape
     target.check_layer("weight", columns)
@@ -43,7 +46,7 @@ def prune(weight: Tensor, hessian: Tensor, target: Target, *, percdamp: float = 
         work_weight[:, inverse.dead.to(device)] = 0
         removals = columns * (target.m - target.n) // target.m if target.is_nm else prune_count(columns, target.sparsity)
         if row_batch is None:
-            row_batch = max(1, ROW_BATCH_ELEMENTS // max(1, removals * columns))
+            row_batch = max(1, ROW_BATCH_ELEMENTS // (columns * columns))
         mask = torch.ones_like(work_weight, dtype=torch.bool)
         loss = 0.0
         for start in range(0, rows, row_batch):
@@ -58,30 +61,36 @@ def prune(weight: Tensor, hessian: Tensor, target: Target, *, percdamp: float = 
     )
 
 
-def _prune_rows(weight: Tensor, mask: Tensor, hinv: Tensor, removals: int, target: Target) -> float:
+def _prune_rows(weight: Tensor, mask: Tensor, hinv: Tensor, removals: int, target: Target, block: int = DOWNDATE_BLOCK) -> float:
     """Greedy OBS on a batch of rows, in place on `weight` (R, d) and `mask` (R, d); returns the summed OBS loss."""
     count, columns = weight.shape
     if removals == 0:
         return 0.0
     index = torch.arange(count, device=weight.device)
-    factors = torch.empty(count, removals, columns, device=weight.device, dtype=weight.dtype)  # the v_s of the downdates
+    inverses = hinv.expand(count, columns, columns).clone()  # each row's H⁻¹, but for the pending downdates
+    pending = torch.empty(count, block, columns, device=weight.device, dtype=weight.dtype)  # their factors v_s
     diagonal = torch.diagonal(hinv).expand(count, columns).clone()  # diag of each row's current H⁻¹
     blocked = torch.zeros(count, columns, device=weight.device, dtype=torch.bool)  # removed, or in a full N:M group
     if target.is_nm:
         group_removed = torch.zeros(count, columns // target.m, device=weight.device, dtype=torch.long)
     loss = torch.zeros((), device=weight.device, dtype=weight.dtype)
     for step in range(removals):
+        held = step % block
+        if held == 0 and step > 0:
+            inverses.baddbmm_(pending.transpose(1, 2), pending, alpha=-1.0)  # H⁻¹ ← H⁻¹ − Σ_s v_s v_sᵀ
         scores = (weight**2 / diagonal).masked_fill(blocked, float("inf"))
         chosen = scores.argmin(dim=1)
-        # row `chosen` of the current inverse: H⁻¹_0[j, :] − Σ_s v_s[j] v_s
-        current_row = hinv[chosen] - torch.bmm(factors[:, :step, :].gather(2, chosen.view(-1, 1, 1).expand(-1, step, 1)).transpose(1, 2), factors[:, :step, :]).squeeze(1)
+        current_row = inverses[index, chosen]  # row j of the current inverse: H⁻¹[j, :] − Σ_pending v_s[j] v_s
+        if held:
+            recent = pending[:, :held, :]
+            current_row -= torch.bmm(recent.gather(2, chosen.view(-1, 1, 1).expand(-1, held, 1)).transpose(1, 2), recent).squeeze(1)
         pivot = current_row[index, chosen]  # [H⁻¹]_jj
         removed = weight[index, chosen]
         loss += (removed**2 / pivot).sum() / 2
         weight -= (removed / pivot).unsqueeze(1) * current_row  # Eq. 3
         weight[index, chosen] = 0.0
         factor = current_row / pivot.sqrt().unsqueeze(1)
-        factors[:, step, :] = factor
+        pending[:, held, :] = factor
         diagonal -= factor**2
         blocked[index, chosen] = True
         mask[index, chosen] = False

@@ -43,7 +43,7 @@ METHODS: dict[str, Method] = {
         "obs",
         HESSIAN,
         obs.prune,
-        "exact greedy Optimal Brain Surgeon per row; cost about rows x k² x d, meant for small models or high sparsity",
+        "exact greedy Optimal Brain Surgeon per row; cost about 2 x rows x k x d², meant for small models or high sparsity",
         ("percdamp",),
     ),
 }

@@ -401,7 +401,7 @@ def run_pipeline(loaded: LoadedModel, settings: PruneSettings, load_seconds: flo
         report.notes.append(f"{method.name} uses no calibration data")
     work = estimated_work([blocks[index] for index in selected], method, target)
     if work is not None and work > LARGE_WORK_FLOP:
-        message = f"{method.name} will do about {work / 1e12:.1f} TFLOP of work (rows x k² x d per layer); on a CPU this takes a long time"
+        message = f"{method.name} will do about {work / 1e12:.1f} TFLOP of work (2 x rows x k x d² per layer); on a CPU this takes a long time"
         report.notes.append(message)
         if settings.progress:
             tqdm.write(message)

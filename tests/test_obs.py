@@ -72,3 +72,22 @@ def test_every_row_holds_its_quota(rows: int, columns: int, sparsity: float, see
     weight, _, hessian = random_problem(rows, columns, 64, seed)
     result = obs.prune(weight, hessian, Target(sparsity), row_batch=3)
     assert torch.all((~result.mask).sum(1) == round(columns * sparsity))
+
+
+@pytest.mark.parametrize("target", [Target(0.7), Target.from_options(pattern="2:4")])
+def test_downdates_applied_in_blocks_give_the_same_result_as_held_ones(target) -> None:
+    """Applying the pending downdates to each row's H⁻¹ every few steps changes nothing but rounding."""
+    generator = torch.Generator().manual_seed(4)
+    inputs = torch.randn(600, 40, generator=generator, dtype=torch.float64)
+    hessian = 2 * inputs.T @ inputs / len(inputs)
+    weight = torch.randn(6, 40, generator=generator, dtype=torch.float64)
+    removals = 28 if not target.is_nm else 20
+    results = []
+    for block in (1, 5, 64):
+        pruned, mask = weight.clone(), torch.ones_like(weight, dtype=torch.bool)
+        loss = obs._prune_rows(pruned, mask, torch.linalg.inv(hessian), removals, target, block=block)
+        results.append((pruned, mask, loss))
+    for pruned, mask, loss in results[:2]:
+        assert torch.equal(mask, results[2][1])
+        torch.testing.assert_close(pruned, results[2][0], atol=1e-10, rtol=1e-10)
+        assert loss == pytest.approx(results[2][2], rel=1e-10)
