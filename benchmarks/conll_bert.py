@@ -32,6 +32,7 @@ from prune.output import OutputError
 from prune.pipeline import PruneSettings, run_pipeline
 from prune.plots import headless_pyplot, save
 
+RESUME_KEYS = ("model", "classifier", "test_sentences", "nsamples", "owl", "seed")  # what must match for runs to be kept
 QUICK = {"sparsities": "0.5,0.7", "nsamples": 64, "sample_sizes": "16,64", "test_limit": 500, "train_limit": 2000, "epochs": 1}
 
 
@@ -127,13 +128,14 @@ def write_results(output: Path, study: Study, table: str | None) -> None:
 @click.option("--lr", type=float, default=FinetuneSettings.lr, help="Fine-tuning learning rate.")
 @click.option("--train-limit", type=int, default=None, help="Fine-tune on the first n training sentences only.")
 @click.option("--finetune-only", is_flag=True, help="Fine-tune (or load the cached model), print its dev and test F1, and stop.")
+@click.option("--resume", is_flag=True, help="Keep the runs already in --output/results.json (same setup) and measure only the missing ones.")
 @click.option("--quick", is_flag=True, help=f"A few minutes' smoke run: {QUICK}.")
 @click.option("--seed", type=int, default=0, help="Seed of fine-tuning and of the choice of calibration sentences.")
 @click.option("--device", default="auto", help="auto, cpu or cuda.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Where fine-tuned models are kept (default: ~/.cache/obs-prune).")
 @click.option("--output", type=click.Path(path_type=Path), default=Path("benchmarks/results/conll_bert"), help="Folder of table.md, results.json, sample_size.png.")
 def main(data, model, methods, sparsities, allocations, nsamples, sample_sizes, sample_methods, sample_sparsities, owl_rule, owl_m,
-         owl_lambda, calibration_batch, test_limit, epochs, lr, train_limit, finetune_only, quick, seed, device, cache_dir, output) -> None:
+         owl_lambda, calibration_batch, test_limit, epochs, lr, train_limit, finetune_only, resume, quick, seed, device, cache_dir, output) -> None:
     """Fine-tune a token classifier on CoNLL-2003, prune it one-shot with every method, and compare test F1 and time."""
     if quick:
         sparsities, nsamples, sample_sizes = QUICK["sparsities"], QUICK["nsamples"], QUICK["sample_sizes"]
@@ -144,7 +146,7 @@ def main(data, model, methods, sparsities, allocations, nsamples, sample_sizes, 
         study = run_study(data, model, parse_list(methods), parse_list(sparsities, float), parse_list(allocations), nsamples,
                           parse_list(sample_sizes, int), parse_list(sample_methods), parse_list(sample_sparsities, float),
                           owl_rule, owl_m, owl_lambda, calibration_batch, test_limit, FinetuneSettings(epochs=epochs, lr=lr, seed=seed, train_limit=train_limit),
-                          finetune_only, seed, device, cache_dir, output)
+                          finetune_only, resume, seed, device, cache_dir, output)
     except (NerDataError, PruningError, ModelError, OutputError) as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(2)
@@ -153,7 +155,7 @@ def main(data, model, methods, sparsities, allocations, nsamples, sample_sizes, 
 
 
 def run_study(data, model, methods, sparsities, allocations, nsamples, sample_sizes, sample_methods, sample_sparsities, owl_rule, owl_m,
-              owl_lambda, calibration_batch, test_limit, finetune, finetune_only, seed, device_name, cache_dir, output) -> Study | None:
+              owl_lambda, calibration_batch, test_limit, finetune, finetune_only, resume, seed, device_name, cache_dir, output) -> Study | None:
     started = time.perf_counter()
     for allocation in allocations:
         if allocation not in ("uniform", "owl"):
@@ -175,8 +177,16 @@ def run_study(data, model, methods, sparsities, allocations, nsamples, sample_si
              "owl": {"rule": owl_rule, "m": owl_m, "lambda": owl_lambda}, "device": str(device), "seed": seed,
              "threads": torch.get_num_threads(), "cpus": os.cpu_count()}
     study = Study(setup=setup, dense={"f1": dense.f1, "precision": dense.precision, "recall": dense.recall})
+    earlier = 0.0  # seconds spent by the runs resumed from
+    if resume and (output / "results.json").is_file():
+        saved = json.loads((output / "results.json").read_text(encoding="utf-8"))
+        differences = [key for key in RESUME_KEYS if saved["setup"].get(key) != setup[key]]
+        if differences:
+            raise PruningError(f"{output / 'results.json'} was measured with another {', '.join(differences)}: pass another --output, or drop --resume")
+        study.runs, earlier = saved["runs"], saved["seconds"]
+        click.echo(f"resuming: {len(study.runs)} runs kept from {output / 'results.json'}")
     if finetune_only:
-        study.seconds = time.perf_counter() - started
+        study.seconds = earlier + time.perf_counter() - started
         return None
 
     def measure(method: str, sparsity: float, allocation: str, size: int) -> dict:
@@ -200,16 +210,16 @@ def run_study(data, model, methods, sparsities, allocations, nsamples, sample_si
         for method in methods:
             for allocation in allocations:
                 measure(method, sparsity, allocation, nsamples)
-        study.seconds = time.perf_counter() - started
+        study.seconds = earlier + time.perf_counter() - started
         write_results(output, study, table_markdown(study, methods, sparsities, allocations, nsamples))
     for method in sample_methods:  # one method at a time, so that a long method (OBS) last leaves the others complete
         for sparsity in sample_sparsities:
             for size in sample_sizes:
                 measure(method, sparsity, "uniform", size)
-                study.seconds = time.perf_counter() - started
+                study.seconds = earlier + time.perf_counter() - started
                 write_results(output, study, None)
                 plot_sample_sizes(study, sample_methods, sample_sparsities, sample_sizes, output / "sample_size.png")
-    study.seconds = time.perf_counter() - started
+    study.seconds = earlier + time.perf_counter() - started
     table = table_markdown(study, methods, sparsities, allocations, nsamples)
     write_results(output, study, table)
     click.echo(table)

@@ -196,6 +196,13 @@ def test_benchmark_quick_mode_writes_the_table_json_and_figure(model_folders, sp
     assert (output / "sample_size.png").stat().st_size > 1000
     assert "whole benchmark" in result.output
 
+    resumed = CliRunner().invoke(load_benchmark().main, [*arguments, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert f"resuming: {len(study['runs'])} runs kept" in resumed.output and " F1 " not in resumed.output.split("resuming")[1].split("|")[0]
+    assert json.loads((output / "results.json").read_text())["runs"] == study["runs"]
+    other = CliRunner().invoke(load_benchmark().main, [*arguments, "--resume", "--owl-m", "3"])
+    assert other.exit_code == 2 and "another owl" in other.output
+
 
 def test_benchmark_bad_input_is_one_line(tmp_path, model_folders) -> None:
     main = load_benchmark().main
