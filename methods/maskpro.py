@@ -103,27 +103,31 @@ def log_prob_ranks(logits: Tensor, ranks: Tensor, n: int) -> Tensor:
     return total
 
 
-def group_logsumexp(logits: Tensor) -> Tensor:
-    """logsumexp over the last dimension (a group), with amax/sum (see `group_softmax`)."""
+def softmax_and_logsumexp_(logits: Tensor) -> Tensor:
+    """Turn `logits` (..., M) in place into softmax over the last dimension and return its logsumexp (...):
+    one buffer for both (fresh full-size buffers cost more than the arithmetic on the CPU); -inf entries get 0."""
     top = logits.amax(dim=-1, keepdim=True)
-    return (top + torch.log(torch.exp(logits - top).sum(dim=-1, keepdim=True))).squeeze(-1)
+    logits.sub_(top).exp_()
+    total = logits.sum(dim=-1, keepdim=True)
+    logits.div_(total)
+    return (top + total.log()).squeeze(-1)
 
 
 def grad_log_prob_pair(logits: Tensor, ranks: Tensor) -> Tensor:
     """∇_π log p({a, b} | π) for N = 2 in closed form (a, b: the members of draw rank 0 and 1): with p = softmax(π)
     and q⁽ᵃ⁾ = softmax(π without a), the orders (a, b) and (b, a) have weights w and 1 − w,
     w = sigmoid(log Pr(a, b) − log Pr(b, a)), and the gradient is 1[kept] − p − w q⁽ᵃ⁾ − (1 − w) q⁽ᵇ⁾ (Eq. 18,
-    in log space)."""
-    whole = group_logsumexp(logits)
+    in log space). Three full-size buffers, all updated in place."""
+    probabilities = logits.clone()
+    softmax_and_logsumexp_(probabilities)
     without_first = logits.masked_fill(ranks == 0, -math.inf)
+    normaliser_first = softmax_and_logsumexp_(without_first)
     without_second = logits.masked_fill(ranks == 1, -math.inf)
-    normaliser_first, normaliser_second = group_logsumexp(without_first), group_logsumexp(without_second)
+    normaliser_second = softmax_and_logsumexp_(without_second)
     # log Pr(a, b) − log Pr(b, a) = (π_a − lse + π_b − lse⁽ᵃ⁾) − (π_b − lse + π_a − lse⁽ᵇ⁾) = lse⁽ᵇ⁾ − lse⁽ᵃ⁾
     weight = torch.sigmoid(normaliser_second - normaliser_first).unsqueeze(-1)
-    gradient = (ranks < 2).to(logits.dtype) - torch.exp(logits - whole.unsqueeze(-1))
-    gradient -= weight * torch.exp(without_first - normaliser_first.unsqueeze(-1))
-    gradient -= (1 - weight) * torch.exp(without_second - normaliser_second.unsqueeze(-1))
-    return gradient
+    probabilities.add_(without_first.mul_(weight)).add_(without_second.mul_(1 - weight))
+    return probabilities.neg_().add_(ranks < 2)
 
 
 def grad_log_prob_set_ranks(logits: Tensor, ranks: Tensor, n: int) -> Tensor:
