@@ -37,7 +37,7 @@ from prune.report import LayerReport, Report
 
 PROPAGATE_CHOICES = ("pruned", "dense")
 ALLOCATIONS = ("uniform", "owl")
-LARGE_WORK_FLOP = 1e12  # above this much estimated work, say so before starting
+LARGE_WORK_FLOP = 2e13  # above this much estimated work (minutes on a CPU), say so before starting
 HESSIAN_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
