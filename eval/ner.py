@@ -223,6 +223,11 @@ def shared_conll2003() -> Path:
     return Path(__file__).resolve().parents[1].parent / "shared" / "data" / "conll2003"
 
 
+def conll_split_path(folder: Path, split: str) -> Path | None:
+    """The file of one split (train, dev or test) in a folder of CoNLL files, or None when there is none."""
+    return next((Path(folder) / name for name in SPLIT_FILES[split] if (Path(folder) / name).is_file()), None)
+
+
 def read_conll_folder(folder: Path) -> dict[str, list[Sentence]]:
     """The train/dev/test splits of a folder holding train.txt, dev.txt (or valid.txt) and test.txt (or eng.* names)."""
     folder = Path(folder).expanduser()
@@ -230,7 +235,7 @@ def read_conll_folder(folder: Path) -> dict[str, list[Sentence]]:
         raise NerDataError(f"no such data folder: {folder}")
     splits = {}
     for split, names in SPLIT_FILES.items():
-        path = next((folder / name for name in names if (folder / name).is_file()), None)
+        path = conll_split_path(folder, split)
         if path is None:
             raise NerDataError(f"{folder} has no {split} split (looked for {', '.join(names)})")
         splits[split] = read_conll(path)

@@ -12,8 +12,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from calibration.capture import BlockCall, LayerInputStatistics, capture_block_inputs, run_block
+from calibration.sentences import sentence_batches
 from calibration.text import TextSources
 from calibration.windows import evaluation_windows, sample_windows
+from eval.ner import NerDataError, Sentence, conll_split_path, evaluate_ner, read_conll
 from eval.perplexity import perplexity
 from eval.sparsity import nm_valid, zero_fraction
 from methods import Method, PruningError, Target, get_method, obs, owl, wanda
@@ -22,6 +24,7 @@ from methods.sparsegpt import check_options as check_sparsegpt_options
 from prune.devices import resolve_device, synchronize
 from prune.models import (
     CAUSAL_LM,
+    TOKEN_CLASSIFICATION,
     LoadedModel,
     input_features,
     layer_weight,
@@ -39,6 +42,7 @@ PROPAGATE_CHOICES = ("pruned", "dense")
 ALLOCATIONS = ("uniform", "owl")
 LARGE_WORK_FLOP = 2e13  # above this much estimated work (minutes on a CPU), say so before starting
 HESSIAN_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+CONLL_PREFIX = "conll:"  # --calibration conll:DIR: sentences of a CoNLL train file, for a token classifier
 
 
 @dataclass
@@ -124,7 +128,11 @@ class PruneSettings:
         if self.refine is not None:
             self.refine.check(target)
         resolve_device(self.device)
-        for label, source in (("calibration", self.calibration), ("eval-data", self.eval_data)):
+        if self.calibration.startswith(CONLL_PREFIX):
+            folder = Path(self.calibration[len(CONLL_PREFIX):]).expanduser()
+            if conll_split_path(folder, "train") is None:
+                raise PruningError(f"--calibration {self.calibration}: {folder} holds no CoNLL train file (train.txt or eng.train)")
+        for label, source in (("calibration", None if self.calibration.startswith(CONLL_PREFIX) else self.calibration), ("eval-data", self.eval_data)):
             if source is not None and source not in ("wiki-sample", "wikitext2", "c4") and not Path(source).expanduser().exists():
                 raise PruningError(f"--{label}: no such file or folder: {source}")
 
@@ -328,6 +336,33 @@ def estimated_work(blocks: list[nn.Module], method: Method, target: Target) -> f
     return sum(obs.work(*layer_weight(layer).shape, target) for block in blocks for layer in prunable_layers(block).values())
 
 
+def conll_calibration(loaded: LoadedModel, settings: PruneSettings) -> tuple[list[dict], list[Sentence] | None]:
+    """Calibration batches of `settings.nsamples` sentences of the CoNLL train file named by `--calibration conll:DIR`,
+    and the test sentences to score entity F1 on (None without evaluation or without a test file)."""
+    if loaded.kind != TOKEN_CLASSIFICATION:
+        raise PruningError(f"--calibration {CONLL_PREFIX}DIR calibrates a token classifier on labelled sentences; this model is a {loaded.kind}")
+    folder = Path(settings.calibration[len(CONLL_PREFIX):]).expanduser()
+    try:
+        train = read_conll(conll_split_path(folder, "train"))
+        test_path = conll_split_path(folder, "test")
+        test = read_conll(test_path) if test_path is not None and settings.eval_data is not None else None
+    except NerDataError as error:
+        raise PruningError(str(error)) from None
+    batches = sentence_batches(loaded.tokenizer, train, settings.nsamples, seed=settings.seed, batch_size=settings.batch_size)
+    if test is not None:
+        unknown = {tag for sentence in test for tag in sentence.tags} - set(loaded.model.config.id2label.values())
+        if unknown:
+            raise PruningError(f"the model's labels ({', '.join(loaded.model.config.id2label.values())}) lack tags of {test_path}: "
+                               f"{', '.join(sorted(unknown))}; is it a token classifier for this data?")
+    return batches, test
+
+
+def entity_scores(model: nn.Module, tokenizer, sentences: list[Sentence], device: torch.device) -> dict:
+    labels = [model.config.id2label[index] for index in range(len(model.config.id2label))]
+    scores = evaluate_ner(model, tokenizer, sentences, labels, device)
+    return {"f1": scores.f1, "precision": scores.precision, "recall": scores.recall}
+
+
 def evaluate(model: nn.Module, ids: torch.Tensor, settings: PruneSettings, device: torch.device, label: str) -> dict:
     windows = evaluation_windows(ids, settings.eval_seqlen or settings.seqlen, settings.eval_windows)
     home = next(model.parameters()).device
@@ -374,7 +409,8 @@ def run_pipeline(loaded: LoadedModel, settings: PruneSettings, load_seconds: flo
         )
     recover_seqlen = settings.recover.seqlen if settings.recover is not None else None
     refine_seqlen = settings.refine.seqlen if settings.refine is not None else None
-    calibration_seqlen = settings.seqlen if calibration_batches is None else max((batch["input_ids"].shape[1] for batch in calibration_batches), default=None)
+    calibration_seqlen = settings.seqlen if calibration_batches is None and not settings.calibration.startswith(CONLL_PREFIX) else None
+    calibration_seqlen = calibration_seqlen if calibration_batches is None else max((batch["input_ids"].shape[1] for batch in calibration_batches), default=None)
     for label, length in (("seqlen", calibration_seqlen), ("eval-seqlen", settings.eval_seqlen), ("recover-seqlen", recover_seqlen),
                           ("refine-seqlen", refine_seqlen)):
         if limit is not None and length is not None and length > limit:
@@ -409,9 +445,12 @@ def run_pipeline(loaded: LoadedModel, settings: PruneSettings, load_seconds: flo
         report.notes.append(f"{len(incompatible)} layer(s) left dense: input size not a multiple of M={target.m}")
     if len(selected) < len(blocks):
         report.notes.append(f"only blocks {settings.blocks} pruned ({len(selected)} of {len(blocks)}); the others stay dense")
-    if settings.eval_data is not None and not evaluate_perplexity:
+    if settings.eval_data is not None and not evaluate_perplexity and not settings.calibration.startswith(CONLL_PREFIX):
         report.notes.append(f"perplexity skipped: it needs a causal LM, and this model is a {loaded.kind}")
 
+    ner_test = None
+    if calibration_batches is None and settings.calibration.startswith(CONLL_PREFIX) and needs_calibration:
+        calibration_batches, ner_test = conll_calibration(loaded, settings)
     if calibration_batches is not None and not calibration_batches:
         raise PruningError("no calibration batches were given")
     needs_text = (needs_calibration and calibration_batches is None) or settings.recover is not None or settings.refine is not None
@@ -429,6 +468,12 @@ def run_pipeline(loaded: LoadedModel, settings: PruneSettings, load_seconds: flo
         started = time.perf_counter()
         report.perplexity = {"data": settings.eval_data, "dense": evaluate(model, evaluation_ids, settings, device, "dense perplexity")}
         report.seconds["evaluate"] = time.perf_counter() - started
+
+    if ner_test is not None:
+        started = time.perf_counter()
+        report.entity_f1 = {"data": settings.calibration[len(CONLL_PREFIX):], "sentences": len(ner_test),
+                            "dense": entity_scores(model, loaded.tokenizer, ner_test, device)}
+        report.seconds["evaluate"] = report.seconds.get("evaluate", 0.0) + time.perf_counter() - started
 
     started = time.perf_counter()
     calls = None
@@ -476,6 +521,10 @@ def run_pipeline(loaded: LoadedModel, settings: PruneSettings, load_seconds: flo
 
     if evaluate_perplexity:
         measure_perplexity("pruned")
+    if ner_test is not None:
+        started = time.perf_counter()
+        report.entity_f1["pruned"] = entity_scores(model, loaded.tokenizer, ner_test, device)
+        report.seconds["evaluate"] = report.seconds.get("evaluate", 0.0) + time.perf_counter() - started
 
     if settings.refine is not None:
         started = time.perf_counter()

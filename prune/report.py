@@ -34,6 +34,7 @@ class Report:
     seconds: dict = field(default_factory=dict)  # load, calibrate, prune, evaluate, total
     prune_breakdown: dict = field(default_factory=dict)  # seconds in statistics passes, method sweeps, propagation passes
     allocation: dict | None = None  # OWL: rule, owl_m, owl_lambda, and per block its outlier ratio, sparsity, parameters
+    entity_f1: dict | None = None  # token classifiers calibrated on CoNLL: {"data", "sentences", "dense": {...}, "pruned": {...}}
     perplexity: dict | None = None  # {"dense": {...}, "pruned": {...}, "recovered": {...}} with value, seqlen, windows
     refine: dict | None = None  # the MaskPro refinement: steps, residual curve, changed groups, held-out losses, time split
     recover: dict | None = None  # the recovery fine-tune: optimizer, steps, loss curve, seconds, perplexity before/after
@@ -79,6 +80,10 @@ class Report:
             figures = ", ".join(f"{label} {value['value']:.3f}" for label, value in stages)
             window = stages[0][1]
             lines.append(f"perplexity ({self.perplexity['data']}, {window['windows']} windows of {window['seqlen']} tokens): {figures}")
+        if self.entity_f1 and "pruned" in self.entity_f1:
+            scores = self.entity_f1
+            lines.append(f"entity F1 ({scores['data']} test split, {scores['sentences']} sentences): dense {scores['dense']['f1']:.4f}, "
+                         f"pruned {scores['pruned']['f1']:.4f}")
         if self.refine:
             refined = self.refine
             curve = refined["curve"]

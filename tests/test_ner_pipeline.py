@@ -211,3 +211,39 @@ def test_benchmark_bad_input_is_one_line(tmp_path, model_folders) -> None:
     unknown = CliRunner().invoke(main, ["--methods", "sparsegpt,bogus", "--output", str(tmp_path / "out")])
     assert unknown.exit_code == 2 and "bogus" in unknown.output
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_calibrates_a_token_classifier_on_conll_sentences_and_reports_f1(model_folders, splits, tmp_path, capsys) -> None:
+    from prune.cli import main
+
+    data = write_conll(tmp_path / "data", splits)
+    classifier, record, _ = load_or_finetune(str(model_folders["bert"]), splits, FinetuneSettings(epochs=3, lr=3e-3, batch=16, progress=False),
+                                             torch.device("cpu"), tmp_path / "cache")
+    folder = tmp_path / "classifier"
+    classifier.model.save_pretrained(folder)
+    classifier.tokenizer.save_pretrained(folder)
+    output = tmp_path / "pruned"
+    main(["--model", str(folder), "--method", "sparsegpt", "--sparsity", "0.5", "--calibration", f"conll:{data}", "--nsamples", "48",
+          "--quiet", "--output", str(output)])
+    printed = capsys.readouterr().out
+    assert "entity F1" in printed and "perplexity skipped" not in printed
+    report = json.loads((output / "report.json").read_text())
+    assert report["calibration"]["source"] == f"conll:{data}" and report["entity_f1"]["sentences"] == 60
+    assert report["entity_f1"]["dense"]["f1"] == pytest.approx(evaluate_ner(classifier.model, classifier.tokenizer, splits["test"], record.labels,
+                                                                            torch.device("cpu")).f1)
+    assert 0 <= report["entity_f1"]["pruned"]["f1"] <= 1 and report["sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_cli_conll_calibration_refuses_what_cannot_work(model_folders, tmp_path, capsys) -> None:
+    from prune.cli import main
+
+    for arguments, message in (
+        (["--model", str(model_folders["bert"]), "--calibration", f"conll:{tmp_path}"], "holds no CoNLL train file"),
+        (["--model", str(model_folders["llama"]), "--calibration", f"conll:{write_conll(tmp_path / 'd', {'train': [Sentence(('a',), ('O',))]})}"],
+         "calibrates a token classifier"),
+    ):
+        with pytest.raises(SystemExit) as stopped:
+            main([*arguments, "--sparsity", "0.5", "--quiet"])
+        assert stopped.value.code == 2
+        error = capsys.readouterr().err
+        assert message in error and len(error.strip().splitlines()) == 1
