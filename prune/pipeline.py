@@ -81,6 +81,10 @@ class PruneSettings:
         if isinstance(self.refine, str):  # prune_model(..., refine="maskpro")
             self.refine = RefineSettings(method=self.refine, seed=self.seed, progress=self.progress)
 
+    def conll_folder(self) -> Path | None:
+        """The folder named by `--calibration conll:DIR`, or None for text calibration."""
+        return Path(self.calibration[len(CONLL_PREFIX):]).expanduser() if self.calibration.startswith(CONLL_PREFIX) else None
+
     def target(self) -> Target:
         return Target.from_options(self.sparsity, self.pattern)
 
@@ -128,11 +132,10 @@ class PruneSettings:
         if self.refine is not None:
             self.refine.check(target)
         resolve_device(self.device)
-        if self.calibration.startswith(CONLL_PREFIX):
-            folder = Path(self.calibration[len(CONLL_PREFIX):]).expanduser()
-            if conll_split_path(folder, "train") is None:
-                raise PruningError(f"--calibration {self.calibration}: {folder} holds no CoNLL train file (train.txt or eng.train)")
-        for label, source in (("calibration", None if self.calibration.startswith(CONLL_PREFIX) else self.calibration), ("eval-data", self.eval_data)):
+        folder = self.conll_folder()
+        if folder is not None and conll_split_path(folder, "train") is None:
+            raise PruningError(f"--calibration {self.calibration}: {folder} holds no CoNLL train file (train.txt or eng.train)")
+        for label, source in (("calibration", None if folder is not None else self.calibration), ("eval-data", self.eval_data)):
             if source is not None and source not in ("wiki-sample", "wikitext2", "c4") and not Path(source).expanduser().exists():
                 raise PruningError(f"--{label}: no such file or folder: {source}")
 
@@ -341,7 +344,7 @@ def conll_calibration(loaded: LoadedModel, settings: PruneSettings) -> tuple[lis
     and the test sentences to score entity F1 on (None without evaluation or without a test file)."""
     if loaded.kind != TOKEN_CLASSIFICATION:
         raise PruningError(f"--calibration {CONLL_PREFIX}DIR calibrates a token classifier on labelled sentences; this model is a {loaded.kind}")
-    folder = Path(settings.calibration[len(CONLL_PREFIX):]).expanduser()
+    folder = settings.conll_folder()
     try:
         train = read_conll(conll_split_path(folder, "train"))
         test_path = conll_split_path(folder, "test")
@@ -409,8 +412,10 @@ def run_pipeline(loaded: LoadedModel, settings: PruneSettings, load_seconds: flo
         )
     recover_seqlen = settings.recover.seqlen if settings.recover is not None else None
     refine_seqlen = settings.refine.seqlen if settings.refine is not None else None
-    calibration_seqlen = settings.seqlen if calibration_batches is None and not settings.calibration.startswith(CONLL_PREFIX) else None
-    calibration_seqlen = calibration_seqlen if calibration_batches is None else max((batch["input_ids"].shape[1] for batch in calibration_batches), default=None)
+    if calibration_batches is not None:
+        calibration_seqlen = max((batch["input_ids"].shape[1] for batch in calibration_batches), default=None)
+    else:
+        calibration_seqlen = settings.seqlen if settings.conll_folder() is None else None  # sentences are cut at the tokenizer's limit
     for label, length in (("seqlen", calibration_seqlen), ("eval-seqlen", settings.eval_seqlen), ("recover-seqlen", recover_seqlen),
                           ("refine-seqlen", refine_seqlen)):
         if limit is not None and length is not None and length > limit:
@@ -445,12 +450,13 @@ def run_pipeline(loaded: LoadedModel, settings: PruneSettings, load_seconds: flo
         report.notes.append(f"{len(incompatible)} layer(s) left dense: input size not a multiple of M={target.m}")
     if len(selected) < len(blocks):
         report.notes.append(f"only blocks {settings.blocks} pruned ({len(selected)} of {len(blocks)}); the others stay dense")
-    if settings.eval_data is not None and not evaluate_perplexity and not settings.calibration.startswith(CONLL_PREFIX):
+    if settings.eval_data is not None and not evaluate_perplexity and settings.conll_folder() is None:
         report.notes.append(f"perplexity skipped: it needs a causal LM, and this model is a {loaded.kind}")
 
     ner_test = None
-    if calibration_batches is None and settings.calibration.startswith(CONLL_PREFIX) and needs_calibration:
-        calibration_batches, ner_test = conll_calibration(loaded, settings)
+    if calibration_batches is None and settings.conll_folder() is not None:
+        sentences, ner_test = conll_calibration(loaded, settings)
+        calibration_batches = sentences if needs_calibration else None
     if calibration_batches is not None and not calibration_batches:
         raise PruningError("no calibration batches were given")
     needs_text = (needs_calibration and calibration_batches is None) or settings.recover is not None or settings.refine is not None
@@ -471,7 +477,7 @@ def run_pipeline(loaded: LoadedModel, settings: PruneSettings, load_seconds: flo
 
     if ner_test is not None:
         started = time.perf_counter()
-        report.entity_f1 = {"data": settings.calibration[len(CONLL_PREFIX):], "sentences": len(ner_test),
+        report.entity_f1 = {"data": str(settings.conll_folder()), "sentences": len(ner_test),
                             "dense": entity_scores(model, loaded.tokenizer, ner_test, device)}
         report.seconds["evaluate"] = report.seconds.get("evaluate", 0.0) + time.perf_counter() - started
 

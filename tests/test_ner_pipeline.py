@@ -233,6 +233,10 @@ def test_cli_calibrates_a_token_classifier_on_conll_sentences_and_reports_f1(mod
                                                                             torch.device("cpu")).f1)
     assert 0 <= report["entity_f1"]["pruned"]["f1"] <= 1 and report["sparsity"] == pytest.approx(0.5, abs=0.01)
 
+    # a method that needs no calibration still gets its entity F1 before and after
+    main(["--model", str(folder), "--method", "magnitude", "--sparsity", "0.5", "--calibration", f"conll:{data}", "--quiet"])
+    assert "entity F1" in capsys.readouterr().out
+
 
 def test_cli_conll_calibration_refuses_what_cannot_work(model_folders, tmp_path, capsys) -> None:
     from prune.cli import main
