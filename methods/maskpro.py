@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 
 import torch
 from torch import Tensor
 
 ESTIMATORS = ("set", "sequence")
 MAX_SET_N = 4  # the set probability sums over N! orders
+RANDOM_STREAMS = 8  # CPU generators drawing a layer's uniforms in parallel
 
 
 def grouped(tensor: Tensor, m: int) -> Tensor:
@@ -41,38 +44,60 @@ def sample_order(logits: Tensor, n: int, generator: torch.Generator | None = Non
 
 
 def gumbel_keys(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """π + G with G = −log(−log U), U uniform on (0, 1): computed in place in one new buffer (on the CPU the
-    fresh buffers of out-of-place operations cost more than the arithmetic)."""
-    noise = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
-    noise.clamp_(min=torch.finfo(logits.dtype).tiny).log_().neg_().log_()  # −G
+    """π + G with G i.i.d. Gumbel(0, 1), a new tensor shaped like `logits`."""
+    noise = negative_gumbel_noise_(torch.empty_like(logits), [generator])
     return torch.sub(logits, noise, out=noise)
 
 
-def sample_ranks(logits: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
+def negative_gumbel_noise_(noise: Tensor, generators: Sequence[torch.Generator | None], pool: Executor | None = None) -> Tensor:
+    """Fill `noise` in place with −G = log(−log U), U uniform on (0, 1), G Gumbel(0, 1). The flattened buffer is
+    cut into len(generators) chunks, chunk k drawn by generators[k] (concurrently when a thread pool is given: the
+    CPU generator is sequential, and the draws are most of the sampling time); the result depends on the
+    generators' states only, not on the pool."""
+    tiny = torch.finfo(noise.dtype).tiny  # U = 0 would give an infinite key
+
+    def draw(chunk: Tensor, generator: torch.Generator | None) -> None:
+        chunk.uniform_(tiny, 1.0, generator=generator)
+
+    chunks = noise.view(-1).chunk(len(generators))
+    if pool is None:
+        for chunk, generator in zip(chunks, generators):  # noqa: B905 (a small buffer has fewer chunks)
+            draw(chunk, generator)
+    else:
+        list(pool.map(draw, chunks, generators))
+    return noise.log_().neg_().log_()
+
+
+def sample_ranks(logits: Tensor, n: int, generators: torch.Generator | Sequence[torch.Generator | None] | None = None, *,
+                 pool: Executor | None = None, scratch: Tensor | None = None) -> Tensor:
     """One draw of N without replacement per group, as each position's draw rank (0 = first drawn; >= N: not
-    drawn), int8 (..., M). The same Gumbel-top-k sample as `sample_order`, computed by M(M−1) comparisons of
-    the group members (fast for small M: no sort over a tiny last dimension)."""
-    return ranks_of(gumbel_keys(logits, generator))
+    drawn), int8 (..., M). Gumbel-top-k like `sample_order`, with the keys laid out member-major, (M, ...), so
+    that the rank comparisons run over contiguous memory; `scratch` (float, at least logits.numel()) holds them."""
+    if generators is None or isinstance(generators, torch.Generator):
+        generators = [generators]
+    members = logits.movedim(-1, 0)
+    if scratch is None:
+        keys = torch.empty(members.shape, dtype=logits.dtype, device=logits.device)
+    else:
+        keys = scratch.view(-1)[: members.numel()].view(members.shape)
+    negative_gumbel_noise_(keys, generators, pool)
+    torch.sub(members, keys, out=keys)
+    return member_ranks(keys).movedim(0, -1).contiguous()
 
 
-def ranks_of(keys: Tensor) -> Tensor:
-    """Rank of each entry within its group (..., M), largest first: the number of members with a larger key
-    (ties, which have probability zero for continuous keys, go to the lower index). The members are laid out
-    one after another first, so that each of the M(M−1) comparisons runs over contiguous memory."""
-    m = keys.shape[-1]
-    members = keys.movedim(-1, 0).contiguous()
-    ranks = torch.zeros(members.shape, dtype=torch.int8, device=keys.device)
-    larger = torch.empty(members.shape[1:], dtype=torch.bool, device=keys.device)
+def member_ranks(keys: Tensor) -> Tensor:
+    """Rank of each entry within its group for member-major keys (M, ...), largest first, int8 (M, ...): the
+    number of members with a larger key (ties, which have probability zero for continuous keys, go to the lower
+    index). One comparison per pair of members."""
+    m = keys.shape[0]
+    ranks = torch.arange(m, dtype=torch.int8, device=keys.device).view(m, *[1] * (keys.dim() - 1)).expand(keys.shape).contiguous()
+    larger = torch.empty(keys.shape[1:], dtype=torch.int8, device=keys.device)
     for i in range(m):
-        for j in range(m):
-            if j < i:
-                torch.ge(members[j], members[i], out=larger)
-            elif j > i:
-                torch.gt(members[j], members[i], out=larger)
-            else:
-                continue
+        for j in range(i + 1, m):
+            torch.gt(keys[j], keys[i], out=larger)  # j outranks i; otherwise i outranks j (ranks[j] starts at j)
             ranks[i].add_(larger)
-    return ranks.movedim(0, -1).contiguous()
+            ranks[j].sub_(larger)
+    return ranks
 
 
 def group_softmax(logits: Tensor) -> Tensor:
@@ -103,31 +128,35 @@ def log_prob_ranks(logits: Tensor, ranks: Tensor, n: int) -> Tensor:
     return total
 
 
-def softmax_and_logsumexp_(logits: Tensor) -> Tensor:
-    """Turn `logits` (..., M) in place into softmax over the last dimension and return its logsumexp (...):
-    one buffer for both (fresh full-size buffers cost more than the arithmetic on the CPU); -inf entries get 0."""
-    top = logits.amax(dim=-1, keepdim=True)
-    logits.sub_(top).exp_()
-    total = logits.sum(dim=-1, keepdim=True)
-    logits.div_(total)
-    return (top + total.log()).squeeze(-1)
+def member_softmax_(out: Tensor, members: Tensor, excluded: Tensor | None = None) -> Tensor:
+    """Write into `out` (M, ...) the softmax over the members (M, ...) of each group, leaving out the `excluded`
+    ones (probability 0), and return the logsumexp over the members kept (...). Member-major, so that the
+    reductions over a group run over contiguous slabs."""
+    out.copy_(members)
+    if excluded is not None:
+        out.masked_fill_(excluded, -math.inf)
+    top = out.amax(dim=0)
+    out.sub_(top).exp_()
+    total = out.sum(dim=0)
+    out.div_(total)
+    return total.log_().add_(top)
 
 
 def grad_log_prob_pair(logits: Tensor, ranks: Tensor) -> Tensor:
     """∇_π log p({a, b} | π) for N = 2 in closed form (a, b: the members of draw rank 0 and 1): with p = softmax(π)
     and q⁽ᵃ⁾ = softmax(π without a), the orders (a, b) and (b, a) have weights w and 1 − w,
     w = sigmoid(log Pr(a, b) − log Pr(b, a)), and the gradient is 1[kept] − p − w q⁽ᵃ⁾ − (1 − w) q⁽ᵇ⁾ (Eq. 18,
-    in log space). Three full-size buffers, all updated in place."""
-    probabilities = logits.clone()
-    softmax_and_logsumexp_(probabilities)
-    without_first = logits.masked_fill(ranks == 0, -math.inf)
-    normaliser_first = softmax_and_logsumexp_(without_first)
-    without_second = logits.masked_fill(ranks == 1, -math.inf)
-    normaliser_second = softmax_and_logsumexp_(without_second)
+    in log space). Computed member-major in three buffers; returned as a (..., M) view of them."""
+    members, member_ranks_ = logits.movedim(-1, 0), ranks.movedim(-1, 0)
+    probabilities = torch.empty(members.shape, dtype=logits.dtype, device=logits.device)
+    without_first, without_second = torch.empty_like(probabilities), torch.empty_like(probabilities)
+    member_softmax_(probabilities, members)
+    normaliser_first = member_softmax_(without_first, members, member_ranks_ == 0)
+    normaliser_second = member_softmax_(without_second, members, member_ranks_ == 1)
     # log Pr(a, b) − log Pr(b, a) = (π_a − lse + π_b − lse⁽ᵃ⁾) − (π_b − lse + π_a − lse⁽ᵇ⁾) = lse⁽ᵇ⁾ − lse⁽ᵃ⁾
-    weight = torch.sigmoid(normaliser_second - normaliser_first).unsqueeze(-1)
-    probabilities.add_(without_first.mul_(weight)).add_(without_second.mul_(1 - weight))
-    return probabilities.neg_().add_(ranks < 2)
+    weight = normaliser_second.sub_(normaliser_first).sigmoid_()
+    probabilities.add_(without_first.mul_(weight)).add_(without_second.mul_(weight.neg_().add_(1)))
+    return probabilities.neg_().add_(member_ranks_ < 2).movedim(0, -1)
 
 
 def grad_log_prob_set_ranks(logits: Tensor, ranks: Tensor, n: int) -> Tensor:
@@ -216,7 +245,9 @@ class MaskPro:
 
     `initial_masks`: name -> keep mask (out, in) of the one-shot stage (m₀). Each step, `sample()` draws
     a mask per layer (as draw ranks), the caller measures L(m) and L(m₀) on one batch, and `update()`
-    applies Eq. 12. Memory: one float32 logit per weight; a draw is one int8 per weight.
+    applies Eq. 12. Memory: one float32 logit per weight; a draw is one int8 per weight; the sampling keys of
+    one layer at a time. On the CPU the uniforms come from RANDOM_STREAMS generators (seeded from `seed`) drawn
+    in parallel, so the samples depend on the seed only, not on the number of threads.
     """
 
     def __init__(self, initial_masks: dict[str, Tensor], n: int, m: int, *, lr: float = 50.0, logit_scale: float = 10.0,
@@ -229,11 +260,17 @@ class MaskPro:
         self.logits = {name: initial_logits(mask, m, logit_scale) for name, mask in initial_masks.items()}
         self.tracker = 0.0
         device = next(iter(self.logits.values())).device if self.logits else torch.device("cpu")
-        self.generator = torch.Generator(device=device).manual_seed(seed)
+        streams = RANDOM_STREAMS if device.type == "cpu" else 1
+        self.generators = [torch.Generator(device=device).manual_seed(seed * RANDOM_STREAMS + stream) for stream in range(streams)]
+        self.threads = min(streams, torch.get_num_threads())
+        largest = max((logits.numel() for logits in self.logits.values()), default=0)
+        self.keys = torch.empty(largest, device=device)  # the sampling keys of one layer
 
     def sample(self) -> dict[str, Tensor]:
         """A draw per layer: the draw rank of every weight, int8 (out, in/M, M); rank < N means kept."""
-        return {name: sample_ranks(logits, self.n, self.generator) for name, logits in self.logits.items()}
+        with ThreadPoolExecutor(self.threads) as pool:
+            return {name: sample_ranks(logits, self.n, self.generators, pool=pool if self.threads > 1 else None, scratch=self.keys)
+                    for name, logits in self.logits.items()}
 
     def masks(self, draws: dict[str, Tensor]) -> dict[str, Tensor]:
         """Keep masks (out, in) of the given draws."""

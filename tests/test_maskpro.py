@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -66,10 +67,21 @@ def test_set_probability_matches_brute_force_and_sums_to_one(n, m) -> None:
     assert total == pytest.approx(1.0, abs=1e-12)
 
 
-def test_sampled_set_frequencies_match_the_exact_probabilities() -> None:
+def sample_order_by_ranks(logits: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """sample_ranks as MaskPro calls it (member-major keys, three random streams drawn in a thread pool), as orders."""
+    streams = [generator, *(torch.Generator().manual_seed(int(seed)) for seed in torch.randint(0, 2**31, (2,), generator=generator))]
+    with ThreadPoolExecutor(2) as pool:
+        return ranks_to_order(sample_ranks(logits, n, streams, pool=pool), n)
+
+
+SAMPLERS = pytest.mark.parametrize("sampler", [sample_order, sample_order_by_ranks], ids=["gumbel-top-k", "ranks"])
+
+
+@SAMPLERS
+def test_sampled_set_frequencies_match_the_exact_probabilities(sampler) -> None:
     n, m, draws = 2, 4, 200_000
     logits = torch.tensor([1.5, 0.2, -0.7, 0.9])
-    order = sample_order(logits.expand(draws, m), n, torch.Generator().manual_seed(0))
+    order = sampler(logits.expand(draws, m), n, torch.Generator().manual_seed(0))
     codes = (order_to_mask(order, m).long() * torch.tensor([1, 2, 4, 8])).sum(-1)
     chi_square = 0.0
     sets = list(itertools.combinations(range(m), n))
@@ -82,10 +94,11 @@ def test_sampled_set_frequencies_match_the_exact_probabilities() -> None:
     assert chi_square < 20.5  # the 0.999 quantile of chi-square with 5 degrees of freedom
 
 
-def test_sampled_orders_follow_the_sequential_law() -> None:
+@SAMPLERS
+def test_sampled_orders_follow_the_sequential_law(sampler) -> None:
     """The first draw is softmax(π); the second, given the first, is softmax over the rest (Eq. 15)."""
     logits = torch.tensor([1.0, 0.0, -1.0, 0.5])
-    order = sample_order(logits.expand(100_000, 4), 2, torch.Generator().manual_seed(1))
+    order = sampler(logits.expand(100_000, 4), 2, torch.Generator().manual_seed(1))
     first = torch.bincount(order[:, 0], minlength=4).double() / len(order)
     assert torch.allclose(first, torch.softmax(logits.double(), 0), atol=0.006)
     after_zero = order[order[:, 0] == 0, 1]
@@ -113,13 +126,17 @@ def test_gradients_of_log_probabilities_match_autograd_and_finite_differences() 
 
 
 @pytest.mark.parametrize(("n", "m"), [(1, 4), (2, 4), (4, 8), (8, 16)])
-def test_sampled_ranks_are_the_gumbel_top_k_sample(n, m) -> None:
-    """sample_ranks draws the same keys as sample_order from the same generator state, so it inherits its law."""
+def test_sampled_ranks_are_a_permutation_per_group_and_do_not_depend_on_the_thread_pool(n, m) -> None:
     logits = torch.randn(6, 5, m, generator=torch.Generator().manual_seed(n)) * 4
-    ranks = sample_ranks(logits, n, torch.Generator().manual_seed(9))
+
+    def streams() -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(seed) for seed in (9, 10, 11)]
+
+    ranks = sample_ranks(logits, n, streams())
     assert ranks.dtype == torch.int8
     assert torch.equal(ranks.sort(dim=-1).values, torch.arange(m, dtype=torch.int8).expand_as(ranks))  # a permutation per group
-    assert torch.equal(ranks_to_order(ranks, n), sample_order(logits, n, torch.Generator().manual_seed(9)))
+    with ThreadPoolExecutor(3) as pool:
+        assert torch.equal(sample_ranks(logits, n, streams(), pool=pool, scratch=torch.empty(logits.numel() + 7)), ranks)
 
 
 def test_rank_gradient_equals_the_sequence_gradient_and_survives_large_logits() -> None:
