@@ -68,21 +68,28 @@ def negative_gumbel_noise_(noise: Tensor, generators: Sequence[torch.Generator |
     return noise.log_().neg_().log_()
 
 
+def buffer(scratch: Tensor | None, shape: torch.Size, like: Tensor, part: int = 0) -> Tensor:
+    """A float buffer of `shape`: the `part`-th slice of that size of the flat `scratch`, or a new tensor."""
+    if scratch is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    size = math.prod(shape)
+    return scratch.view(-1)[part * size : (part + 1) * size].view(shape)
+
+
 def sample_ranks(logits: Tensor, n: int, generators: torch.Generator | Sequence[torch.Generator | None] | None = None, *,
-                 pool: Executor | None = None, scratch: Tensor | None = None) -> Tensor:
+                 pool: Executor | None = None, scratch: Tensor | None = None, out: Tensor | None = None) -> Tensor:
     """One draw of N without replacement per group, as each position's draw rank (0 = first drawn; >= N: not
     drawn), int8 (..., M). Gumbel-top-k like `sample_order`, with the keys laid out member-major, (M, ...), so
-    that the rank comparisons run over contiguous memory; `scratch` (float, at least logits.numel()) holds them."""
+    that the rank comparisons run over contiguous memory; `scratch` (float, at least logits.numel()) holds them,
+    and `out` (int8, shaped like `logits`) receives the ranks."""
     if generators is None or isinstance(generators, torch.Generator):
         generators = [generators]
     members = logits.movedim(-1, 0)
-    if scratch is None:
-        keys = torch.empty(members.shape, dtype=logits.dtype, device=logits.device)
-    else:
-        keys = scratch.view(-1)[: members.numel()].view(members.shape)
+    keys = buffer(scratch, members.shape, logits)
     negative_gumbel_noise_(keys, generators, pool)
     torch.sub(members, keys, out=keys)
-    return member_ranks(keys).movedim(0, -1).contiguous()
+    ranks = member_ranks(keys).movedim(0, -1)
+    return ranks.contiguous() if out is None else out.copy_(ranks)
 
 
 def member_ranks(keys: Tensor) -> Tensor:
@@ -142,14 +149,14 @@ def member_softmax_(out: Tensor, members: Tensor, excluded: Tensor | None = None
     return total.log_().add_(top)
 
 
-def grad_log_prob_pair(logits: Tensor, ranks: Tensor) -> Tensor:
+def grad_log_prob_pair(logits: Tensor, ranks: Tensor, scratch: Tensor | None = None) -> Tensor:
     """∇_π log p({a, b} | π) for N = 2 in closed form (a, b: the members of draw rank 0 and 1): with p = softmax(π)
     and q⁽ᵃ⁾ = softmax(π without a), the orders (a, b) and (b, a) have weights w and 1 − w,
     w = sigmoid(log Pr(a, b) − log Pr(b, a)), and the gradient is 1[kept] − p − w q⁽ᵃ⁾ − (1 − w) q⁽ᵇ⁾ (Eq. 18,
-    in log space). Computed member-major in three buffers; returned as a (..., M) view of them."""
+    in log space). Computed member-major in three buffers (in `scratch`, at least 3 logits.numel(), when given);
+    returned as a (..., M) view of them."""
     members, member_ranks_ = logits.movedim(-1, 0), ranks.movedim(-1, 0)
-    probabilities = torch.empty(members.shape, dtype=logits.dtype, device=logits.device)
-    without_first, without_second = torch.empty_like(probabilities), torch.empty_like(probabilities)
+    probabilities, without_first, without_second = (buffer(scratch, members.shape, logits, part) for part in range(3))
     member_softmax_(probabilities, members)
     normaliser_first = member_softmax_(without_first, members, member_ranks_ == 0)
     normaliser_second = member_softmax_(without_second, members, member_ranks_ == 1)
@@ -159,13 +166,13 @@ def grad_log_prob_pair(logits: Tensor, ranks: Tensor) -> Tensor:
     return probabilities.neg_().add_(member_ranks_ < 2).movedim(0, -1)
 
 
-def grad_log_prob_set_ranks(logits: Tensor, ranks: Tensor, n: int) -> Tensor:
+def grad_log_prob_set_ranks(logits: Tensor, ranks: Tensor, n: int, scratch: Tensor | None = None) -> Tensor:
     """∇_π log p(m | π) of the unordered kept set m = {ranks < N} (Eq. 16-18) without autograd: the gradients of
     the N! draw orders of the set, weighted by each order's share of the set's probability, p(σ | π) / p(m | π)."""
     if n > MAX_SET_N:
         raise ValueError(f"the set probability sums over N! orders; N = {n} is too many (use the sequence estimator)")
     if n == 2:
-        return grad_log_prob_pair(logits, ranks)
+        return grad_log_prob_pair(logits, ranks, scratch)
     kept = kept_indices(ranks < n, n)
     steps = torch.arange(n, dtype=torch.int8, device=logits.device).expand(kept.shape)
     log_probs, gradients = [], []
@@ -264,29 +271,37 @@ class MaskPro:
         self.generators = [torch.Generator(device=device).manual_seed(seed * RANDOM_STREAMS + stream) for stream in range(streams)]
         self.threads = min(streams, torch.get_num_threads())
         largest = max((logits.numel() for logits in self.logits.values()), default=0)
-        self.keys = torch.empty(largest, device=device)  # the sampling keys of one layer
+        # one layer at a time: its sampling keys, or the three buffers of the N = 2 set gradient
+        self.scratch = torch.empty(3 * largest, device=device)
 
-    def sample(self) -> dict[str, Tensor]:
-        """A draw per layer: the draw rank of every weight, int8 (out, in/M, M); rank < N means kept."""
+    def sample(self, out: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """A draw per layer: the draw rank of every weight, int8 (out, in/M, M); rank < N means kept. With `out`
+        (name -> int8 tensor of that shape, e.g. the previous draw once it is used), the ranks are written there."""
+        out = out or {}
         with ThreadPoolExecutor(self.threads) as pool:
-            return {name: sample_ranks(logits, self.n, self.generators, pool=pool if self.threads > 1 else None, scratch=self.keys)
-                    for name, logits in self.logits.items()}
+            return {name: sample_ranks(logits, self.n, self.generators, pool=pool if self.threads > 1 else None, scratch=self.scratch,
+                                       out=out.get(name)) for name, logits in self.logits.items()}
 
-    def masks(self, draws: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Keep masks (out, in) of the given draws."""
-        return {name: (ranks < self.n).flatten(1) for name, ranks in draws.items()}
+    def masks(self, draws: dict[str, Tensor], out: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Keep masks (out, in) of the given draws; written into `out` (name -> bool (out, in)) when given."""
+        if out is None:
+            return {name: (ranks < self.n).flatten(1) for name, ranks in draws.items()}
+        for name, ranks in draws.items():
+            torch.lt(ranks, self.n, out=out[name].view(ranks.shape))
+        return out
 
-    def grad_log_prob(self, name: str, ranks: Tensor) -> Tensor:
+    def grad_log_prob(self, name: str, ranks: Tensor, scratch: Tensor | None = None) -> Tensor:
+        """∇ log p(draw | π) of one layer for the configured estimator (a view of `scratch` when given)."""
         logits = self.logits[name]
         if self.estimator == "set":
-            return grad_log_prob_set_ranks(logits, ranks, self.n)
+            return grad_log_prob_set_ranks(logits, ranks, self.n, scratch)
         return grad_log_prob_ranks(logits, ranks, self.n)
 
     def update(self, draws: dict[str, Tensor], residual: float) -> None:
         """Eq. 12 with residual = L(m) − L(m₀) measured on one batch; then the tracker moves."""
         advantage = residual - self.tracker
         for name, ranks in draws.items():
-            self.logits[name].sub_(self.grad_log_prob(name, ranks), alpha=self.lr * advantage)
+            self.logits[name].sub_(self.grad_log_prob(name, ranks, self.scratch), alpha=self.lr * advantage)
         self.tracker = self.alpha * self.tracker + (1 - self.alpha) * residual
 
     def final_masks(self) -> dict[str, Tensor]:

@@ -197,6 +197,7 @@ def refine(model: nn.Module, layers: dict[str, nn.Module], initial: dict[str, Te
         baselines: dict[int, float] = {}
         generator = torch.Generator().manual_seed(settings.seed)
         order: list[int] = []
+        draws: dict[str, Tensor] = {}
         residuals: list[float] = []
         model.eval()
         started = time.perf_counter()
@@ -210,8 +211,8 @@ def refine(model: nn.Module, layers: dict[str, nn.Module], initial: dict[str, Te
                 baselines[index] = language_model_loss(model, batches[index])
             synchronize(device)
             sampled = time.perf_counter()
-            draws = refiner.sample()
-            use(refiner.masks(draws))
+            draws = refiner.sample(out=draws)  # the previous draw's buffers
+            refiner.masks(draws, out={name: keeper.mask for name, keeper in keepers.items()})
             synchronize(device)
             forwarded = time.perf_counter()
             residual = language_model_loss(model, batches[index]) - baselines[index]
