@@ -279,8 +279,8 @@ class MaskPro:
         (name -> int8 tensor of that shape, e.g. the previous draw once it is used), the ranks are written there."""
         out = out or {}
         with ThreadPoolExecutor(self.threads) as pool:
-            return {name: sample_ranks(logits, self.n, self.generators, pool=pool if self.threads > 1 else None, scratch=self.scratch,
-                                       out=out.get(name)) for name, logits in self.logits.items()}
+            return {name: sample_ranks(logits, self.n, self.generators, pool=pool, scratch=self.scratch, out=out.get(name))
+                    for name, logits in self.logits.items()}
 
     def masks(self, draws: dict[str, Tensor], out: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """Keep masks (out, in) of the given draws; written into `out` (name -> bool (out, in)) when given."""
