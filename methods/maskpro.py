@@ -22,6 +22,7 @@ from torch import Tensor
 ESTIMATORS = ("set", "sequence")
 MAX_SET_N = 4  # the set probability sums over N! orders
 RANDOM_STREAMS = 8  # CPU generators drawing a layer's uniforms in parallel
+UNDERFLOW = 2.0**-100  # 1 − p_a below this: the N = 2 gradient of that group is recomputed in log space
 
 
 def grouped(tensor: Tensor, m: int) -> Tensor:
@@ -80,24 +81,25 @@ def sample_ranks(logits: Tensor, n: int, generators: torch.Generator | Sequence[
                  pool: Executor | None = None, scratch: Tensor | None = None, out: Tensor | None = None) -> Tensor:
     """One draw of N without replacement per group, as each position's draw rank (0 = first drawn; >= N: not
     drawn), int8 (..., M). Gumbel-top-k like `sample_order`, with the keys laid out member-major, (M, ...), so
-    that the rank comparisons run over contiguous memory; `scratch` (float, at least logits.numel()) holds them,
-    and `out` (int8, shaped like `logits`) receives the ranks."""
+    that the rank comparisons run over contiguous memory; `scratch` (float, at least logits.numel()) holds them.
+    The ranks are written into `out` (int8, shaped like `logits`) when given, else into a new member-major
+    tensor; either way the result is an (..., M) view."""
     if generators is None or isinstance(generators, torch.Generator):
         generators = [generators]
     members = logits.movedim(-1, 0)
     keys = buffer(scratch, members.shape, logits)
     negative_gumbel_noise_(keys, generators, pool)
     torch.sub(members, keys, out=keys)
-    ranks = member_ranks(keys).movedim(0, -1)
-    return ranks.contiguous() if out is None else out.copy_(ranks)
+    return member_ranks(keys, None if out is None else out.movedim(-1, 0)).movedim(0, -1)
 
 
-def member_ranks(keys: Tensor) -> Tensor:
+def member_ranks(keys: Tensor, out: Tensor | None = None) -> Tensor:
     """Rank of each entry within its group for member-major keys (M, ...), largest first, int8 (M, ...): the
     number of members with a larger key (ties, which have probability zero for continuous keys, go to the lower
-    index). One comparison per pair of members."""
+    index). One comparison per pair of members; written into `out` when given."""
     m = keys.shape[0]
-    ranks = torch.arange(m, dtype=torch.int8, device=keys.device).view(m, *[1] * (keys.dim() - 1)).expand(keys.shape).contiguous()
+    ranks = torch.empty(keys.shape, dtype=torch.int8, device=keys.device) if out is None else out
+    ranks.copy_(torch.arange(m, dtype=torch.int8, device=keys.device).view(m, *[1] * (keys.dim() - 1)).expand(keys.shape))
     larger = torch.empty(keys.shape[1:], dtype=torch.int8, device=keys.device)
     for i in range(m):
         for j in range(i + 1, m):
@@ -135,35 +137,35 @@ def log_prob_ranks(logits: Tensor, ranks: Tensor, n: int) -> Tensor:
     return total
 
 
-def member_softmax_(out: Tensor, members: Tensor, excluded: Tensor | None = None) -> Tensor:
-    """Write into `out` (M, ...) the softmax over the members (M, ...) of each group, leaving out the `excluded`
-    ones (probability 0), and return the logsumexp over the members kept (...). Member-major, so that the
-    reductions over a group run over contiguous slabs."""
+def member_softmax_(out: Tensor, members: Tensor) -> Tensor:
+    """Write into `out` (M, ...) the softmax over the members (M, ...) of each group and return it. Member-major, so
+    that the reductions over a group run over contiguous slabs."""
     out.copy_(members)
-    if excluded is not None:
-        out.masked_fill_(excluded, -math.inf)
-    top = out.amax(dim=0)
-    out.sub_(top).exp_()
-    total = out.sum(dim=0)
-    out.div_(total)
-    return total.log_().add_(top)
+    out.sub_(out.amax(dim=0)).exp_()
+    return out.div_(out.sum(dim=0))
 
 
 def grad_log_prob_pair(logits: Tensor, ranks: Tensor, scratch: Tensor | None = None) -> Tensor:
-    """∇_π log p({a, b} | π) for N = 2 in closed form (a, b: the members of draw rank 0 and 1): with p = softmax(π)
-    and q⁽ᵃ⁾ = softmax(π without a), the orders (a, b) and (b, a) have weights w and 1 − w,
-    w = sigmoid(log Pr(a, b) − log Pr(b, a)), and the gradient is 1[kept] − p − w q⁽ᵃ⁾ − (1 − w) q⁽ᵇ⁾ (Eq. 18,
-    in log space). Computed member-major in three buffers (in `scratch`, at least 3 logits.numel(), when given);
-    returned as a (..., M) view of them."""
+    """∇_π log p({a, b} | π) for N = 2 in closed form (a, b: the members of draw rank 0 and 1). With p = softmax(π),
+    the orders (a, b) and (b, a) have probabilities p_a p_b / (1 − p_a) and p_b p_a / (1 − p_b), so the first is
+    drawn first with weight w = (1 − p_b) / (2 − p_a − p_b), and (Eq. 18)
+    ∇ = 1[kept] − p − w p / (1 − p_a) · 1[≠ a] − (1 − w) p / (1 − p_b) · 1[≠ b].
+    One softmax, member-major, in three buffers (in `scratch`, at least 3 logits.numel(), when given); 1 − p_a is
+    summed over the other members, not subtracted. Groups where it underflows (a member ahead of all others by
+    more than ~70) are recomputed in log space. Returned as a (..., M) view of the buffers."""
     members, member_ranks_ = logits.movedim(-1, 0), ranks.movedim(-1, 0)
-    probabilities, without_first, without_second = (buffer(scratch, members.shape, logits, part) for part in range(3))
+    probabilities, but_first, but_second = (buffer(scratch, members.shape, logits, part) for part in range(3))
     member_softmax_(probabilities, members)
-    normaliser_first = member_softmax_(without_first, members, member_ranks_ == 0)
-    normaliser_second = member_softmax_(without_second, members, member_ranks_ == 1)
-    # log Pr(a, b) − log Pr(b, a) = (π_a − lse + π_b − lse⁽ᵃ⁾) − (π_b − lse + π_a − lse⁽ᵇ⁾) = lse⁽ᵇ⁾ − lse⁽ᵃ⁾
-    weight = normaliser_second.sub_(normaliser_first).sigmoid_()
-    probabilities.add_(without_first.mul_(weight)).add_(without_second.mul_(weight.neg_().add_(1)))
-    return probabilities.neg_().add_(member_ranks_ < 2).movedim(0, -1)
+    rest_first = torch.ne(member_ranks_, 0, out=but_first).mul_(probabilities).sum(dim=0)  # 1 − p_a
+    rest_second = torch.ne(member_ranks_, 1, out=but_second).mul_(probabilities).sum(dim=0)  # 1 − p_b
+    total = rest_first + rest_second
+    after_first, after_second = (rest_second / total).div_(rest_first), (rest_first / total).div_(rest_second)  # w / (1 − p_a), (1 − w) / (1 − p_b)
+    but_first.mul_(after_first).addcmul_(but_second, after_second).add_(probabilities)
+    gradient = torch.lt(member_ranks_, 2, out=probabilities).sub_(but_first).movedim(0, -1)
+    extreme = torch.minimum(rest_first, rest_second) < UNDERFLOW
+    if extreme.any():
+        gradient[extreme] = grad_log_prob_set(logits[extreme].double(), ranks[extreme] < 2, 2).to(logits.dtype)
+    return gradient
 
 
 def grad_log_prob_set_ranks(logits: Tensor, ranks: Tensor, n: int, scratch: Tensor | None = None) -> Tensor:
@@ -275,8 +277,9 @@ class MaskPro:
         self.scratch = torch.empty(3 * largest, device=device)
 
     def sample(self, out: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
-        """A draw per layer: the draw rank of every weight, int8 (out, in/M, M); rank < N means kept. With `out`
-        (name -> int8 tensor of that shape, e.g. the previous draw once it is used), the ranks are written there."""
+        """A draw per layer: the draw rank of every weight, int8 (out, in/M, M), a view of member-major memory;
+        rank < N means kept. With `out` (name -> such a tensor, e.g. the previous draw once it is used), the ranks
+        are written there."""
         out = out or {}
         with ThreadPoolExecutor(self.threads) as pool:
             return {name: sample_ranks(logits, self.n, self.generators, pool=pool, scratch=self.scratch, out=out.get(name))

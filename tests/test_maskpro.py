@@ -152,6 +152,12 @@ def test_rank_gradient_equals_the_sequence_gradient_and_survives_large_logits() 
     gradient = grad_log_prob_ranks(spread, sample_ranks(spread, 2, generator), 2)
     assert torch.isfinite(gradient).all()
     assert torch.isfinite(grad_log_prob_set_ranks(spread, sample_ranks(spread, 2, generator), 2)).all()
+    # float32 groups where 1 − p_a underflows (a member far ahead of all others) or does not: the closed-form
+    # N = 2 gradient against the float64 autograd one
+    extreme = torch.tensor([[[300.0, -300.0, 0.0, 150.0], [10.0, 0.0, 0.0, 0.0], [200.0, 100.0, 0.0, -50.0], [0.0, 0.0, 0.0, -90.0]]])
+    ranks = torch.tensor([[[0, 3, 2, 1], [2, 0, 1, 3], [1, 2, 0, 3], [3, 2, 1, 0]]], dtype=torch.int8)
+    expected = grad_log_prob_set(extreme.double(), ranks < 2, 2)
+    assert torch.allclose(grad_log_prob_set_ranks(extreme, ranks, 2).double(), expected, atol=1e-6)
     with_minus_infinity = torch.tensor([[1.0, -math.inf, 0.5, 2.0]])
     assert torch.allclose(group_softmax(with_minus_infinity), torch.softmax(with_minus_infinity, -1))
 
