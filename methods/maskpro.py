@@ -293,18 +293,18 @@ class MaskPro:
             torch.lt(ranks, self.n, out=out[name].view(ranks.shape))
         return out
 
-    def grad_log_prob(self, name: str, ranks: Tensor, scratch: Tensor | None = None) -> Tensor:
-        """∇ log p(draw | π) of one layer for the configured estimator (a view of `scratch` when given)."""
+    def grad_log_prob(self, name: str, ranks: Tensor) -> Tensor:
+        """∇ log p(draw | π) of one layer for the configured estimator (a view of the scratch buffers for N = 2)."""
         logits = self.logits[name]
         if self.estimator == "set":
-            return grad_log_prob_set_ranks(logits, ranks, self.n, scratch)
+            return grad_log_prob_set_ranks(logits, ranks, self.n, self.scratch)
         return grad_log_prob_ranks(logits, ranks, self.n)
 
     def update(self, draws: dict[str, Tensor], residual: float) -> None:
         """Eq. 12 with residual = L(m) − L(m₀) measured on one batch; then the tracker moves."""
         advantage = residual - self.tracker
         for name, ranks in draws.items():
-            self.logits[name].sub_(self.grad_log_prob(name, ranks, self.scratch), alpha=self.lr * advantage)
+            self.logits[name].sub_(self.grad_log_prob(name, ranks), alpha=self.lr * advantage)
         self.tracker = self.alpha * self.tracker + (1 - self.alpha) * residual
 
     def final_masks(self) -> dict[str, Tensor]:
