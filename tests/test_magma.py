@@ -139,3 +139,92 @@ def test_learning_rate_scaling_equals_rescaling_the_update(monkeypatch, mode, ma
         torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
     for index in slow_scores:
         torch.testing.assert_close(fast_scores[index], slow_scores[index], rtol=1e-5, atol=1e-6)
+
+
+def magma_by_hand(start: torch.Tensor, gradients: list[torch.Tensor], kept: list[torch.Tensor], *, rows: bool, smoothing: float = 0.9,
+                  lr: float = 0.05, weight_decay: float = 0.01, tau: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Algorithm 1 of seed 001 around AdamW, written out in float64. Every step, whatever the mask: AdamW's moments
+    μ ← β₁μ + (1 − β₁)g, ν ← β₂ν + (1 − β₂)g², its update Δ = lr·wd·θ + lr·μ̂/(√ν̂ + ε) (bias-corrected by the step
+    count), the score s̃ = sigmoid(cos(μ, g)/τ) per block (the whole tensor, or each row) and s = 0.9 s + 0.1 s̃
+    (s = s̃ at the first step). Then θ ← θ − s·m·Δ with m = kept[t] per block. Returns (θ, μ)."""
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    theta = start.double().clone()
+    moment, second = torch.zeros_like(theta), torch.zeros_like(theta)
+    score = None
+    for step, (gradient, mask) in enumerate(zip(gradients, kept, strict=True), 1):
+        gradient = gradient.double()
+        moment = beta1 * moment + (1 - beta1) * gradient
+        second = beta2 * second + (1 - beta2) * gradient**2
+        update = lr * weight_decay * theta + lr * (moment / (1 - beta1**step)) / ((second / (1 - beta2**step)).sqrt() + eps)
+        if rows:
+            cosine = (moment * gradient).sum(1) / (moment.norm(dim=1) * gradient.norm(dim=1))
+        else:
+            cosine = (moment * gradient).sum() / (moment.norm() * gradient.norm())
+        fresh = torch.sigmoid(cosine / tau)
+        score = fresh if score is None else smoothing * score + (1 - smoothing) * fresh
+        theta = theta - ((score * mask.double()).unsqueeze(1) if rows else score * mask.double()) * update
+    return theta, moment
+
+
+def run_magma(start: torch.Tensor, gradients: list[torch.Tensor], *, p: float, granularity: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """The wrapper on the same gradients: (θ, AdamW's first moment, which blocks moved at each step)."""
+    parameter = torch.nn.Parameter(start.clone())
+    magma = Magma(torch.optim.AdamW([parameter], lr=0.05, weight_decay=0.01), p=p, tau=2.0, granularity=granularity, seed=seed)
+    moved = []
+    for gradient in gradients:
+        before = parameter.detach().clone()
+        parameter.grad = gradient.clone()
+        magma.step()
+        changed = parameter.detach() != before
+        moved.append(changed.any(1) if granularity == "row" else changed.any().reshape(()))
+    return parameter.detach(), magma.base.state[parameter]["exp_avg"], moved
+
+
+def gradients_with_reversals(steps: int, seed: int) -> list[torch.Tensor]:
+    """A steady direction plus noise, reversed (at half the size) every fourth step: the momentum then points
+    against the new gradient."""
+    generator = torch.Generator().manual_seed(seed)
+    direction = torch.randn(4, 6, generator=generator)
+    return [(-0.5 if step % 4 == 3 else 1.0) * direction + 0.3 * torch.randn(4, 6, generator=generator) for step in range(steps)]
+
+
+def cosines_by_hand(gradients: list[torch.Tensor]) -> list[float]:
+    moment = torch.zeros_like(gradients[0], dtype=torch.float64)
+    values = []
+    for gradient in gradients:
+        moment = 0.9 * moment + 0.1 * gradient.double()
+        values.append(((moment * gradient).sum() / (moment.norm() * gradient.norm())).item())
+    return values
+
+
+def test_magma_scales_a_misaligned_update_down_as_algorithm_1_says() -> None:
+    gradients = gradients_with_reversals(6, seed=1)
+    assert min(cosines_by_hand(gradients)) < -0.3  # the case is really misaligned
+    start = torch.randn(4, 6, generator=torch.Generator().manual_seed(2))
+    theta, moment, _ = run_magma(start, gradients, p=1.0, granularity="tensor")
+    expected, expected_moment = magma_by_hand(start, gradients, [torch.tensor(1.0)] * 6, rows=False)
+    torch.testing.assert_close(theta.double(), expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(moment.double(), expected_moment, atol=1e-7, rtol=1e-5)
+
+
+def test_magma_uses_the_smoothed_score_not_the_fresh_one() -> None:
+    gradients = gradients_with_reversals(8, seed=3)
+    start = torch.randn(4, 6, generator=torch.Generator().manual_seed(4))
+    ones = [torch.ones(4)] * 8
+    smoothed, _ = magma_by_hand(start, gradients, ones, rows=True)
+    fresh, _ = magma_by_hand(start, gradients, ones, rows=True, smoothing=0.0)
+    assert (smoothed - fresh).abs().max() > 1e-3  # the two readings of the algorithm part ways here
+    theta, _, _ = run_magma(start, gradients, p=1.0, granularity="row")
+    torch.testing.assert_close(theta.double(), smoothed, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row"])
+def test_adam_moments_advance_on_steps_whose_update_is_masked(granularity: str) -> None:
+    gradients = gradients_with_reversals(12, seed=5)
+    start = torch.randn(4, 6, generator=torch.Generator().manual_seed(6))
+    theta, moment, moved = run_magma(start, gradients, p=0.5, granularity=granularity, seed=7)
+    masked = sum(int((~step).sum()) for step in moved)
+    assert 0 < masked < sum(step.numel() for step in moved)  # some blocks were skipped, some updated
+    expected, expected_moment = magma_by_hand(start, gradients, [step.float() for step in moved], rows=granularity == "row")
+    torch.testing.assert_close(theta.double(), expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(moment.double(), expected_moment, atol=1e-7, rtol=1e-5)

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from methods import PruningError, Target, get_method, magnitude, sparsegpt, wanda  # noqa: F401
 from methods.base import prune_count
+from methods.hessian import damped_inverse
 
 
 def random_problem(rows: int, columns: int, tokens: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -60,7 +61,7 @@ def test_sparsegpt_loss_is_the_output_error_it_causes() -> None:
     assert result.loss == pytest.approx(output_error(weight, result.weight.double(), inputs), rel=1e-3)
 
 
-def test_sparsegpt_beats_wanda_and_magnitude_on_correlated_inputs() -> None:
+def test_sparsegpt_beats_wanda_and_magnitude_on_a_pinned_correlated_problem() -> None:
     weight, inputs, hessian = random_problem(16, 64, 400, seed=3)
     norms = (inputs**2).mean(0).sqrt()
     for target in (Target(0.5), Target.from_options(pattern="2:4")):
@@ -171,3 +172,75 @@ def test_same_input_same_mask(name: str) -> None:
     first = run_method(name, weight.float(), inputs.float(), Target(0.5))
     second = run_method(name, weight.float(), inputs.float(), Target(0.5))
     assert torch.equal(first.mask, second.mask) and torch.equal(first.weight, second.weight)
+
+
+def sparsegpt_by_the_paper(weight: torch.Tensor, hessian: torch.Tensor, target: Target, mask_blocksize: int,
+                           percdamp: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """SparseGPT as seed 003 writes it, without lazy batching, in float64: dead inputs get H_jj = 1 and a zero weight
+    column; H + percdamp · mean(diag H) · I is inverted and U is the upper Cholesky factor of that inverse
+    (H⁻¹ = UᵀU). Columns are visited left to right; when column j opens a mask block (every `mask_blocksize`
+    columns, or every M for N:M) the mask of that block is chosen from the current weights by w²/[U]_jj²; then
+    every row that drops w_j takes the OBS step W[:, j:] −= (w_j / U_jj) U[j, j:]. Returns (weights, mask, loss)."""
+    work = weight.double().clone()
+    hessian = hessian.double().clone()
+    columns = hessian.shape[0]
+    dead = torch.diagonal(hessian) == 0
+    hessian[dead, dead] = 1.0
+    work[:, dead] = 0.0
+    hessian += percdamp * torch.diagonal(hessian).mean() * torch.eye(columns, dtype=torch.float64)
+    upper = torch.linalg.cholesky(torch.linalg.inv(hessian), upper=True)
+    mask = torch.ones_like(work, dtype=torch.bool)
+    loss = 0.0
+    width = target.m if target.is_nm else mask_blocksize
+    for j in range(columns):
+        if j % width == 0:
+            scores = work[:, j : j + width] ** 2 / torch.diagonal(upper)[j : j + width] ** 2
+            if target.is_nm:  # per row, keep the N highest of the group
+                for row in range(scores.shape[0]):
+                    dropped = scores[row].argsort()[: target.m - target.n]
+                    mask[row, j + dropped] = False
+            else:  # the lowest round(s · size) scores of the whole block, all rows together
+                count = round(scores.numel() * target.sparsity)
+                dropped = scores.flatten().argsort()[:count]
+                block = mask[:, j : j + width].clone()
+                block.view(-1)[dropped] = False
+                mask[:, j : j + width] = block
+        pruned = ~mask[:, j]
+        errors = work[pruned, j] / upper[j, j]
+        loss += (errors**2).sum().item() / 2
+        work[pruned, j:] -= errors.unsqueeze(1) * upper[j, j:].unsqueeze(0)
+    return work * mask, mask, loss
+
+
+@pytest.mark.parametrize("target", [Target(0.5), Target(0.7), Target.from_options(pattern="2:4"), Target.from_options(pattern="4:8")])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sparsegpt_equals_a_plain_transcription_of_the_paper(target: Target, seed: int) -> None:
+    weight, _, hessian = random_problem(12, 64, 300, seed=20 + seed)
+    hessian[5, :] = 0  # input 5 never fired
+    hessian[:, 5] = 0
+    result = sparsegpt.prune(weight.float(), hessian.float(), target, blocksize=32, mask_blocksize=16, percdamp=0.05)
+    expected_weight, expected_mask, expected_loss = sparsegpt_by_the_paper(weight, hessian, target, 16, 0.05)
+    assert torch.equal(result.mask, expected_mask)
+    torch.testing.assert_close(result.weight.double(), expected_weight, atol=1e-4, rtol=1e-4)
+    assert result.loss == pytest.approx(expected_loss, rel=1e-4)
+    assert result.details["dead_inputs"] == 1
+
+
+def test_the_factorised_hessian_is_damped_after_the_dead_input_fix(monkeypatch) -> None:
+    _, _, hessian = random_problem(1, 16, 100, seed=30)
+    hessian *= 50  # mean(diag H) far from 1, so that giving the dead input H_jj = 1 before or after the mean shows
+    hessian[2, :] = 0
+    hessian[:, 2] = 0
+    factorised = []
+    original = torch.linalg.cholesky_ex
+
+    def spy(matrix, *args, **kwargs):
+        factorised.append(matrix.clone())
+        return original(matrix, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", spy)
+    damped_inverse(hessian, 0.03)
+    fixed = hessian.clone()
+    fixed[2, 2] = 1.0
+    expected = fixed + 0.03 * torch.diagonal(fixed).mean() * torch.eye(16, dtype=hessian.dtype)
+    torch.testing.assert_close(factorised[0], expected, atol=0, rtol=1e-12)

@@ -7,8 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from calibration.text import TextSources
+from calibration.windows import sample_windows
 from methods import PruningError, owl
-from prune import prune_model
+from prune import load_model, prune_model
 from prune.cli import main
 from prune.models import layer_weight, prunable_layers, transformer_blocks
 
@@ -97,3 +99,31 @@ def test_owl_refuses_n_m_and_plots_the_allocation(model_folders, text_file, tmp_
     main([*common, "--sparsity", "0.5", "--allocation", "owl", "--owl-rule", "seed", "--output", str(tmp_path / "out")])
     assert (tmp_path / "out" / "allocation.png").stat().st_size > 1000
     assert "OWL allocation (seed rule" in capsys.readouterr().out
+
+
+def test_outlier_ratios_equal_a_hand_computation_on_the_dense_model(model_folders, text_file) -> None:
+    """D per block from the dense model's own forward: every prunable layer's inputs hooked, ‖X_j‖ = sqrt(mean x_j²),
+    scores |W_ij|·‖X_j‖ of all the block's layers together, D = share of them above M x their mean."""
+    _, report = prune_model(str(model_folders["llama"]), method="wanda", sparsity=0.5, calibration=str(text_file),
+                            allocation="owl", owl_m=3.0, **SMALL)
+    dense = load_model(str(model_folders["llama"]))
+    windows = sample_windows(TextSources(dense.tokenizer, calibration=str(text_file), evaluation=None).calibration_ids(), 8, 32, 0)
+    blocks = transformer_blocks(dense.model)[1]
+    inputs: dict[tuple[int, str], torch.Tensor] = {}
+
+    def record(key: tuple[int, str]):
+        def hook(module, args) -> None:
+            inputs[key] = args[0].reshape(-1, args[0].shape[-1])
+        return hook
+
+    hooks = [layer.register_forward_pre_hook(record((index, name))) for index, block in enumerate(blocks) for name, layer in prunable_layers(block).items()]
+    with torch.no_grad():
+        dense.model(input_ids=windows)
+    for hook in hooks:
+        hook.remove()
+    for index, block in enumerate(blocks):
+        scores = torch.cat([(layer_weight(layer).abs() * inputs[(index, name)].pow(2).mean(0).sqrt()).flatten()
+                            for name, layer in prunable_layers(block).items()])
+        expected = (scores > 3.0 * scores.mean()).double().mean().item()
+        assert expected > 0
+        assert report.allocation["blocks"][index]["outlier_ratio"] == pytest.approx(expected, abs=1.5 / scores.numel())

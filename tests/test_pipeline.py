@@ -62,19 +62,32 @@ def test_gpt2_conv1d_groups_run_along_the_inputs(model_folders, text_file) -> No
     assert torch.all(groups == 2)
 
 
-def test_llama_block_call_keeps_position_embeddings(model_folders, tokenizer) -> None:
-    loaded = load_model(str(model_folders["llama"]))
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_captured_block_calls_replay_the_models_own_forward(model_folders, tokenizer, architecture) -> None:
+    """Every block's output, computed by replaying what the first block was called with and feeding each output on,
+    equals the output of that block in the model's own forward pass (BERT with padded sentences)."""
+    loaded = load_model(str(model_folders[architecture]))
     _, blocks = transformer_blocks(loaded.model)
-    ids = torch.randint(0, len(tokenizer), (2, 16))
-    calls = capture_block_inputs(loaded.model, blocks[0], [{"input_ids": ids}], torch.device("cpu"))
-    assert "position_embeddings" in calls[0].kwargs
-    # the captured call reproduces the model's own first-block output
-    captured = {}
-    handle = blocks[0].register_forward_hook(lambda module, args, output: captured.setdefault("output", output))
-    loaded.model(input_ids=ids)
-    handle.remove()
-    expected = captured["output"][0] if isinstance(captured["output"], tuple) else captured["output"]
-    torch.testing.assert_close(run_block(blocks[0], calls[0]), expected)
+    ids = torch.randint(2, len(tokenizer), (2, 16), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids}
+    if architecture == "bert":
+        batch["attention_mask"] = torch.ones_like(ids)
+        batch["attention_mask"][1, 10:] = 0
+    calls = capture_block_inputs(loaded.model, blocks[0], [batch], torch.device("cpu"))
+    if architecture == "llama":
+        assert "position_embeddings" in calls[0].kwargs
+    outputs = []
+    handles = [block.register_forward_hook(lambda module, args, output: outputs.append(output[0] if isinstance(output, tuple) else output))
+               for block in blocks]
+    with torch.no_grad():
+        loaded.model(**batch)
+    for handle in handles:
+        handle.remove()
+    call = calls[0]
+    for block, expected in zip(blocks, outputs, strict=True):
+        replayed = run_block(block, call)
+        torch.testing.assert_close(replayed, expected)
+        call = call.with_hidden_states(replayed)
 
 
 def test_layers_fed_the_same_input_share_one_hessian(model_folders) -> None:
