@@ -22,15 +22,16 @@ from pathlib import Path
 import click
 import torch
 
+from calibration.conll import NerDataError, load_conll2003
 from calibration.sentences import sentence_batches
-from eval.ner import NerDataError, evaluate_ner, load_conll2003
-from methods import PruningError
+from eval.ner import evaluate_ner
+from methods import PruningError, get_method
 from prune.devices import resolve_device
-from prune.finetune import FinetuneSettings, fresh_copy, load_or_finetune
 from prune.models import MINILM, ModelError
 from prune.output import OutputError
 from prune.pipeline import PruneSettings, run_pipeline
 from prune.plots import headless_pyplot, save
+from prune.training import FinetuneSettings, fresh_copy, load_or_finetune
 
 RESUME_KEYS = ("model", "classifier", "test_sentences", "nsamples", "owl", "seed")  # what must match for runs to be kept
 QUICK = {"sparsities": "0.5,0.7", "nsamples": 64, "sample_sizes": "16,64", "test_limit": 500, "train_limit": 2000, "epochs": 1}
@@ -164,7 +165,7 @@ def run_study(data, model, methods, sparsities, allocations, nsamples, sample_si
         if not 0 < sparsity < 1:
             raise PruningError(f"sparsities must be in (0, 1), got {sparsity:g}")
     for method in {*methods, *sample_methods}:
-        PruneSettings(method=method, sparsity=0.5).resolved_method()  # an unknown method fails here, before any work
+        get_method(method)  # an unknown method fails here, before any work
     device = resolve_device(device_name)
     splits = load_conll2003(data)
     test = splits["test"][:test_limit] if test_limit else splits["test"]
@@ -199,7 +200,7 @@ def run_study(data, model, methods, sparsities, allocations, nsamples, sample_si
         report = run_pipeline(copy, settings, calibration_batches=batches)
         scores = evaluate_ner(copy.model, loaded.tokenizer, test, tuned.labels, device)
         run = {"method": method, "sparsity": sparsity, "allocation": allocation, "nsamples": size, "f1": scores.f1,
-               "precision": scores.precision, "recall": scores.recall, "prune_seconds": report.seconds["calibrate"] + report.seconds["prune"],
+               "precision": scores.precision, "recall": scores.recall, "prune_seconds": sum(report.seconds.get(stage, 0.0) for stage in ("calibrate", "allocate", "prune")),
                "method_seconds": report.prune_breakdown["method"], "achieved_sparsity": report.sparsity,
                "allocation_blocks": [block["sparsity"] for block in report.allocation["blocks"]] if report.allocation else None}
         study.runs.append(run)

@@ -25,10 +25,9 @@ from eval.perplexity import perplexity
 from methods import Target
 from prune import PruneSettings, load_model, run_pipeline
 from prune.devices import resolve_device
-from prune.models import transformer_blocks
-from prune.pipeline import dense_snapshot
+from prune.models import all_prunable_layers
 from prune.plots import plot_refine
-from prune.refine import RefineSettings, put_weights_under_mask, refine
+from prune.stages.refine import RefineSettings, dense_snapshot, put_weights_under_mask, refine
 
 DEFAULT_WIKITEXT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
@@ -65,14 +64,13 @@ def main(wikitext: Path, inits: str, pattern: str, steps: str, lr: float, logit_
     dense_state = {name: value.clone() for name, value in model.state_dict().items()}
     target = Target.from_options(pattern=pattern)
     settings = RefineSettings(steps=checkpoints[-1], lr=lr, logit_scale=logit_scale, alpha=alpha, batch=batch, seqlen=seqlen, windows=windows,
-                              holdout=8, weights=weights, estimator=estimator, progress=False)
+                              holdout=8, weights=weights, estimator=estimator)
     click.echo(f"SmolLM2-135M on {compute}, {pattern}; MaskPro lr {lr:g}, C {logit_scale:g}, α {alpha:g}, {estimator} estimator, {weights} weights; "
                f"batches of {batch} x {seqlen} tokens from {windows} wiki-sample windows; perplexity on {len(evaluation)} WikiText-2 windows of 512")
     results = []
     for method in split_list(inits):
         model.load_state_dict(dense_state)
-        blocks_name, blocks = transformer_blocks(model)
-        dense = dense_snapshot(blocks, blocks_name, list(range(len(blocks))), set())
+        dense = dense_snapshot(all_prunable_layers(model))
         report = run_pipeline(loaded, PruneSettings(method=method, pattern=pattern, nsamples=nsamples, seqlen=512, device=device, progress=False))
         before = perplexity(model, evaluation, compute, progress=False).value
         layers = {layer.name: model.get_submodule(layer.name) for layer in report.layers if layer.loss is not None}
@@ -87,7 +85,7 @@ def main(wikitext: Path, inits: str, pattern: str, steps: str, lr: float, logit_
 
         click.echo(f"\n{method} {pattern}: prune {report.seconds['prune']:.1f} s, perplexity {before:.2f}")
         result = refine(model, layers, initial, target, refine_windows[:windows], refine_windows[windows:], settings, compute,
-                        checkpoints=set(checkpoints), on_checkpoint=measure)
+                        progress=False, checkpoints=set(checkpoints), on_checkpoint=measure)
         after = perplexity(model, evaluation, compute, progress=False).value
         share = {part: getattr(result, f"seconds_{part}") / result.seconds for part in ("sampling", "forward", "update")}
         click.echo(f"  {result.seconds_per_step:.2f} s/step: sampling {share['sampling']:.1%} (target <= 15 %), forward {share['forward']:.1%}, "

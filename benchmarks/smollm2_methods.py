@@ -138,7 +138,7 @@ def run_one(method: str, target: str | None, allocation: str, options: dict) -> 
         reset_peak_memory()
         report = run_pipeline(loaded, settings)
         peak = memory_mb()["VmHWM"]
-        row["prune_seconds"] = report.seconds["calibrate"] + report.seconds["prune"]
+        row["prune_seconds"] = sum(report.seconds.get(stage, 0.0) for stage in ("calibrate", "allocate", "prune"))
         row["peak_mb"] = peak
         row["peak_over_baseline_mb"] = peak - baseline
         row["allowed_mb"] = memory_allowed_mb(loaded.model, report, options["nsamples"], options["seqlen"]) * 1.25

@@ -20,11 +20,11 @@ import torch
 
 from calibration.corpora import local_corpus
 from calibration.text import TextSources
-from calibration.windows import evaluation_windows, tokenize
+from calibration.windows import evaluation_windows, language_model_batches, tokenize
 from eval.perplexity import perplexity
 from prune import PruneSettings, load_model, run_pipeline
 from prune.devices import resolve_device
-from prune.recover import RECOVER_OPTIMIZERS, RecoverSettings, language_model_batches, recover
+from prune.stages.recover import RECOVER_OPTIMIZERS, RecoverSettings, recover
 
 DEFAULT_WIKITEXT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
@@ -74,8 +74,8 @@ def main(wikitext: Path, targets: str, optimizers: str, lrs: str, lr_of: str | N
             chosen = dict(item.split("=") for item in split_list(lr_of)) if lr_of else {}
             for lr in [float(chosen[optimizer])] if optimizer in chosen else [float(value) for value in split_list(lrs)]:
                 model.load_state_dict(pruned_state)
-                recover_settings = RecoverSettings(optimizer=optimizer, steps=steps, lr=lr, batch=batch, seqlen=seqlen, progress=False)
-                result = recover(model, language_model_batches(training_ids, seqlen, batch, seed=0), recover_settings, compute)
+                recover_settings = RecoverSettings(optimizer=optimizer, steps=steps, lr=lr, batch=batch, seqlen=seqlen)
+                result = recover(model, language_model_batches(training_ids, seqlen, batch, seed=0), recover_settings, compute, progress=False)
                 after = perplexity(model, evaluation, compute, progress=False).value
                 row = {
                     "target": target, "optimizer": optimizer, "lr": lr, "perplexity_before": before, "perplexity_after": after,

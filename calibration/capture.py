@@ -161,3 +161,17 @@ class LayerInputStatistics:
         for name, leader in self.leader.items():
             shared.setdefault(leader, []).append(name)
         return shared
+
+
+def run_calls(block: nn.Module, calls: list[BlockCall], statistics: LayerInputStatistics | None = None, *, advance: bool) -> None:
+    """Run every captured call through `block`, feeding `statistics` when given.
+
+    With `advance`, each call's hidden states are replaced by the block's output as soon as it is computed, so that
+    `calls` becomes the next block's inputs while holding one activation buffer.
+    """
+    for position, call in enumerate(calls):
+        if statistics is not None:
+            statistics.begin_batch(call.token_mask)
+        output = run_block(block, call)
+        if advance:
+            calls[position] = call.with_hidden_states(output)

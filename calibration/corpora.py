@@ -14,6 +14,7 @@ from urllib.parse import urlparse
 WIKI_SAMPLE = "wiki-sample"
 HUB_CORPORA = ("wikitext2", "c4")
 TEXT_SUFFIXES = {".txt", ".raw", ".text", ".md"}
+UNDECODABLE_SHARE = 0.05  # a file whose bytes are more than this share undecodable as UTF-8 is not text
 GENSIM_WIKI_DUMP = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 
 
@@ -89,10 +90,23 @@ def local_corpus(path: Path) -> Corpus:
             raise CorpusError(f"folder {path} holds no text files ({', '.join(sorted(TEXT_SUFFIXES))})")
     else:
         files = [path]
-    documents = tuple(text for text in (f.read_text(encoding="utf-8", errors="replace").strip() for f in files) if text)
+    documents = tuple(text for text in (read_text_file(f).strip() for f in files) if text)
     if not documents:
         raise CorpusError(f"{path} holds no text")
     return Corpus(str(path), documents)
+
+
+def read_text_file(path: Path) -> str:
+    """The UTF-8 text of a file (a few undecodable bytes replaced); CorpusError for a file that is not text: one that
+    holds NUL bytes, or whose bytes are mostly not UTF-8."""
+    data = path.read_bytes()
+    if b"\x00" in data:
+        raise CorpusError(f"{path} is not a text file (it holds NUL bytes)")
+    text = data.decode("utf-8", errors="replace")
+    undecodable = text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
+    if text and undecodable > UNDECODABLE_SHARE * len(text):
+        raise CorpusError(f"{path} is not a text file ({undecodable / len(text):.0%} of it is not UTF-8)")
+    return text
 
 
 def hub_connection_problem(timeout: float = 5.0) -> str | None:
@@ -126,7 +140,7 @@ def hub_corpus(name: str, split: str) -> Corpus:
     except Exception as error:  # datasets raises many kinds of connection and lookup errors
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CorpusError(
-            f"could not load the hub corpus {name!r} ({first_line}); offline, use --calibration wiki-sample or a local file"
+            f"could not load the hub corpus {name!r} ({first_line}); offline, use wiki-sample or a local file"
         ) from None
     return Corpus(name, documents)
 

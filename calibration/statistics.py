@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from methods.base import exact_matmul
-from methods.registry import COLUMN_NORMS, HESSIAN
+from methods.base import COLUMN_NORMS, HESSIAN, exact_matmul
 
 
 def _valid_rows(inputs: Tensor, token_mask: Tensor | None) -> Tensor:

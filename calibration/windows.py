@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -34,16 +36,18 @@ def tokenize_documents(tokenizer, documents: tuple[str, ...], piece_characters: 
     return torch.cat([tokenize(tokenizer, piece) for piece in pieces]) if pieces else torch.zeros(0, dtype=torch.long)
 
 
+def window_count(ids: Tensor, seqlen: int) -> int:
+    """How many non-overlapping windows of `seqlen` tokens the stream holds."""
+    return len(ids) // seqlen
+
+
 def sample_windows(ids: Tensor, nsamples: int, seqlen: int, seed: int) -> Tensor:
     """`nsamples` distinct non-overlapping windows of `seqlen` tokens, chosen at random (seeded): (nsamples, seqlen)."""
     if nsamples < 1 or seqlen < 1:
-        raise CorpusError(f"nsamples and seqlen must be positive, got {nsamples} and {seqlen}")
-    available = len(ids) // seqlen
+        raise CorpusError(f"the number and length of windows must be positive, got {nsamples} and {seqlen}")
+    available = window_count(ids, seqlen)
     if available < nsamples:
-        raise CorpusError(
-            f"the calibration corpus is too short: {len(ids)} tokens give {available} windows of {seqlen} tokens, "
-            f"{nsamples} requested (use a longer corpus, fewer --nsamples or a shorter --seqlen)"
-        )
+        raise CorpusError(f"the text is too short: {len(ids)} tokens give {available} windows of {seqlen} tokens, {nsamples} requested")
     generator = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(available, generator=generator)[:nsamples]
     return ids[: available * seqlen].reshape(available, seqlen)[chosen]
@@ -51,8 +55,27 @@ def sample_windows(ids: Tensor, nsamples: int, seqlen: int, seed: int) -> Tensor
 
 def evaluation_windows(ids: Tensor, seqlen: int, max_windows: int | None = None) -> Tensor:
     """The first `len // seqlen` (at most `max_windows`) consecutive non-overlapping windows: (windows, seqlen)."""
-    available = len(ids) // seqlen
+    available = window_count(ids, seqlen)
     count = available if max_windows is None else min(available, max_windows)
     if count < 1:
         raise CorpusError(f"the evaluation text is too short: {len(ids)} tokens, less than one window of {seqlen}")
     return ids[: count * seqlen].reshape(count, seqlen)
+
+
+def language_model_batches(ids: Tensor, seqlen: int, batch: int, seed: int) -> Iterator[dict]:
+    """Endless batches of non-overlapping windows of `ids` with their language-modelling labels, reshuffled (seeded)
+    each time all were seen."""
+    available = window_count(ids, seqlen)
+    if available < batch:
+        raise CorpusError(f"the text is too short: {len(ids)} tokens give {available} windows of {seqlen} tokens, a batch needs {batch}")
+    windows = ids[: available * seqlen].reshape(available, seqlen)
+
+    def batches() -> Iterator[dict]:
+        generator = torch.Generator().manual_seed(seed)
+        while True:
+            order = torch.randperm(available, generator=generator)
+            for start in range(0, available - batch + 1, batch):
+                chosen = windows[order[start : start + batch]]
+                yield {"input_ids": chosen, "labels": chosen}
+
+    return batches()

@@ -1,10 +1,11 @@
-"""Shared types of the one-shot pruning methods: the target a layer must reach and what a method returns."""
+"""Shared types of the one-shot pruning methods: the target a layer must reach, what a method returns, and the
+Method record that says everything a caller needs to know about a method (its statistic, options, checks, cost)."""
 
 from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -13,6 +14,11 @@ from torch import Tensor
 
 class PruningError(ValueError):
     """A request that cannot be carried out (bad target, a layer that cannot hold a pattern, a singular Hessian)."""
+
+
+# The calibration statistics a method can ask for (the accumulators live in calibration/statistics.py).
+HESSIAN = "hessian"  # H = (2/n) Σ x xᵀ over the calibration tokens of a layer's input
+COLUMN_NORMS = "column_norms"  # ‖X_j‖₂ = sqrt(mean over tokens of x_j²) per input feature
 
 
 @dataclass(frozen=True)
@@ -47,7 +53,7 @@ class Target:
 
     @classmethod
     def from_options(cls, sparsity: float | None = None, pattern: str | None = None) -> Target:
-        """Build a target from the user's `--sparsity` and/or `--pattern N:M` (N kept of every M)."""
+        """Build a target from a sparsity and/or a pattern 'N:M' (N kept of every M)."""
         if pattern is None:
             if sparsity is None:
                 raise PruningError("give a sparsity (e.g. 0.5) or a pattern (e.g. 2:4)")
@@ -61,7 +67,7 @@ class Target:
         implied = 1.0 - n / m
         if sparsity is not None and abs(float(sparsity) - implied) > 1e-9:
             raise PruningError(
-                f"--pattern {n}:{m} means sparsity {implied:g}, which conflicts with --sparsity {float(sparsity):g}"
+                f"pattern {n}:{m} means sparsity {implied:g}, which conflicts with sparsity {float(sparsity):g}"
             )
         return cls(implied, n, m)
 
@@ -84,6 +90,54 @@ class LayerResult:
     mask: Tensor  # bool, True = kept
     loss: float  # the method's own estimate of the output error it caused
     details: dict = field(default_factory=dict)  # method-specific facts worth reporting (damping used, ...)
+
+
+@dataclass(frozen=True)
+class MethodOption:
+    """A keyword option of a method's prune function, with its default (the function's own) and what it means."""
+
+    name: str
+    default: int | float
+    help: str
+
+
+def _no_notes(details: dict) -> list[str]:
+    return []
+
+
+@dataclass(frozen=True)
+class Method:
+    """A one-shot method: `prune(weight, statistic, target, **options) -> LayerResult` (`prune(weight, target,
+    **options)` when it needs no statistic), and everything a caller must know to run it: the statistic it needs,
+    its options, the check of their values, its work estimate and how its details read in a report."""
+
+    name: str
+    summary: str
+    prune: Callable[..., LayerResult]
+    statistic: str | None = None  # HESSIAN, COLUMN_NORMS, or None: no calibration data
+    options: tuple[MethodOption, ...] = ()
+    check: Callable[..., None] | None = None  # check(target, **options): PruningError about a value that cannot work
+    work: Callable[[int, int, Target], float] | None = None  # floating-point work of a (rows, columns) layer, if it can be large
+    notes: Callable[[dict], list[str]] = _no_notes  # LayerResult.details -> notes for the report
+
+    def resolved_options(self, given: dict) -> dict:
+        """Every option of the method: the given values over the defaults. An option the method does not take is an error."""
+        unknown = sorted(set(given) - {option.name for option in self.options})
+        if unknown:
+            raise PruningError(f"method {self.name} takes no option {', '.join(unknown)}")
+        return {option.name: given.get(option.name, option.default) for option in self.options}
+
+    def check_options(self, target: Target, given: dict) -> None:
+        """Raise PruningError when the options (given over the defaults) cannot serve the target."""
+        options = self.resolved_options(given)
+        if self.check is not None:
+            self.check(target, **options)
+
+    def run(self, weight: Tensor, statistic: Tensor | None, target: Target, options: dict) -> LayerResult:
+        """Prune one (out, in) weight to `target` given its statistic (None when the method needs none)."""
+        if self.statistic is None:
+            return self.prune(weight, target, **options)
+        return self.prune(weight, statistic, target, **options)
 
 
 def prune_count(size: int, sparsity: float) -> int:

@@ -10,6 +10,8 @@ from torch import Tensor
 from methods.base import PruningError
 
 DAMPING_RETRIES = 4  # each retry multiplies the damping by ten
+DEFAULT_PERCDAMP = 0.01  # λ = percdamp · mean(diag H), the SparseGPT paper's
+PERCDAMP_HELP = "damping added to diag H before inverting it, as a fraction of mean(diag H)"
 
 
 @dataclass
@@ -27,7 +29,28 @@ def dead_inputs(hessian: Tensor) -> Tensor:
     return torch.diagonal(hessian) == 0
 
 
-def damped_inverse(hessian: Tensor, percdamp: float = 0.01, *, upper_cholesky: bool = False) -> DampedInverse:
+def check_percdamp(percdamp: float) -> None:
+    """Damping must be a fraction >= 0 of mean(diag H)."""
+    if not percdamp >= 0:
+        raise PruningError(f"damping must be >= 0, got {percdamp:g}")
+
+
+def damping_notes(details: dict) -> list[str]:
+    """What `damped_inverse` had to do, as report notes (from a LayerResult's details)."""
+    notes = []
+    if details.get("damping_retries"):
+        notes.append(f"Cholesky failed; damping raised to {details['percdamp']:g} after {details['damping_retries']} retries")
+    if details.get("dead_inputs"):
+        notes.append(f"{details['dead_inputs']} dead inputs zeroed")
+    return notes
+
+
+def inverse_details(inverse: DampedInverse) -> dict:
+    """The facts of a damped inverse worth reporting, for LayerResult.details."""
+    return {"percdamp": inverse.percdamp, "damping_retries": inverse.retries, "dead_inputs": int(inverse.dead.sum().item())}
+
+
+def damped_inverse(hessian: Tensor, percdamp: float = DEFAULT_PERCDAMP, *, upper_cholesky: bool = False) -> DampedInverse:
     """Invert H + λI with λ = percdamp · mean(diag H), dead inputs given H_jj = 1.
 
     If the Cholesky factorisation fails, the damping is raised tenfold up to DAMPING_RETRIES times;
@@ -38,8 +61,7 @@ def damped_inverse(hessian: Tensor, percdamp: float = 0.01, *, upper_cholesky: b
         raise PruningError(f"a Hessian must be square, got shape {tuple(hessian.shape)}")
     if not torch.isfinite(hessian).all():
         raise PruningError("the Hessian has non-finite entries (NaN or inf in the calibration activations)")
-    if percdamp < 0:
-        raise PruningError(f"damping must be >= 0, got {percdamp}")
+    check_percdamp(percdamp)
     hessian = hessian.clone()
     dead = dead_inputs(hessian)
     diagonal = torch.diagonal(hessian)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from methods.base import LayerResult, Target, mask_for_target
+from methods.base import LayerResult, Method, Target, mask_for_target
 
 
 def prune(weight: Tensor, target: Target) -> LayerResult:
@@ -14,3 +14,6 @@ def prune(weight: Tensor, target: Target) -> LayerResult:
     mask = mask_for_target(magnitude, target, per_row=False)
     loss = (magnitude[~mask].float() ** 2).sum().item()
     return LayerResult(weight=weight.detach() * mask, mask=mask, loss=loss)
+
+
+METHOD = Method(name="magnitude", summary="smallest |W| of the whole layer; no calibration data", prune=prune)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from methods.base import LayerResult, PruningError, Target, exact_matmul, prune_count
-from methods.hessian import damped_inverse
+from methods.base import HESSIAN, LayerResult, Method, MethodOption, PruningError, Target, exact_matmul, prune_count
+from methods.hessian import DEFAULT_PERCDAMP, PERCDAMP_HELP, check_percdamp, damped_inverse, damping_notes, inverse_details
 
 ROW_BATCH_ELEMENTS = 2**25  # rows processed together: rows x inputs x inputs (each row's own H⁻¹) stays below this
 DOWNDATE_BLOCK = 64  # downdates held in factored form before they are applied to each row's H⁻¹ in one matrix product
@@ -22,7 +22,12 @@ def work(rows: int, columns: int, target: Target) -> float:
     return 2.0 * rows * removals * columns * columns
 
 
-def prune(weight: Tensor, hessian: Tensor, target: Target, *, percdamp: float = 0.01, row_batch: int | None = None) -> LayerResult:
+def check_options(target: Target, percdamp: float = DEFAULT_PERCDAMP) -> None:
+    """Raise PruningError when the damping cannot work."""
+    check_percdamp(percdamp)
+
+
+def prune(weight: Tensor, hessian: Tensor, target: Target, *, percdamp: float = DEFAULT_PERCDAMP, row_batch: int | None = None) -> LayerResult:
     """Prune each row of `weight` (out, in) to `target` by exact greedy OBS, given H = (2/n) X Xᵀ (in, in).
 
     Per row, repeatedly: remove the weight with the smallest w_j² / [H⁻¹]_jj, update the remaining
@@ -53,12 +58,7 @@ def prune(weight: Tensor, hessian: Tensor, target: Target, *, percdamp: float = 
             stop = min(start + row_batch, rows)
             block_loss = _prune_rows(work_weight[start:stop], mask[start:stop], hinv, removals, target)
             loss += block_loss
-    return LayerResult(
-        weight=(work_weight * mask).to(weight.dtype),
-        mask=mask,
-        loss=loss,
-        details={"percdamp": inverse.percdamp, "damping_retries": inverse.retries, "dead_inputs": int(inverse.dead.sum().item())},
-    )
+    return LayerResult(weight=(work_weight * mask).to(weight.dtype), mask=mask, loss=loss, details=inverse_details(inverse))
 
 
 def _prune_rows(weight: Tensor, mask: Tensor, hinv: Tensor, removals: int, target: Target, block: int = DOWNDATE_BLOCK) -> float:
@@ -104,3 +104,15 @@ def _prune_rows(weight: Tensor, mask: Tensor, hinv: Tensor, removals: int, targe
                 for offset in range(target.m):
                     blocked[rows_full, starts + offset] = True
     return loss.item()
+
+
+METHOD = Method(
+    name="obs",
+    summary="exact greedy Optimal Brain Surgeon per row; cost about 2 x rows x k x d², meant for small models or high sparsity",
+    prune=prune,
+    statistic=HESSIAN,
+    options=(MethodOption("percdamp", DEFAULT_PERCDAMP, PERCDAMP_HELP),),
+    check=check_options,
+    work=work,
+    notes=damping_notes,
+)

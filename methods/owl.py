@@ -7,17 +7,37 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from methods.base import PruningError
+from methods import wanda
+from methods.base import COLUMN_NORMS, PruningError
 
 SEED_RULE = "seed"
 LAMBDA_RULE = "lambda"
 RULES = (SEED_RULE, LAMBDA_RULE)
+STATISTIC = COLUMN_NORMS  # outliers are counted among the Wanda scores |W|·‖X‖
+DEFAULT_M = 5.0  # a score is an outlier above M x the block's mean (the OWL paper's)
+DEFAULT_LAMBDA = 0.08  # block sparsities span S ± λ (the OWL paper's)
 
 
 def outlier_ratio(scores: Sequence[Tensor], threshold: float) -> float:
     """D = fraction of the Wanda scores |W|·‖X‖ of a block's layers greater than `threshold` times their mean."""
     flat = torch.cat([s.reshape(-1).float() for s in scores])
     return (flat > threshold * flat.mean()).float().mean().item()
+
+
+def block_outlier_ratio(weights: Sequence[Tensor], column_norms: Sequence[Tensor], threshold: float) -> float:
+    """D of a block from its layers' (out, in) weights and the ‖X_j‖₂ of their inputs."""
+    return outlier_ratio([wanda.scores(weight, norms) for weight, norms in zip(weights, column_norms, strict=True)], threshold)
+
+
+def check_threshold(threshold: float) -> None:
+    if not threshold > 0:
+        raise PruningError(f"the outlier threshold M must be positive, got {threshold:g}")
+
+
+def check_lambda(sparsity: float, lam: float) -> None:
+    """λ must keep S ± λ inside [0, 1]."""
+    if not 0 <= lam <= min(sparsity, 1 - sparsity):
+        raise PruningError(f"λ must be in [0, min(S, 1 - S)] = [0, {min(sparsity, 1 - sparsity):g}] for sparsity {sparsity:g}, got {lam:g}")
 
 
 def weighted_mean(values: Tensor, weights: Tensor) -> float:
@@ -35,13 +55,12 @@ def allocate_seed(ratios: Sequence[float], parameters: Sequence[int], sparsity: 
     return allocation.tolist()
 
 
-def allocate_lambda(ratios: Sequence[float], parameters: Sequence[int], sparsity: float, lam: float = 0.08) -> list[float]:
+def allocate_lambda(ratios: Sequence[float], parameters: Sequence[int], sparsity: float, lam: float = DEFAULT_LAMBDA) -> list[float]:
     """The OWL paper's rule: D scaled to [0, 2λ], centred, block sparsity clipped to [S − λ, S + λ].
 
     The centre is found by bisection so that the parameter-weighted mean sparsity equals S after clipping.
     """
-    if not 0 <= lam <= min(sparsity, 1 - sparsity):
-        raise PruningError(f"--owl-lambda must be in [0, min(S, 1 - S)] = [0, {min(sparsity, 1 - sparsity):g}], got {lam:g}")
+    check_lambda(sparsity, lam)
     outliers = torch.tensor(ratios, dtype=torch.float64)
     weights = torch.tensor(parameters, dtype=torch.float64)
     spread = outliers.max() - outliers.min()
@@ -62,7 +81,7 @@ def allocate_lambda(ratios: Sequence[float], parameters: Sequence[int], sparsity
     return allocation((low + high) / 2).tolist()
 
 
-def allocate(rule: str, ratios: Sequence[float], parameters: Sequence[int], sparsity: float, lam: float = 0.08) -> list[float]:
+def allocate(rule: str, ratios: Sequence[float], parameters: Sequence[int], sparsity: float, lam: float = DEFAULT_LAMBDA) -> list[float]:
     """Per-block sparsities whose parameter-weighted mean is `sparsity`, by the seed or the lambda rule."""
     if rule == SEED_RULE:
         return allocate_seed(ratios, parameters, sparsity)

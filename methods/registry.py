@@ -1,52 +1,12 @@
-"""The one-shot methods by name, with the calibration statistics each needs."""
+"""The one-shot methods by the name the command takes."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-
-from torch import Tensor
-
 from methods import magnitude, obs, sparsegpt, wanda
-from methods.base import LayerResult, PruningError, Target
+from methods.base import Method, PruningError
 
-HESSIAN = "hessian"
-COLUMN_NORMS = "column_norms"
-
-
-@dataclass(frozen=True)
-class Method:
-    """A one-shot method: `run(weight, statistics, target, **options) -> LayerResult`."""
-
-    name: str
-    statistics: str | None  # HESSIAN, COLUMN_NORMS, or None when the method needs no calibration data
-    run: Callable[..., LayerResult]
-    summary: str
-    options: tuple[str, ...] = field(default_factory=tuple)  # keyword options `run` accepts
-
-
-def _magnitude(weight: Tensor, statistics: None, target: Target) -> LayerResult:
-    return magnitude.prune(weight, target)
-
-
-METHODS: dict[str, Method] = {
-    "magnitude": Method("magnitude", None, _magnitude, "smallest |W| of the whole layer; no calibration data"),
-    "wanda": Method("wanda", COLUMN_NORMS, wanda.prune, "smallest |W|·‖X‖ per output row; no weight update"),
-    "sparsegpt": Method(
-        "sparsegpt",
-        HESSIAN,
-        sparsegpt.prune,
-        "adaptive-mask OBS sweeps over the Cholesky factor of H⁻¹, with weight updates",
-        ("blocksize", "mask_blocksize", "percdamp"),
-    ),
-    "obs": Method(
-        "obs",
-        HESSIAN,
-        obs.prune,
-        "exact greedy Optimal Brain Surgeon per row; cost about 2 x rows x k x d², meant for small models or high sparsity",
-        ("percdamp",),
-    ),
-}
+METHODS: dict[str, Method] = {module.METHOD.name: module.METHOD for module in (magnitude, wanda, sparsegpt, obs)}
+DEFAULT_METHOD = sparsegpt.METHOD.name
 
 
 def get_method(name: str) -> Method:
@@ -55,3 +15,16 @@ def get_method(name: str) -> Method:
         return METHODS[name]
     except KeyError:
         raise PruningError(f"unknown method {name!r}: choose one of {', '.join(sorted(METHODS))}") from None
+
+
+def method_options() -> dict[str, tuple[int | float, str, list[str]]]:
+    """Every option any method takes: name -> (default, help, the methods taking it). An option shared by several
+    methods has one default and one meaning."""
+    options: dict[str, tuple[int | float, str, list[str]]] = {}
+    for method in METHODS.values():
+        for option in method.options:
+            default, help_text, users = options.setdefault(option.name, (option.default, option.help, []))
+            if (default, help_text) != (option.default, option.help):
+                raise AssertionError(f"option {option.name} means different things to different methods")
+            users.append(method.name)
+    return options

@@ -5,12 +5,26 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from methods.base import LayerResult, PruningError, Target, exact_matmul, mask_lowest_overall, mask_top_n_of_m
-from methods.hessian import damped_inverse
+from methods.base import (
+    HESSIAN,
+    LayerResult,
+    Method,
+    MethodOption,
+    PruningError,
+    Target,
+    exact_matmul,
+    mask_lowest_overall,
+    mask_top_n_of_m,
+)
+from methods.hessian import DEFAULT_PERCDAMP, PERCDAMP_HELP, check_percdamp, damped_inverse, damping_notes, inverse_details
+
+BLOCKSIZE = 128  # lazy-update block: columns swept before the rest of the layer is updated in one matrix product
+MASK_BLOCKSIZE = 64  # adaptive-mask block: columns whose mask is chosen together (the seed study's)
 
 
-def check_options(target: Target, blocksize: int, mask_blocksize: int) -> None:
-    """Raise PruningError when the block sizes cannot serve the target."""
+def check_options(target: Target, blocksize: int = BLOCKSIZE, mask_blocksize: int = MASK_BLOCKSIZE, percdamp: float = DEFAULT_PERCDAMP) -> None:
+    """Raise PruningError when the options cannot serve the target."""
+    check_percdamp(percdamp)
     if blocksize < 1 or mask_blocksize < 1:
         raise PruningError(f"block sizes must be positive, got blocksize={blocksize}, mask_blocksize={mask_blocksize}")
     if blocksize % mask_blocksize != 0:
@@ -24,9 +38,9 @@ def prune(
     hessian: Tensor,
     target: Target,
     *,
-    blocksize: int = 128,
-    mask_blocksize: int = 64,
-    percdamp: float = 0.01,
+    blocksize: int = BLOCKSIZE,
+    mask_blocksize: int = MASK_BLOCKSIZE,
+    percdamp: float = DEFAULT_PERCDAMP,
 ) -> LayerResult:
     """Prune `weight` (out, in) to `target`, updating the kept weights to compensate, given H = (2/n) X Xᵀ (in, in).
 
@@ -34,7 +48,7 @@ def prune(
     lowest w²/[U]_jj² of each block of `mask_blocksize` columns (across all rows) when the sweep reaches
     it; for N:M, the N highest of each group of M inputs of a row when the sweep reaches the group.
     """
-    check_options(target, blocksize, mask_blocksize)
+    check_options(target, blocksize, mask_blocksize, percdamp)
     rows, columns = weight.shape
     target.check_layer("weight", columns)
     if hessian.shape != (columns, columns):
@@ -81,14 +95,19 @@ def prune(
             # lazy batch update of all columns after the block, one matrix product
             work[:, end:] -= block_errors @ hinv[start:end, end:]
 
-    pruned = (work * mask).to(weight.dtype)
-    return LayerResult(
-        weight=pruned,
-        mask=mask,
-        loss=loss,
-        details={
-            "percdamp": inverse.percdamp,
-            "damping_retries": inverse.retries,
-            "dead_inputs": int(inverse.dead.sum().item()),
-        },
-    )
+    return LayerResult(weight=(work * mask).to(weight.dtype), mask=mask, loss=loss, details=inverse_details(inverse))
+
+
+METHOD = Method(
+    name="sparsegpt",
+    summary="adaptive-mask OBS sweeps over the Cholesky factor of H⁻¹, with weight updates",
+    prune=prune,
+    statistic=HESSIAN,
+    options=(
+        MethodOption("blocksize", BLOCKSIZE, "lazy-update block: columns swept before the rest of the layer is updated"),
+        MethodOption("mask_blocksize", MASK_BLOCKSIZE, "adaptive-mask block: columns whose mask is chosen together"),
+        MethodOption("percdamp", DEFAULT_PERCDAMP, PERCDAMP_HELP),
+    ),
+    check=check_options,
+    notes=damping_notes,
+)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from methods.base import LayerResult, PruningError, Target, mask_for_target
+from methods.base import COLUMN_NORMS, LayerResult, Method, PruningError, Target, mask_for_target
 
 
 def scores(weight: Tensor, column_norms: Tensor) -> Tensor:
@@ -26,3 +26,6 @@ def prune(weight: Tensor, column_norms: Tensor, target: Target) -> LayerResult:
     mask = mask_for_target(saliency, target, per_row=True)
     loss = (saliency[~mask] ** 2).sum().item()
     return LayerResult(weight=weight.detach() * mask, mask=mask, loss=loss)
+
+
+METHOD = Method(name="wanda", summary="smallest |W|·‖X‖ per output row; no weight update", prune=prune, statistic=COLUMN_NORMS)

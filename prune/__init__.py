@@ -5,10 +5,10 @@
 """
 
 from prune.models import LoadedModel, load_model
-from prune.pipeline import PruneSettings, prune_model, run_pipeline
-from prune.recover import RecoverSettings
-from prune.refine import RefineSettings
+from prune.pipeline import Pipeline, PruneSettings, prune_model, run_pipeline
 from prune.report import LayerReport, Report
+from prune.stages.recover import RecoverSettings
+from prune.stages.refine import RefineSettings
 
-__all__ = ["LayerReport", "LoadedModel", "PruneSettings", "RecoverSettings", "RefineSettings", "Report", "load_model", "prune_model",
+__all__ = ["LayerReport", "LoadedModel", "Pipeline", "PruneSettings", "RecoverSettings", "RefineSettings", "Report", "load_model", "prune_model",
            "run_pipeline"]

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Iterator
+
 import torch
+from torch import nn
 
 from methods import PruningError
 
@@ -23,3 +28,26 @@ def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work, so that wall-clock times mean something."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def on_device(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """Move `module` to `device` for the enclosed work, and back where it was afterwards."""
+    home = next(module.parameters()).device
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
+
+
+@contextlib.contextmanager
+def timed(totals: dict, key: str, device: torch.device | None = None) -> Iterator[None]:
+    """Add the seconds spent inside (until `device` finished its queued work) to totals[key]."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        if device is not None:
+            synchronize(device)
+        totals[key] = totals.get(key, 0.0) + time.perf_counter() - started

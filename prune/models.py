@@ -197,6 +197,12 @@ def prunable_layers(block: nn.Module) -> dict[str, nn.Module]:
     return {name: module for name, module in block.named_modules() if isinstance(module, (nn.Linear, Conv1D))}
 
 
+def all_prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every prunable layer of every transformer block, by its full name in the model."""
+    blocks_name, blocks = transformer_blocks(model)
+    return {f"{blocks_name}.{index}.{name}": layer for index, block in enumerate(blocks) for name, layer in prunable_layers(block).items()}
+
+
 def layer_weight(layer: nn.Module) -> Tensor:
     """The layer's weight as (out_features, in_features) (Conv1D stores it transposed)."""
     return layer.weight.data.T if isinstance(layer, Conv1D) else layer.weight.data

@@ -23,15 +23,18 @@ class LayerReport:
 
 @dataclass
 class Report:
-    method: str
-    target: dict  # {"sparsity": s, "pattern": "N:M" or None}
-    model: dict  # {"name", "source", "kind"}
-    calibration: dict  # {"source", "nsamples", "seqlen", "seed"} (+ "used": False when the method needs none)
+    """Each stage of the pipeline fills its own fields."""
+
+    model: dict  # {"name", "source", "kind", "blocks"}
     device: str
-    options: dict = field(default_factory=dict)
+    method: str = ""
+    target: dict = field(default_factory=dict)  # {"sparsity": s, "pattern": "N:M" or None}
+    calibration: dict = field(default_factory=dict)  # {"source", "nsamples", "seqlen", "seed", "used"}
+    options: dict = field(default_factory=dict)  # the method's options as run, propagation, Hessian precision
+    settings: dict = field(default_factory=dict)  # every option of the run, by the name the command and the API give it
     layers: list[LayerReport] = field(default_factory=list)
     sparsity: float = 0.0  # zeros over all pruned layers
-    seconds: dict = field(default_factory=dict)  # load, calibrate, prune, evaluate, total
+    seconds: dict = field(default_factory=dict)  # load, data, evaluate, calibrate, allocate, prune, refine, recover, total
     prune_breakdown: dict = field(default_factory=dict)  # seconds in statistics passes, method sweeps, propagation passes
     allocation: dict | None = None  # OWL: rule, owl_m, owl_lambda, and per block its outlier ratio, sparsity, parameters
     entity_f1: dict | None = None  # token classifiers calibrated on CoNLL: {"data", "sentences", "dense": {...}, "pruned": {...}}

@@ -137,7 +137,7 @@ def run_method(name: str, weight: torch.Tensor, inputs: torch.Tensor, target: Ta
     method = get_method(name)
     statistics = {"hessian": 2 * inputs.T @ inputs / inputs.shape[0], "column_norms": (inputs**2).mean(0).sqrt(), None: None}
     options = {"blocksize": 16, "mask_blocksize": 8} if name == "sparsegpt" else {}
-    return method.run(weight, statistics[method.statistics], target, **options)
+    return method.run(weight, statistics[method.statistic], target, method.resolved_options(options))
 
 
 shapes = st.tuples(st.integers(1, 12), st.sampled_from([16, 32, 48]))

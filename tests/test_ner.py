@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from eval.ner import IGNORED_LABEL, NerDataError, align_labels, entity_f1, entity_spans, read_conll, to_bio2, wnut16_path
+from calibration.conll import NerDataError, read_conll, to_bio2, wnut16_path
+from calibration.sentences import IGNORED_LABEL, align_labels
+from eval.ner import entity_f1, entity_spans
 
 SHARED_CONLL = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "conll2003"
 

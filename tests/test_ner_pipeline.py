@@ -14,21 +14,13 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoTokenizer
 
-from calibration.sentences import sentence_batches
-from eval.ner import (
-    IGNORED_LABEL,
-    Sentence,
-    encode_sentences,
-    entity_f1,
-    evaluate_ner,
-    pad_batch,
-    predict_tags,
-    read_conll_folder,
-)
+from calibration.conll import NerDataError, Sentence, read_conll_folder
+from calibration.sentences import IGNORED_LABEL, encode_sentences, pad_batch, sentence_batches
+from eval.ner import entity_f1, evaluate_ner, predict_tags
 from methods import PruningError
 from prune import PruneSettings, load_model, run_pipeline
-from prune.finetune import FinetuneSettings, cache_folder, fresh_copy, load_or_finetune
 from prune.models import TOKEN_CLASSIFICATION, layer_weight, package_folder, prunable_layers, transformer_blocks
+from prune.training import FinetuneSettings, cache_folder, fresh_copy, load_or_finetune
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "conll_bert.py"
 
@@ -132,12 +124,9 @@ def test_padded_sentence_calibration_equals_unpadded(model_folders, tokenizer, s
 
 
 def test_sentence_calibration_refuses_bad_sizes(tokenizer, splits) -> None:
-    with pytest.raises(PruningError, match="more than"):
-        sentence_batches(tokenizer, splits["train"], 10_000)
-    with pytest.raises(PruningError, match="at least 1"):
-        sentence_batches(tokenizer, splits["train"], 0)
-    with pytest.raises(PruningError, match="no calibration sentences"):
-        sentence_batches(tokenizer, [], 4)
+    for sentences, count in ((splits["train"], 10_000), (splits["train"], 0), ([], 4)):
+        with pytest.raises(NerDataError, match=f"cannot draw {count} of {len(sentences)} sentences"):
+            sentence_batches(tokenizer, sentences, count)
 
 
 def test_empty_calibration_batches_are_refused(model_folders) -> None:

@@ -7,11 +7,12 @@ import json
 import pytest
 import torch
 
+from calibration.corpora import CorpusError
+from calibration.windows import language_model_batches
 from eval.sparsity import nm_valid
-from methods import PruningError
 from prune import load_model, prune_model
 from prune.models import layer_weight, prunable_layers, transformer_blocks
-from prune.recover import RecoverSettings, language_model_batches, recover, split_parameters
+from prune.stages.recover import RecoverSettings, recover, split_parameters
 from tests.conftest import tiny_model
 from tests.test_cli import FAST, assert_one_line_error, run
 
@@ -26,7 +27,7 @@ def layer_weights(model) -> list[torch.Tensor]:
 @pytest.mark.parametrize("optimizer", ["magma", "adamw", "skipupdate"])
 def test_recovery_keeps_the_pattern_and_reports(model_folders, text_file, optimizer) -> None:
     loaded = load_model(str(model_folders["llama"]))
-    settings = RecoverSettings(optimizer, steps=6, lr=1e-3, batch=2, seqlen=32, log_every=2, debug=True, progress=False)
+    settings = RecoverSettings(optimizer, steps=6, lr=1e-3, batch=2, seqlen=32, log_every=2, debug=True)
     model, report = prune_model(loaded, method="sparsegpt", pattern="2:4", calibration=str(text_file), eval_data=str(text_file),
                                 eval_windows=2, recover=settings, **SMALL)
     for weight in layer_weights(model):
@@ -54,8 +55,8 @@ def test_only_attention_and_mlp_weights_move_unless_asked(tokenizer, train_other
     before_inside = [p.detach().clone() for p in inside]
     before_outside = [p.detach().clone() for p in outside]
     ids = torch.randint(0, len(tokenizer), (2000,), generator=torch.Generator().manual_seed(0))
-    settings = RecoverSettings("magma", steps=5, lr=1e-2, batch=2, seqlen=16, p=1.0, train_other=train_other, debug=True, progress=False)
-    result = recover(model, language_model_batches(ids, 16, 2, seed=0), settings, torch.device("cpu"))
+    settings = RecoverSettings("magma", steps=5, lr=1e-2, batch=2, seqlen=16, p=1.0, train_other=train_other, debug=True)
+    result = recover(model, language_model_batches(ids, 16, 2, seed=0), settings, torch.device("cpu"), progress=False)
 
     after = [layer.weight for block in blocks for layer in prunable_layers(block).values()]
     assert all(torch.all(weight[mask] == 0) for weight, mask in zip(after, zeros, strict=True))
@@ -74,8 +75,8 @@ def test_recovery_lowers_the_training_loss(tokenizer, optimizer) -> None:
             layer.weight.data[:, ::2] = 0
     model.lm_head.weight.data *= 25  # the head stays frozen: let it be able to express confident predictions
     ids = torch.arange(16).repeat(64)  # a text where each token foretells the next
-    settings = RecoverSettings(optimizer, steps=60, lr=1e-2, batch=4, seqlen=16, log_every=10, warmup=0.0, progress=False)
-    result = recover(model, language_model_batches(ids, 16, 4, seed=0), settings, torch.device("cpu"))
+    settings = RecoverSettings(optimizer, steps=60, lr=1e-2, batch=4, seqlen=16, log_every=10, warmup=0.0)
+    result = recover(model, language_model_batches(ids, 16, 4, seed=0), settings, torch.device("cpu"), progress=False)
     assert result.curve[-1]["loss"] < 0.5 * result.curve[0]["loss"], result.curve
     assert result.zeros_kept
 
@@ -83,8 +84,8 @@ def test_recovery_lowers_the_training_loss(tokenizer, optimizer) -> None:
 def test_recovery_schedule_warms_up_and_decays_to_a_tenth(tokenizer) -> None:
     model = tiny_model("llama", len(tokenizer))
     ids = torch.randint(0, len(tokenizer), (4000,), generator=torch.Generator().manual_seed(0))
-    settings = RecoverSettings("adamw", steps=20, lr=1e-3, batch=2, seqlen=16, log_every=1, warmup=0.1, progress=False)
-    rates = [point["lr"] for point in recover(model, language_model_batches(ids, 16, 2, seed=0), settings, torch.device("cpu")).curve]
+    settings = RecoverSettings("adamw", steps=20, lr=1e-3, batch=2, seqlen=16, log_every=1, warmup=0.1)
+    rates = [point["lr"] for point in recover(model, language_model_batches(ids, 16, 2, seed=0), settings, torch.device("cpu"), progress=False).curve]
     assert rates[0] == 0 and rates[1] < rates[2] == pytest.approx(1e-3)
     assert all(later <= earlier + 1e-12 for earlier, later in zip(rates[2:], rates[3:], strict=False))
     assert rates[-1] == pytest.approx(1e-4, rel=0.1)  # the last step runs just above the floor it would reach next
@@ -96,8 +97,8 @@ def test_language_model_batches_cycle_without_repeats_within_a_pass() -> None:
     first_pass = torch.cat([next(batches)["input_ids"] for _ in range(5)])
     assert sorted(first_pass[:, 0].tolist()) == list(range(0, 80, 8))
     assert next(batches)["input_ids"].shape == (2, 8)
-    with pytest.raises(PruningError, match="too short"):
-        next(language_model_batches(torch.arange(20), 8, 4, seed=0))
+    with pytest.raises(CorpusError, match="too short"):
+        language_model_batches(torch.arange(20), 8, 4, seed=0)
 
 
 def test_cli_recovery_writes_its_figure(model_folders, text_file, tmp_path, capsys) -> None:

@@ -11,12 +11,12 @@ from eval.sparsity import nm_valid
 from methods import PruningError, Target
 from prune import load_model, prune_model
 from prune.models import layer_weight, prunable_layers, transformer_blocks
-from prune.refine import RefineSettings, put_weights_under_mask, refine
+from prune.stages.refine import RefineSettings, put_weights_under_mask, refine
 from tests.conftest import tiny_model
 from tests.test_cli import FAST, assert_one_line_error, run
 
 SMALL = {"nsamples": 8, "seqlen": 32, "batch_size": 4, "progress": False}
-QUICK = {"steps": 12, "batch": 2, "seqlen": 32, "windows": 8, "holdout": 4, "log_every": 4, "progress": False}
+QUICK = {"steps": 12, "batch": 2, "seqlen": 32, "windows": 8, "holdout": 4, "log_every": 4}
 
 
 def named_layer_weights(model) -> dict[str, torch.Tensor]:
@@ -62,8 +62,8 @@ def test_the_weights_under_the_mask_are_the_documented_ones(tokenizer, weights) 
     initial = put_weights_under_mask(layers, dense, weights)
     assert all(torch.equal(initial[name], oneshot[name] != 0) and torch.equal(layer_weight(layers[name]), under[name]) for name in layers)
     ids = torch.randint(0, len(tokenizer), (64, 16), generator=torch.Generator().manual_seed(0))
-    settings = RefineSettings(steps=30, lr=500.0, logit_scale=1.0, alpha=0.9, batch=4, seqlen=16, windows=32, holdout=4, weights=weights, progress=False)
-    result = refine(model, layers, initial, Target.from_options(pattern="2:4"), ids[:32], ids[32:36], settings, torch.device("cpu"))
+    settings = RefineSettings(steps=30, lr=500.0, logit_scale=1.0, alpha=0.9, batch=4, seqlen=16, windows=32, holdout=4, weights=weights)
+    result = refine(model, layers, initial, Target.from_options(pattern="2:4"), ids[:32], ids[32:36], settings, torch.device("cpu"), progress=False)
     assert result.changed_groups > 0  # a large learning rate and a weak prior: the masks move
     for name, layer in layers.items():
         weight = layer_weight(layer)
@@ -111,7 +111,7 @@ def test_cli_refinement_bad_input(model_folders, text_file, tmp_path, capsys) ->
         assert_one_line_error(code, err, fragment)
     bert = ["--model", str(model_folders["bert"]), "--calibration", str(text_file), "--pattern", "2:4", "--refine", "maskpro", *FAST]
     code, _, err = run(bert, capsys)
-    assert_one_line_error(code, err, "call prune.refine.refine()")
+    assert_one_line_error(code, err, "call prune.stages.refine.refine()")
     assert not any(tmp_path.iterdir())
     with pytest.raises(PruningError, match="needs --pattern"):
         RefineSettings().check(Target.from_options(sparsity=0.5))

@@ -1,5 +1,6 @@
-"""Fine-tuning a token classifier (NER) from an encoder, with selection of the best checkpoint on the dev split,
-cached on disk so that a benchmark fine-tunes once."""
+"""Training on a task loss: the one loop every training stage uses (recovery after pruning, fine-tuning a token
+classifier, and the gradient-based methods to come), and fine-tuning a token classifier (NER) from an encoder with
+selection of the best checkpoint on the dev split, cached on disk so that a benchmark fine-tunes once."""
 
 from __future__ import annotations
 
@@ -8,17 +9,65 @@ import hashlib
 import json
 import random
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from eval.ner import EncodedSentence, Sentence, encode_sentences, evaluate_ner, label_names, pad_batch
+from calibration.conll import Sentence, label_names
+from calibration.sentences import EncodedSentence, encode_sentences, pad_batch
+from eval.ner import evaluate_ner
 from methods import PruningError
+from prune.devices import synchronize
 from prune.models import TOKEN_CLASSIFICATION, LoadedModel, ModelError, default_cache_dir, first_line, load_model
 from prune.output import write_atomically
+
+
+@dataclass
+class TrainingTimes:
+    forward_backward: float = 0.0  # seconds in forward and backward passes (and gradient clipping)
+    optimizer: float = 0.0  # seconds in the optimizers' steps
+
+
+def train(model: nn.Module, batches: Iterable[dict], steps: int, optimizers: Sequence, schedulers: Sequence, device: torch.device, *,
+          clip_norm: float | None = None, after_step: Callable[[int, float], None] | None = None, progress: bool = True,
+          description: str = "training") -> TrainingTimes:
+    """Minimise the task loss `model(**batch).loss` (batches carry their `labels`) for `steps` batches: per step one
+    forward and backward pass, the gradient norm clipped to `clip_norm` when given, one step of every optimizer, then
+    `after_step(step, loss)` (logging, evaluation) and one step of every scheduler. The model is in training mode
+    meanwhile and in evaluation mode afterwards. A loss that is not finite stops training with PruningError."""
+    times = TrainingTimes()
+    model.train()
+    try:
+        for step, batch in zip(tqdm(range(1, steps + 1), desc=description, unit="step", disable=not progress), batches, strict=False):
+            batch = {key: value.to(device) for key, value in batch.items()}
+            started = time.perf_counter()
+            loss = model(**batch).loss
+            if not torch.isfinite(loss):
+                raise PruningError(f"training diverged at step {step} (loss {loss.item()})")
+            loss.backward()
+            if clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+            synchronize(device)
+            middle = time.perf_counter()
+            for optimizer in optimizers:
+                optimizer.step()
+            synchronize(device)
+            times.forward_backward += middle - started
+            times.optimizer += time.perf_counter() - middle
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            if after_step is not None:
+                after_step(step, loss.item())
+            for scheduler in schedulers:
+                scheduler.step()
+    finally:
+        model.eval()
+    return times
 
 FINETUNE_RECORD = "finetune.json"
 
@@ -41,9 +90,9 @@ class FinetuneSettings:
     progress: bool = True
 
     def check(self) -> None:
-        for label, value in (("epochs", self.epochs), ("batch", self.batch), ("max-length", self.max_length), ("evals-per-epoch", self.evals_per_epoch)):
+        for label, value in (("epochs", self.epochs), ("batch", self.batch), ("max length", self.max_length), ("evaluations per epoch", self.evals_per_epoch)):
             if value < 1:
-                raise PruningError(f"fine-tuning --{label} must be at least 1, got {value}")
+                raise PruningError(f"fine-tuning {label} must be at least 1, got {value}")
         if not self.lr > 0:
             raise PruningError(f"fine-tuning lr must be positive, got {self.lr:g}")
         if not 0 <= self.warmup < 1:
@@ -107,9 +156,9 @@ def finetune_token_classifier(encoder: str, splits: dict[str, list[Sentence]], s
                               cache_dir: Path | None = None) -> tuple[LoadedModel, FinetuneResult]:
     """Train a token classifier head and the whole encoder on splits['train'], keeping the weights with the best dev F1."""
     settings.check()
-    train = splits["train"][: settings.train_limit] if settings.train_limit else splits["train"]
-    dev = splits["dev"][: settings.dev_limit] if settings.dev_limit else splits["dev"]
-    if not train or not dev:
+    train_sentences = splits["train"][: settings.train_limit] if settings.train_limit else splits["train"]
+    dev_sentences = splits["dev"][: settings.dev_limit] if settings.dev_limit else splits["dev"]
+    if not train_sentences or not dev_sentences:
         raise PruningError("fine-tuning needs training and dev sentences; a split is empty")
     names = label_names(splits["train"])
     label_ids = {name: index for index, name in enumerate(names)}
@@ -118,7 +167,7 @@ def finetune_token_classifier(encoder: str, splits: dict[str, list[Sentence]], s
     loaded = load_model(encoder, cache_dir=cache_dir, kind=TOKEN_CLASSIFICATION,
                         head_options={"id2label": dict(enumerate(names)), "label2id": label_ids, "ignore_mismatched_sizes": True})
     model, tokenizer = loaded.model, loaded.tokenizer
-    encoded = encode_sentences(tokenizer, train, label_ids, settings.max_length)
+    encoded = encode_sentences(tokenizer, train_sentences, label_ids, settings.max_length)
     generator = random.Random(settings.seed)
     steps_per_epoch = -(-len(encoded) // settings.batch)
     total = steps_per_epoch * settings.epochs
@@ -129,34 +178,30 @@ def finetune_token_classifier(encoder: str, splits: dict[str, list[Sentence]], s
     evaluate_every = max(1, steps_per_epoch // settings.evals_per_epoch)
     result = FinetuneResult(labels=names, settings=settings.identity(), encoder=encoder)
     best_state = None
+    running: list[float] = []
+
+    def epochs():
+        for _ in range(settings.epochs):
+            for indices in shuffled_batches(encoded, settings.batch, generator):
+                yield pad_batch(tokenizer, [encoded[index] for index in indices])
+
+    def after_step(step: int, loss: float) -> None:
+        nonlocal best_state
+        running.append(loss)
+        if step % evaluate_every == 0 or step == total:
+            model.eval()
+            dev_f1 = evaluate_ner(model, tokenizer, dev_sentences, names, device).f1
+            model.train()
+            result.history.append({"epoch": -(-step // steps_per_epoch), "step": step, "train_loss": sum(running) / len(running), "dev_f1": dev_f1})
+            running.clear()
+            if dev_f1 > result.best_dev_f1 or best_state is None:
+                result.best_dev_f1, result.best_step = dev_f1, step
+                best_state = {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
+
     model.to(device)
     started = time.perf_counter()
-    step = 0
-    running = []
-    bar = tqdm(total=total, desc="fine-tuning", unit="step", disable=not settings.progress)
-    for epoch in range(settings.epochs):
-        for indices in shuffled_batches(encoded, settings.batch, generator):
-            model.train()
-            batch = pad_batch(tokenizer, [encoded[index] for index in indices])
-            loss = model(**{key: value.to(device) for key, value in batch.items()}).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            running.append(loss.item())
-            step += 1
-            bar.update()
-            if step % evaluate_every == 0 or step == total:
-                model.eval()
-                dev_f1 = evaluate_ner(model, tokenizer, dev, names, device).f1
-                result.history.append({"epoch": epoch + 1, "step": step, "train_loss": sum(running) / len(running), "dev_f1": dev_f1})
-                running.clear()
-                bar.set_postfix(dev_f1=f"{dev_f1:.4f}")
-                if dev_f1 > result.best_dev_f1 or best_state is None:
-                    result.best_dev_f1, result.best_step = dev_f1, step
-                    best_state = {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
-    bar.close()
+    train(model, epochs(), total, [optimizer], [schedule], device, clip_norm=1.0, after_step=after_step, progress=settings.progress,
+          description="fine-tuning")
     model.load_state_dict(best_state)
     model.to("cpu").eval()
     result.seconds = time.perf_counter() - started

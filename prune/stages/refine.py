@@ -1,4 +1,4 @@
-"""MaskPro refinement of N:M masks after the one-shot stage (seed 002): forward passes only, no backprop.
+"""The refine stage: MaskPro refinement of N:M masks after the one-shot stage (seed 002): forward passes only.
 
 The layers pruned in the one-shot stage are refined jointly. Each step draws a mask per layer from the
 policy (methods.maskpro), measures the language-modelling loss L(m) on one calibration batch, and moves
@@ -24,10 +24,14 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
+from calibration.windows import sample_windows, window_count
+from eval.sparsity import nm_valid, zero_fraction
 from methods import PruningError, Target
 from methods.maskpro import ESTIMATORS, MAX_SET_N, MaskPro, grouped
 from prune.devices import synchronize
-from prune.models import layer_weight
+from prune.models import CAUSAL_LM, layer_weight
+from prune.run import Run, Stage
+from prune.settings import check_fields, option
 
 REFINE_METHODS = ("maskpro",)
 REFINE_ESTIMATORS = ("auto", *ESTIMATORS)
@@ -38,41 +42,30 @@ UNDER_MASK = ("oneshot", "dense")
 class RefineSettings:
     """What the refinement stage does (seed 002's defaults for lr, logit scale and α)."""
 
-    method: str = "maskpro"
-    steps: int = 100
-    lr: float = 50.0
-    logit_scale: float = 10.0  # C in π₀ = C · m₀
-    alpha: float = 0.99  # the tracker's moving-average factor
-    batch: int = 4  # windows per step
-    seqlen: int = 256
-    windows: int = 64  # training windows, in fixed batches (L(m₀) is measured once per batch)
-    holdout: int = 8  # held-out windows on which the final mask is compared with m₀
-    candidates: int = 0  # also draw K masks from the learned policy; keep the best of top-N, the K draws and m₀ on the held-out windows
-    weights: str = "oneshot"  # which weights sit under the mask: 'oneshot' or 'dense'
-    estimator: str = "auto"  # ∇log p of the unordered set ('set', Eq. 16, N <= 4), of the sampled draw order ('sequence'), or 'auto': set when N <= 4
-    seed: int = 0
-    log_every: int = 10
-    progress: bool = True
+    method: str = option("maskpro", "--refine", "After pruning to N:M, learn better masks of the pruned layers by MaskPro policy gradient "
+                         "(forward passes only).", choices=REFINE_METHODS, switch=True)
+    steps: int = option(100, "--refine-steps", "MaskPro steps (one mask draw and one forward pass each).", minimum=1)
+    lr: float = option(50.0, "--refine-lr", "MaskPro learning rate of the logits (paper: 50).", positive=True)
+    logit_scale: float = option(10.0, "--refine-logit-scale", "C in π₀ = C · m₀ (paper: 10).", positive=True)
+    alpha: float = option(0.99, "--refine-alpha", "Moving-average factor of the loss-residual tracker, in [0, 1) (paper: 0.99).")
+    batch: int = option(4, "--refine-batch", "Calibration windows per MaskPro step.", minimum=1)
+    seqlen: int = option(256, "--refine-seqlen", "Tokens per MaskPro window.", minimum=1)
+    windows: int = option(64, "--refine-windows", "Training windows (fixed batches; L(m₀) is measured once per batch).", minimum=1)
+    holdout: int = option(8, "--refine-holdout", "Held-out windows on which the final mask is compared with the one-shot mask.", minimum=1)
+    candidates: int = option(0, "--refine-candidates", "Also draw K masks from the learned policy and keep the best of them, the top-N mask and "
+                             "the one-shot mask on the held-out windows.", minimum=0)
+    weights: str = option("oneshot", "--refine-weights", "Weights under the mask: the one-shot weights where the one-shot mask kept one, dense "
+                          "elsewhere (oneshot), or the dense originals (dense, the paper's).", choices=UNDER_MASK)
+    estimator: str = option("auto", "--refine-estimator", "∇log p of the unordered kept set (set, the paper's, N <= 4), of the sampled draw "
+                            "order (sequence, any N, more variance), or auto: set when N <= 4.", choices=REFINE_ESTIMATORS)
+    log_every: int = option(10, "--refine-log-every", "Steps per point of the residual curve in the report and refine.png.", minimum=1)
 
     def check(self, target: Target | None = None) -> None:
-        if self.method not in REFINE_METHODS:
-            raise PruningError(f"--refine must be one of {', '.join(REFINE_METHODS)}, got {self.method!r}")
-        for label, value in (("refine-steps", self.steps), ("refine-batch", self.batch), ("refine-seqlen", self.seqlen),
-                             ("refine-holdout", self.holdout), ("refine-log-every", self.log_every)):
-            if value < 1:
-                raise PruningError(f"--{label} must be at least 1, got {value}")
+        check_fields(self)
         if self.windows < self.batch:
             raise PruningError(f"--refine-windows ({self.windows}) must hold at least one batch of --refine-batch ({self.batch})")
-        if self.candidates < 0:
-            raise PruningError(f"--refine-candidates must be >= 0, got {self.candidates}")
-        if not self.lr > 0 or not self.logit_scale > 0:
-            raise PruningError("--refine-lr and --refine-logit-scale must be positive")
         if not 0 <= self.alpha < 1:
             raise PruningError(f"--refine-alpha must be in [0, 1), got {self.alpha:g}")
-        if self.weights not in UNDER_MASK:
-            raise PruningError(f"--refine-weights must be one of {', '.join(UNDER_MASK)}, got {self.weights!r}")
-        if self.estimator not in REFINE_ESTIMATORS:
-            raise PruningError(f"--refine-estimator must be one of {', '.join(REFINE_ESTIMATORS)}, got {self.estimator!r}")
         if target is not None:
             if not target.is_nm:
                 raise PruningError("--refine maskpro learns N:M masks: it needs --pattern N:M, not an unstructured --sparsity")
@@ -162,8 +155,8 @@ def language_model_loss(model: nn.Module, ids: Tensor) -> float:
 
 
 def refine(model: nn.Module, layers: dict[str, nn.Module], initial: dict[str, Tensor], target: Target, train_windows: Tensor,
-           holdout_windows: Tensor, settings: RefineSettings, device: torch.device, *, checkpoints: Collection[int] = (),
-           on_checkpoint: Callable[[int], None] | None = None) -> RefineResult:
+           holdout_windows: Tensor, settings: RefineSettings, device: torch.device, *, seed: int = 0, progress: bool = True,
+           checkpoints: Collection[int] = (), on_checkpoint: Callable[[int], None] | None = None) -> RefineResult:
     """Refine the N:M masks of `layers` (name -> pruned layer) of `model` in place.
 
     Each layer's weight holds the weights that sit under the mask (see `put_weights_under_mask`) and
@@ -177,7 +170,7 @@ def refine(model: nn.Module, layers: dict[str, nn.Module], initial: dict[str, Te
     initial = {name: mask.to(device) for name, mask in initial.items()}
     estimator = resolved_estimator(settings.estimator, target.n)
     refiner = MaskPro({name: mask for name, mask in initial.items()}, target.n, target.m, lr=settings.lr, logit_scale=settings.logit_scale,
-                      alpha=settings.alpha, estimator=estimator, seed=settings.seed)
+                      alpha=settings.alpha, estimator=estimator, seed=seed)
     result = RefineResult(settings.method, settings.steps, settings.lr, settings.logit_scale, settings.alpha, estimator, settings.weights,
                           settings.batch, settings.seqlen, len(layers), sum(mask.numel() // target.m for mask in initial.values()))
     # float32 logits, and one byte per weight for each of: the masks in use, m₀, the current draw's ranks
@@ -195,13 +188,13 @@ def refine(model: nn.Module, layers: dict[str, nn.Module], initial: dict[str, Te
     try:
         batches = [batch.to(device) for batch in fixed_batches(train_windows, settings.batch)]
         baselines: dict[int, float] = {}
-        generator = torch.Generator().manual_seed(settings.seed)
+        generator = torch.Generator().manual_seed(seed)
         order: list[int] = []
         draws: dict[str, Tensor] = {}
         residuals: list[float] = []
         model.eval()
         started = time.perf_counter()
-        for step in tqdm(range(1, settings.steps + 1), desc=f"refine ({settings.method})", unit="step", disable=not settings.progress):
+        for step in tqdm(range(1, settings.steps + 1), desc=f"refine ({settings.method})", unit="step", disable=not progress):
             if not order:
                 order = torch.randperm(len(batches), generator=generator).tolist()
             index = order.pop()
@@ -260,3 +253,51 @@ def refine(model: nn.Module, layers: dict[str, nn.Module], initial: dict[str, Te
             parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
         model.to(home)
     return result
+
+
+def dense_snapshot(layers: dict[str, nn.Module]) -> dict[str, Tensor]:
+    """A CPU copy of the (out, in) weight of each layer (by name)."""
+    return {name: layer_weight(layer).detach().to("cpu", copy=True) for name, layer in layers.items()}
+
+
+class Refine(Stage):
+    name = "refine"
+    label = "refined"
+
+    def __init__(self, settings: RefineSettings, target: Target) -> None:
+        self.settings, self.target = settings, target
+
+    def prepare(self, run: Run) -> None:
+        settings = self.settings
+        run.check_kind("--refine", CAUSAL_LM, why="measures the language-modelling loss on the calibration text (for another model, call "
+                       "prune.stages.refine.refine() with batches of its own task)")
+        run.check_length("--refine-seqlen", settings.seqlen)
+        ids = run.calibration_ids()
+        needed = settings.windows + settings.holdout
+        if window_count(ids, settings.seqlen) < needed:
+            raise PruningError(f"the calibration text is too short for --refine: {len(ids)} tokens give {window_count(ids, settings.seqlen)} "
+                               f"windows of {settings.seqlen} tokens (--refine-seqlen), --refine-windows + --refine-holdout = {needed} needed")
+        self.windows = sample_windows(ids, needed, settings.seqlen, run.settings.seed + 1)
+        self.dense = dense_snapshot(run.plan.pruned_layers())  # the dense weights of the layers to prune, which the masks may put back
+
+    def execute(self, run: Run) -> None:
+        settings = self.settings
+        layers = {layer.name: run.model.get_submodule(layer.name) for layer in run.report.layers if layer.loss is not None}
+        initial = put_weights_under_mask(layers, self.dense, settings.weights)
+        del self.dense
+        result = refine(run.model, layers, initial, self.target, self.windows[: settings.windows], self.windows[settings.windows :], settings,
+                        run.device, seed=run.settings.seed, progress=run.settings.progress)
+        run.report.refine = result.as_dict()
+        for layer_report in run.report.layers:  # every refined layer must still hold the pattern
+            if layer_report.loss is None:
+                continue
+            weight = layer_weight(run.model.get_submodule(layer_report.name))
+            layer_report.sparsity = zero_fraction(weight)
+            layer_report.pattern_valid = nm_valid(weight, self.target.n, self.target.m)
+            if not layer_report.pattern_valid:
+                raise PruningError(f"internal error: {layer_report.name} lost its {self.target.pattern} pattern during refinement")
+
+    def evaluated(self, run: Run, before: dict, after: dict) -> None:
+        if "perplexity" in after:
+            run.report.refine["perplexity_before"] = before["perplexity"]["value"]
+            run.report.refine["perplexity_after"] = after["perplexity"]["value"]

@@ -1,0 +1,167 @@
+"""What one pipeline run shares between its stages: the model, the device, the data read for it, the plan of which
+layers are pruned to what, the captured block inputs, and the report that every stage writes its section of."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from calibration.capture import BlockCall, capture_block_inputs
+from calibration.conll import NerDataError, Sentence, conll_split_path, read_conll
+from calibration.text import TextSources
+from methods import PruningError, Target
+from prune.devices import timed
+from prune.models import LoadedModel, max_positions, prunable_layers
+from prune.report import Report
+
+if TYPE_CHECKING:
+    from prune.pipeline import PruneSettings
+
+
+@dataclass
+class LayerPlan:
+    """Which layers the one-shot stage prunes, and to what: set by that stage before any stage runs."""
+
+    blocks_name: str
+    blocks: nn.ModuleList
+    targets: list[Target | None]  # per block; None: the block stays dense
+    skipped: set[str] = field(default_factory=set)  # full names of layers left dense (their input size cannot hold N:M)
+
+    @property
+    def selected(self) -> list[int]:
+        return [index for index, target in enumerate(self.targets) if target is not None]
+
+    def pruned_layers(self) -> dict[str, nn.Module]:
+        """Full name -> layer, for every layer the one-shot stage prunes."""
+        return {
+            f"{self.blocks_name}.{index}.{name}": layer
+            for index in self.selected
+            for name, layer in prunable_layers(self.blocks[index]).items()
+            if f"{self.blocks_name}.{index}.{name}" not in self.skipped
+        }
+
+
+class Evaluator(Protocol):
+    """One way of measuring the model (perplexity, entity F1): its report section holds what is measured and, under
+    each label ('dense', 'pruned', ...), the figures measured at that point."""
+
+    key: str  # the Report field it fills
+
+    def prepare(self, run: Run) -> None:
+        """Read and check the evaluation data; write the section's description. No forward pass."""
+
+    def measure(self, run: Run, label: str) -> dict:
+        """The figures of the model as it is now; `headline` is the one number a summary quotes."""
+
+
+class Stage:
+    """One step of the pipeline. `prepare` checks every input against the loaded model and reads what the stage
+    needs, with no forward pass (so that bad input fails before any work); `execute` does the work and writes the
+    stage's report section. `label` names the model after a stage that changes it ('pruned', ...): the evaluators
+    measure it then, and `evaluated` lets the stage record the figures before and after it."""
+
+    name: str = ""  # its entry in report.seconds
+    label: str | None = None
+    needs_block_inputs: bool = False  # whether it runs the captured block inputs through the blocks
+
+    def prepare(self, run: Run) -> None:
+        pass
+
+    def execute(self, run: Run) -> None:
+        raise NotImplementedError
+
+    def evaluated(self, run: Run, before: dict, after: dict) -> None:
+        pass
+
+
+class Run:
+    """The state of one run. Stages read what earlier stages (in the order of the pipeline) put here."""
+
+    def __init__(self, loaded: LoadedModel, settings: PruneSettings, device: torch.device, *,
+                 calibration_batches: list[dict] | None = None, needs_block_inputs: bool = False) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.settings = settings
+        self.device = device
+        self.needs_block_inputs = needs_block_inputs
+        self.given_batches = calibration_batches  # model inputs given by the caller instead of calibration text
+        self.calibration_batches: list[dict] | None = None  # set by the calibrate stage
+        self.plan: LayerPlan | None = None  # set by the one-shot stage's prepare
+        self.calls: list[BlockCall] | None = None  # the first block's captured inputs, when a stage needs them
+        self.evaluators: list[Evaluator] = []
+        self.report = Report(model={"name": loaded.name, "source": loaded.source, "kind": loaded.kind}, device=str(device))
+        self._text: TextSources | None = None
+        self._ids: dict[str, Tensor] = {}
+        self._conll: dict[str, list[Sentence]] = {}
+
+    # the data a run reads: each read once, its time counted under report.seconds["data"]
+
+    def text(self) -> TextSources:
+        if self._text is None:
+            evaluation = next((evaluator.source for evaluator in self.evaluators if evaluator.key == "perplexity"), None)
+            self._text = TextSources(self.loaded.tokenizer, calibration=self.settings.calibrate.source, evaluation=evaluation)
+        return self._text
+
+    def calibration_ids(self) -> Tensor:
+        """Token ids of the calibration text (`--calibration`), which shares no text with the evaluation text."""
+        if "calibration" not in self._ids:
+            with self.timed("data"):
+                self._ids["calibration"] = self.text().calibration_ids()
+        return self._ids["calibration"]
+
+    def evaluation_ids(self) -> Tensor:
+        if "evaluation" not in self._ids:
+            with self.timed("data"):
+                self._ids["evaluation"] = self.text().evaluation_ids()
+        return self._ids["evaluation"]
+
+    def conll_split(self, split: str) -> list[Sentence] | None:
+        """The sentences of one split of the `--calibration conll:DIR` folder (None when the folder has no such file)."""
+        if split not in self._conll:
+            path = conll_split_path(self.settings.calibrate.conll_folder(), split)
+            if path is None:
+                return None
+            with self.timed("data"):
+                try:
+                    self._conll[split] = read_conll(path)
+                except NerDataError as error:
+                    raise PruningError(str(error)) from None
+        return self._conll[split]
+
+    # checks shared by the stages
+
+    def check_length(self, flag: str, length: int | None) -> None:
+        """Refuse a sequence length the model's position embeddings cannot hold."""
+        limit = max_positions(self.model)
+        if limit is not None and length is not None and length > limit:
+            raise PruningError(f"{flag} {length} is longer than the model's {limit} positions")
+
+    def check_kind(self, flag: str, *kinds: str, why: str) -> None:
+        if self.loaded.kind not in kinds:
+            raise PruningError(f"{flag} {why}; this model is a {self.loaded.kind}")
+
+    # work
+
+    def capture(self) -> list[BlockCall]:
+        """Run the calibration batches up to the first block and keep everything it is called with."""
+        return capture_block_inputs(self.model, self.plan.blocks[0], self.calibration_batches, self.device)
+
+    def evaluate(self, label: str) -> dict:
+        """Measure the model as it is now with every evaluator; record and return the figures by evaluator."""
+        figures = {}
+        with self.timed("evaluate"):
+            for evaluator in self.evaluators:
+                figures[evaluator.key] = evaluator.measure(self, label)
+                getattr(self.report, evaluator.key)[label] = figures[evaluator.key]
+        return figures
+
+    def timed(self, key: str) -> contextlib.AbstractContextManager[None]:
+        """Add the seconds spent inside (the device's work included) to report.seconds[key]."""
+        return timed(self.report.seconds, key, self.device)
+
+    def note(self, message: str) -> None:
+        self.report.notes.append(message)

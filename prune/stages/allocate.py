@@ -1,0 +1,80 @@
+"""The allocate stage: OWL layerwise sparsity. On the dense model, each selected block's outlier ratio D (the share of
+its Wanda scores |W|·‖X‖ above M x their mean) sets its sparsity, so that blocks with more outliers keep more weights
+and the parameter-weighted mean sparsity is the target."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tqdm.auto import tqdm
+
+from calibration.capture import LayerInputStatistics, run_calls
+from methods import PruningError, Target, owl
+from prune.devices import on_device
+from prune.models import layer_weight, prunable_layers
+from prune.run import Run, Stage
+from prune.settings import about, check_fields, option
+
+ALLOCATIONS = ("uniform", "owl")
+
+
+@dataclass
+class AllocationSettings:
+    """How the target sparsity spreads over the blocks."""
+
+    allocation: str = option("uniform", "--allocation", "Spread the sparsity uniformly, or by OWL outlier ratios (unstructured targets only).",
+                             choices=ALLOCATIONS)
+    owl_rule: str = option(owl.LAMBDA_RULE, "--owl-rule", "lambda: the OWL paper (ratios scaled to [0, 2λ], clipped to S ± λ); seed: sparsity ∝ 1 − D.",
+                           choices=owl.RULES)
+    owl_m: float = option(owl.DEFAULT_M, "--owl-m", "OWL outlier threshold M: a score is an outlier above M x the block's mean.", positive=True)
+    owl_lambda: float = option(owl.DEFAULT_LAMBDA, "--owl-lambda", "OWL λ: block sparsities stay within [S − λ, S + λ] (lambda rule).")
+
+    def check(self, target: Target) -> None:
+        check_fields(self)
+        if self.allocation != "owl":
+            return
+        if target.is_nm:
+            raise PruningError(f"--allocation owl allocates unstructured sparsity per block; it does not apply to pattern {target.pattern}")
+        if self.owl_rule == owl.LAMBDA_RULE:
+            with about("--owl-lambda"):
+                owl.check_lambda(target.sparsity, self.owl_lambda)
+
+
+class Allocate(Stage):
+    name = "allocate"
+    needs_block_inputs = True
+
+    def __init__(self, settings: AllocationSettings, target: Target) -> None:
+        self.settings, self.target = settings, target
+
+    def execute(self, run: Run) -> None:
+        plan, settings = run.plan, self.settings
+        ratios, parameters = self.outlier_ratios(run)
+        run.calls = run.capture()  # the pass above consumed the captured inputs; capturing again costs only the embeddings
+        sparsities = owl.allocate(settings.owl_rule, ratios, parameters, self.target.sparsity, settings.owl_lambda)
+        for index, sparsity in zip(plan.selected, sparsities, strict=True):
+            plan.targets[index] = Target(sparsity)
+        run.report.allocation = {
+            "rule": settings.owl_rule,
+            "owl_m": settings.owl_m,
+            "owl_lambda": settings.owl_lambda if settings.owl_rule == owl.LAMBDA_RULE else None,
+            "blocks": [
+                {"block": index, "outlier_ratio": ratio, "sparsity": sparsity, "parameters": count}
+                for index, ratio, sparsity, count in zip(plan.selected, ratios, sparsities, parameters, strict=True)
+            ],
+        }
+
+    def outlier_ratios(self, run: Run) -> tuple[list[float], list[int]]:
+        """For each selected block of the dense model, D and its number of prunable weights. Consumes `run.calls`."""
+        plan, selected = run.plan, run.plan.selected
+        ratios, parameters = [], []
+        for index in tqdm(range(max(selected) + 1), desc="OWL outlier ratios", unit="block", disable=not run.settings.progress, leave=False):
+            layers = prunable_layers(plan.blocks[index]) if index in selected else {}
+            with on_device(plan.blocks[index], run.device) as block, LayerInputStatistics(layers, owl.STATISTIC, run.device) as statistics:
+                run_calls(block, run.calls, statistics, advance=index < max(selected))
+            if index in selected:
+                called = [name for name in layers if statistics.statistics(name) is not None]
+                ratios.append(owl.block_outlier_ratio([layer_weight(layers[name]) for name in called],
+                                                      [statistics.statistics(name) for name in called], self.settings.owl_m))
+                parameters.append(sum(layer_weight(layer).numel() for layer in layers.values()))
+        return ratios, parameters

@@ -1,0 +1,94 @@
+"""The calibrate stage: the calibration batches (token windows of a text, or sentences of a CoNLL train file, or
+batches the caller gives), checked before any forward pass, and the inputs of the first transformer block captured
+from them for the stages that run blocks on calibration data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from calibration.sentences import sentence_batches
+from calibration.windows import sample_windows, window_count
+from methods import PruningError
+from prune.models import TOKEN_CLASSIFICATION
+from prune.run import Run, Stage
+from prune.settings import check_fields, option
+from prune.stages.evaluate import NAMED_TEXTS
+
+CONLL_PREFIX = "conll:"  # --calibration conll:DIR: sentences of a CoNLL train file, for a token classifier
+
+
+@dataclass
+class CalibrationSettings:
+    """Where the calibration activations come from."""
+
+    source: str = option("wiki-sample", "--calibration", "wiki-sample (Wikipedia text inside gensim), wikitext2, c4, a text file/folder, or "
+                         "conll:DIR (sentences of a CoNLL train file, for a token classifier; entity F1 on DIR's test file before and after).")
+    nsamples: int = option(128, "--nsamples", "Calibration windows (or sentences, with conll:DIR).", minimum=1)
+    seqlen: int = option(512, "--seqlen", "Tokens per calibration window.", minimum=1)
+    batch_size: int = option(4, "--batch-size", "Calibration windows per forward pass.", minimum=1)
+
+    def conll_folder(self) -> Path | None:
+        """The folder named by `conll:DIR`, or None for text calibration."""
+        return Path(self.source[len(CONLL_PREFIX):]).expanduser() if self.source.startswith(CONLL_PREFIX) else None
+
+    def check(self) -> None:
+        check_fields(self)
+        folder = self.conll_folder()
+        if folder is not None:
+            if not folder.is_dir():
+                raise PruningError(f"--calibration {self.source}: no such folder: {folder}")
+        elif self.source not in NAMED_TEXTS and not Path(self.source).expanduser().exists():
+            raise PruningError(f"--calibration: no such file or folder: {self.source}")
+
+
+def window_batches(windows, batch_size: int) -> list[dict]:
+    return [{"input_ids": windows[start : start + batch_size]} for start in range(0, len(windows), batch_size)]
+
+
+class Calibrate(Stage):
+    name = "calibrate"
+
+    def __init__(self, settings: CalibrationSettings) -> None:
+        self.settings = settings
+
+    def prepare(self, run: Run) -> None:
+        settings, given = self.settings, run.given_batches
+        run.report.calibration = {
+            "source": settings.source if given is None else "given batches",
+            "nsamples": settings.nsamples if given is None else sum(len(batch["input_ids"]) for batch in given),
+            "seqlen": settings.seqlen if given is None and settings.conll_folder() is None else None,
+            "seed": run.settings.seed,
+            "used": run.needs_block_inputs,
+        }
+        folder = settings.conll_folder()
+        if folder is not None:  # the model must suit the data whether or not a stage calibrates on it
+            run.check_kind(f"--calibration {settings.source}", TOKEN_CLASSIFICATION, why="calibrates a token classifier on labelled sentences")
+        if not run.needs_block_inputs:
+            return
+        if given is not None:
+            if not given:
+                raise PruningError("no calibration batches were given")
+            run.check_length("the given calibration batches' length", max(batch["input_ids"].shape[1] for batch in given))
+            run.calibration_batches = given
+        elif folder is not None:
+            sentences = run.conll_split("train")
+            if sentences is None:
+                raise PruningError(f"--calibration {settings.source}: {folder} holds no CoNLL train file (train.txt or eng.train)")
+            if settings.nsamples > len(sentences):
+                raise PruningError(f"--nsamples {settings.nsamples} is more than the {len(sentences)} sentences of the train file in {folder}")
+            run.calibration_batches = sentence_batches(run.loaded.tokenizer, sentences, settings.nsamples, seed=run.settings.seed,
+                                                       batch_size=settings.batch_size)
+        else:
+            run.check_length("--seqlen", settings.seqlen)
+            ids = run.calibration_ids()
+            available = window_count(ids, settings.seqlen)
+            if available < settings.nsamples:
+                raise PruningError(f"the calibration text is too short: {len(ids)} tokens give {available} windows of {settings.seqlen} tokens, "
+                                   f"--nsamples {settings.nsamples} requested (use a longer corpus, fewer --nsamples or a shorter --seqlen)")
+            windows = sample_windows(ids, settings.nsamples, settings.seqlen, run.settings.seed)
+            run.calibration_batches = window_batches(windows, settings.batch_size)
+
+    def execute(self, run: Run) -> None:
+        if run.needs_block_inputs:
+            run.calls = run.capture()

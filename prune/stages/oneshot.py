@@ -1,0 +1,215 @@
+"""The one-shot stage: block by block, the calibration inputs run through the block into the statistic its method
+needs, every prunable layer is pruned by the method, and the block's outputs (pruned, or dense when asked) become
+the next block's inputs. The stage knows methods only through their `Method` record."""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from calibration.capture import LayerInputStatistics, run_calls
+from eval.sparsity import nm_valid, zero_fraction
+from methods import DEFAULT_METHOD, METHODS, Method, PruningError, Target, get_method
+from prune.devices import on_device, synchronize, timed
+from prune.models import input_features, layer_weight, prunable_layers, set_layer_weight, transformer_blocks
+from prune.report import LayerReport
+from prune.run import LayerPlan, Run, Stage
+from prune.settings import about, check_fields, option
+
+PROPAGATE_CHOICES = ("pruned", "dense")
+HESSIAN_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+LARGE_WORK_FLOP = 2e13  # above this much estimated work (minutes on a CPU), say so before starting
+
+
+def method_flag(name: str) -> str:
+    """The command-line flag of a method option."""
+    return "--" + name.replace("_", "-")
+
+
+@dataclass
+class OneShotSettings:
+    """What each layer becomes and how."""
+
+    method: str = option(DEFAULT_METHOD, "--method", "; ".join(f"{name}: {method.summary}" for name, method in METHODS.items()),
+                         choices=tuple(sorted(METHODS)))
+    sparsity: float | None = option(None, "--sparsity", "Fraction of zeros per layer.", type=float)
+    pattern: str | None = option(None, "--pattern", "Keep N of every M consecutive input weights of a row (2:4, 4:8).", type=str, metavar="N:M")
+    method_options: dict = field(default_factory=dict)  # the method's options (their flags come from methods' own declarations)
+    propagate: str = option("pruned", "--propagate", "Feed the next block the pruned block's outputs, or the dense block's.",
+                            choices=PROPAGATE_CHOICES)
+    hessian_dtype: str = option("float32", "--hessian-dtype", "Precision of the Hessian accumulation.", choices=tuple(HESSIAN_DTYPES))
+    blocks: str | None = option(None, "--blocks", "Prune only these transformer blocks (the others stay dense). Default: all.", type=str,
+                                metavar="0-9,12")
+    skip_incompatible: bool = option(False, "--skip-incompatible", "Leave dense the layers whose input size is not a multiple of M, "
+                                     "instead of refusing.")
+
+    def target(self) -> Target:
+        flags = [flag for flag, value in (("--sparsity", self.sparsity), ("--pattern", self.pattern)) if value is not None]
+        with about(*flags or ["--sparsity", "--pattern"]):
+            return Target.from_options(self.sparsity, self.pattern)
+
+    def check(self) -> Target:
+        """Check every one-shot option; return the target."""
+        check_fields(self)
+        target = self.target()
+        method = get_method(self.method)
+        unsupported = sorted(set(self.method_options) - {option.name for option in method.options})
+        if unsupported:
+            raise PruningError(f"{', '.join(map(method_flag, unsupported))} does not apply to method {method.name}")
+        with about(*map(method_flag, self.method_options or [option.name for option in method.options])):
+            method.check_options(target, self.method_options)
+        return target
+
+
+def parse_blocks(spec: str | None, count: int) -> list[int]:
+    """Block indices from a spec like '0-9,12' (None: all `count` blocks)."""
+    if spec is None:
+        return list(range(count))
+    selected = set()
+    for part in spec.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if match is None:
+            raise PruningError(f"--blocks must look like 0-9,12, got {spec!r}")
+        first, last = int(match.group(1)), int(match.group(2) or match.group(1))
+        if first > last or last >= count:
+            raise PruningError(f"--blocks {spec}: the model has blocks 0-{count - 1}")
+        selected.update(range(first, last + 1))
+    return sorted(selected)
+
+
+def incompatible_layers(blocks: nn.ModuleList, blocks_name: str, target: Target, selected: list[int]) -> list[str]:
+    """Names of the layers of the selected blocks whose input size is not a multiple of the target's M."""
+    if not target.is_nm:
+        return []
+    return [
+        f"{blocks_name}.{index}.{name}"
+        for index in selected
+        for name, layer in prunable_layers(blocks[index]).items()
+        if input_features(layer) % target.m
+    ]
+
+
+def skipped_layer(name: str, layer: nn.Module, reason: str) -> LayerReport:
+    weight = layer_weight(layer)
+    return LayerReport(name, tuple(weight.shape), zero_fraction(weight), None, None, 0.0, [reason])
+
+
+class OneShot(Stage):
+    name = "prune"
+    label = "pruned"
+
+    def __init__(self, settings: OneShotSettings, target: Target) -> None:
+        self.settings = settings
+        self.target = target
+        self.method: Method = get_method(settings.method)
+        self.options = self.method.resolved_options(settings.method_options)
+        self.hessian_dtype = HESSIAN_DTYPES[settings.hessian_dtype]
+        self.needs_block_inputs = self.method.statistic is not None
+
+    def prepare(self, run: Run) -> None:
+        settings, target, report = self.settings, self.target, run.report
+        blocks_name, blocks = transformer_blocks(run.model)
+        selected = parse_blocks(settings.blocks, len(blocks))
+        incompatible = incompatible_layers(blocks, blocks_name, target, selected)
+        if incompatible and not settings.skip_incompatible:
+            raise PruningError(
+                f"{len(incompatible)} layer(s) cannot hold pattern {target.pattern}: {incompatible[0]} has "
+                f"{input_features(run.model.get_submodule(incompatible[0]))} inputs, not a multiple of {target.m} "
+                "(--skip-incompatible leaves such layers dense)"
+            )
+        run.plan = LayerPlan(blocks_name, blocks, [target if index in selected else None for index in range(len(blocks))], set(incompatible))
+        report.method = self.method.name
+        report.target = {"sparsity": target.sparsity, "pattern": target.pattern}
+        report.model["blocks"] = f"{blocks_name} ({len(blocks)})"
+        report.options = {**self.options, "propagate": settings.propagate, "hessian_dtype": settings.hessian_dtype}
+        if self.method.statistic is None:
+            run.note(f"{self.method.name} uses no calibration data")
+        if self.method.work is not None:
+            work = sum(self.method.work(*layer_weight(layer).shape, target) for layer in run.plan.pruned_layers().values())
+            if work > LARGE_WORK_FLOP:
+                message = f"{self.method.name} will do about {work / 1e12:.1f} TFLOP of work; on a CPU this takes a long time"
+                run.note(message)
+                if run.settings.progress:
+                    tqdm.write(message)
+        if incompatible:
+            run.note(f"{len(incompatible)} layer(s) left dense: input size not a multiple of M={target.m}")
+        if len(selected) < len(blocks):
+            run.note(f"only blocks {settings.blocks} pruned ({len(selected)} of {len(blocks)}); the others stay dense")
+
+    def execute(self, run: Run) -> None:
+        calls, run.calls = (run.calls if self.needs_block_inputs else None), None
+        plan = run.plan
+        report = run.report
+        report.layers, report.prune_breakdown = [], {"statistics": 0.0, "method": 0.0, "propagate": 0.0}
+        chosen = [target for target in plan.targets if target is not None]
+        description = f"{self.method.name} {chosen[0].describe()}" if len(set(chosen)) == 1 else f"{self.method.name} OWL"
+        bar = tqdm(list(enumerate(plan.blocks)), desc=description, unit="block", disable=not run.settings.progress)
+        for index, block in bar:
+            layers = self.process_block(run, index, block, calls)
+            report.layers.extend(layers)
+            losses = [layer.loss for layer in layers if layer.loss is not None]
+            if losses:
+                bar.set_postfix(loss=f"{sum(losses):.3g}")
+
+    def process_block(self, run: Run, index: int, block: nn.Module, calls: list | None) -> list[LayerReport]:
+        """Prune one block to its target (or leave it dense) and, while later blocks are pruned, turn `calls` into the
+        next block's inputs."""
+        plan, device, breakdown = run.plan, run.device, run.report.prune_breakdown
+        target = plan.targets[index]
+        propagate = calls is not None and index < max(plan.selected)
+        if target is None:
+            reports = [skipped_layer(f"{plan.blocks_name}.{index}.{name}", layer, "block not selected; left dense")
+                       for name, layer in prunable_layers(block).items()]
+            if propagate:
+                with on_device(block, device), timed(breakdown, "propagate", device):
+                    run_calls(block, calls, advance=True)
+            return reports
+        with on_device(block, device):
+            statistics = None
+            advanced = propagate and self.settings.propagate == "dense"  # whether the statistics pass also advances `calls`
+            if calls is not None:
+                with timed(breakdown, "statistics", device), \
+                        LayerInputStatistics(prunable_layers(block), self.method.statistic, device, self.hessian_dtype) as statistics:
+                    run_calls(block, calls, statistics, advance=advanced)
+            with timed(breakdown, "method", device):
+                reports = self.prune_block(plan, index, block, statistics, target, device)
+            del statistics
+            if propagate and not advanced:
+                with timed(breakdown, "propagate", device):
+                    run_calls(block, calls, advance=True)
+        return reports
+
+    def prune_block(self, plan: LayerPlan, index: int, block: nn.Module, statistics: LayerInputStatistics | None, target: Target,
+                    device: torch.device) -> list[LayerReport]:
+        reports = []
+        for name, layer in prunable_layers(block).items():
+            full_name = f"{plan.blocks_name}.{index}.{name}"
+            statistic = statistics.statistics(name) if statistics is not None else None
+            if full_name in plan.skipped:
+                reports.append(skipped_layer(full_name, layer, f"input size not a multiple of M={target.m}; left dense"))
+            elif statistics is not None and statistic is None:
+                reports.append(skipped_layer(full_name, layer, "never called during calibration; left dense"))
+            else:
+                report = self.prune_layer(full_name, layer, statistic, target, device)
+                if statistics is not None:
+                    report.statistics_from = f"{plan.blocks_name}.{index}.{statistics.leader[name]}"
+                reports.append(report)
+        return reports
+
+    def prune_layer(self, name: str, layer: nn.Module, statistic, target: Target, device: torch.device) -> LayerReport:
+        """Prune one layer in place and describe the result."""
+        synchronize(device)
+        started = time.perf_counter()
+        result = self.method.run(layer_weight(layer), statistic, target, self.options)
+        set_layer_weight(layer, result.weight)
+        synchronize(device)
+        seconds = time.perf_counter() - started
+        pruned = layer_weight(layer)
+        valid = nm_valid(pruned, target.n, target.m) and bool(torch.all(pruned[~result.mask] == 0)) if target.is_nm else None
+        return LayerReport(name=name, shape=tuple(pruned.shape), sparsity=zero_fraction(pruned), pattern_valid=valid, loss=result.loss,
+                           seconds=seconds, notes=self.method.notes(result.details))
