@@ -123,3 +123,36 @@ def test_a_failed_write_leaves_the_old_output_alone(model_folders, text_file, tm
               "--output", str(output), "--overwrite", *FAST])
     assert [p.name for p in output.iterdir()] == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["result"]
+
+
+def test_every_input_is_checked_before_the_first_forward_pass(model_folders, text_file, tmp_path, capsys) -> None:
+    """Bad data for any stage (too short for the calibration, the refinement or the recovery, not text at all, windows
+    longer than the model) is refused before the model runs once: no dense evaluation is wasted on a failing run."""
+    short = tmp_path / "short.txt"
+    short.write_text("just a few words of text " * 20)
+    binary = tmp_path / "weights.txt"
+    binary.write_bytes(bytes(range(256)) * 64)
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("café crème brûlée, à la carte; ".encode("latin-1") * 20)
+    llama = ["--model", str(model_folders["llama"]), "--eval-data", str(text_file), "--output", str(tmp_path / "out"), *FAST]
+    cases = [
+        (["--sparsity", "0.5", "--calibration", str(short)], "too short"),
+        (["--sparsity", "0.5", "--calibration", str(binary)], "not a text file (it holds NUL bytes)"),
+        (["--sparsity", "0.5", "--calibration", str(latin)], "not a text file"),
+        (["--method", "magnitude", "--pattern", "2:4", "--calibration", str(text_file), "--refine", "maskpro", "--refine-windows", "5000"],
+         "too short for --refine"),
+        (["--method", "magnitude", "--sparsity", "0.5", "--calibration", str(text_file), "--recover", "adamw", "--recover-batch", "5000"],
+         "too short for --recover"),
+        (["--sparsity", "0.5", "--calibration", str(text_file), "--eval-seqlen", "4096"], "longer than the model's"),
+        (["--sparsity", "0.5", "--calibration", str(text_file), "--eval-data", str(binary)], "not a text file"),
+    ]
+    forwards = []
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda module, args: forwards.append(type(module).__name__))
+    try:
+        for arguments, fragment in cases:
+            code, _, err = run([*llama, *arguments], capsys)
+            assert_one_line_error(code, err, fragment)
+            assert not forwards, (arguments, forwards[:3])
+    finally:
+        handle.remove()
+    assert not (tmp_path / "out").exists()
