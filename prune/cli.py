@@ -51,19 +51,15 @@ def method_option_flags() -> list[click.Option]:
 
 
 def command_parameters() -> list[click.Parameter]:
-    fields = {stage: option_fields(settings_class) for stage, settings_class in STAGE_SETTINGS.items()}
-    shared = option_fields(PruneSettings)
+    """The model, then the target and method, then each stage's options in the order the stages run, then the output."""
+    extras = {"oneshot": method_option_flags(), "calibrate": [settings_option(field) for field in option_fields(PruneSettings)],
+              "evaluate": [click.Option(["--no-eval"], is_flag=True, help="Skip the evaluation (perplexity, or entity F1 with conll:DIR).")]}
+    sections = []
+    for stage in sorted(STAGE_SETTINGS, key=lambda stage: stage != "oneshot"):
+        sections += [*map(settings_option, option_fields(STAGE_SETTINGS[stage])), *extras.get(stage, [])]
     return [
         click.Option(["--model"], default=SMOLLM2, show_default=True, help=f"An embedded model, a local folder, or a hub name. Embedded: {MODEL_HELP}."),
-        *map(settings_option, fields["oneshot"]),
-        *method_option_flags(),
-        *map(settings_option, fields["calibrate"]),
-        *map(settings_option, shared),
-        *map(settings_option, fields["allocate"]),
-        *map(settings_option, fields["evaluate"]),
-        click.Option(["--no-eval"], is_flag=True, help="Skip the evaluation (perplexity, or entity F1 with conll:DIR)."),
-        *map(settings_option, fields["refine"]),
-        *map(settings_option, fields["recover"]),
+        *sections,
         click.Option(["--output"], type=click.Path(path_type=Path), default=None, help="Save the pruned model, tokenizer and report.json here."),
         click.Option(["--overwrite"], is_flag=True, help="Replace a non-empty --output folder."),
         click.Option(["--cache-dir"], type=click.Path(path_type=Path), default=None,

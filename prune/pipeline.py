@@ -30,10 +30,11 @@ from prune.stages.oneshot import OneShot, OneShotSettings
 from prune.stages.recover import Recover, RecoverSettings
 from prune.stages.refine import Refine, RefineSettings
 
-# Each stage's settings, under the attribute of PruneSettings that holds them. An optional stage is off (None)
+# The stages, in the order they run. Adding a stage: its module in prune/stages, one line here, one field below.
+STAGES: tuple[type[Stage], ...] = (Calibrate, Allocate, OneShot, Refine, Recover)
+# Each part's settings, under the attribute of PruneSettings that holds them. An optional stage is off (None)
 # unless its switch field is set (e.g. `refine="maskpro"`, `--refine maskpro`).
-STAGE_SETTINGS: dict[str, type] = {"oneshot": OneShotSettings, "calibrate": CalibrationSettings, "allocate": AllocationSettings,
-                                   "evaluate": EvaluationSettings, "refine": RefineSettings, "recover": RecoverSettings}
+STAGE_SETTINGS: dict[str, type] = {**{stage.key: stage.settings_class for stage in STAGES}, "evaluate": EvaluationSettings}
 SWITCHES = {stage: switch.name for stage, settings_class in STAGE_SETTINGS.items() if (switch := switch_field(settings_class)) is not None}
 
 
@@ -133,14 +134,7 @@ class Pipeline:
     def __init__(self, settings: PruneSettings) -> None:
         target = settings.check()
         self.settings = settings
-        stages: list[Stage | None] = [
-            Calibrate(settings.calibrate),
-            Allocate(settings.allocate, target) if settings.allocate.allocation == "owl" else None,
-            OneShot(settings.oneshot, target),
-            Refine(settings.refine, target) if settings.refine is not None else None,
-            Recover(settings.recover) if settings.recover is not None else None,
-        ]
-        self.stages: list[Stage] = [stage for stage in stages if stage is not None]
+        self.stages: list[Stage] = [stage(getattr(settings, stage.key), target) for stage in STAGES if stage.wanted(getattr(settings, stage.key))]
 
     def run(self, loaded: LoadedModel, *, load_seconds: float = 0.0, calibration_batches: list[dict] | None = None) -> Report:
         """Prune `loaded.model` in place; evaluate it before and after each stage that changes it, when asked."""

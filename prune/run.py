@@ -59,14 +59,25 @@ class Evaluator(Protocol):
 
 
 class Stage:
-    """One step of the pipeline. `prepare` checks every input against the loaded model and reads what the stage
-    needs, with no forward pass (so that bad input fails before any work); `execute` does the work and writes the
-    stage's report section. `label` names the model after a stage that changes it ('pruned', ...): the evaluators
-    measure it then, and `evaluated` lets the stage record the figures before and after it."""
+    """One step of the pipeline, made from its settings (`settings_class`, held by PruneSettings under `key`) and
+    the run's target. `prepare` checks every input against the loaded model and reads what the stage needs, with
+    no forward pass (so that bad input fails before any work); `execute` does the work and writes the stage's
+    report section. `label` names the model after a stage that changes it ('pruned', ...): the evaluators measure
+    it then, and `evaluated` lets the stage record the figures before and after it."""
 
+    key: str = ""  # the attribute of PruneSettings holding its settings
+    settings_class: type = object
     name: str = ""  # its entry in report.seconds
     label: str | None = None
     needs_block_inputs: bool = False  # whether it runs the captured block inputs through the blocks
+
+    def __init__(self, settings, target: Target) -> None:
+        self.settings, self.target = settings, target
+
+    @classmethod
+    def wanted(cls, settings) -> bool:
+        """Whether the stage runs with these settings (an optional stage's settings are None when it is off)."""
+        return settings is not None
 
     def prepare(self, run: Run) -> None:
         pass

@@ -41,11 +41,13 @@ class AllocationSettings:
 
 
 class Allocate(Stage):
+    key, settings_class = "allocate", AllocationSettings
     name = "allocate"
     needs_block_inputs = True
 
-    def __init__(self, settings: AllocationSettings, target: Target) -> None:
-        self.settings, self.target = settings, target
+    @classmethod
+    def wanted(cls, settings: AllocationSettings) -> bool:
+        return settings.allocation == "owl"
 
     def execute(self, run: Run) -> None:
         plan, settings = run.plan, self.settings

@@ -47,10 +47,8 @@ def window_batches(windows, batch_size: int) -> list[dict]:
 
 
 class Calibrate(Stage):
+    key, settings_class = "calibrate", CalibrationSettings
     name = "calibrate"
-
-    def __init__(self, settings: CalibrationSettings) -> None:
-        self.settings = settings
 
     def prepare(self, run: Run) -> None:
         settings, given = self.settings, run.given_batches

@@ -100,12 +100,12 @@ def skipped_layer(name: str, layer: nn.Module, reason: str) -> LayerReport:
 
 
 class OneShot(Stage):
+    key, settings_class = "oneshot", OneShotSettings
     name = "prune"
     label = "pruned"
 
     def __init__(self, settings: OneShotSettings, target: Target) -> None:
-        self.settings = settings
-        self.target = target
+        super().__init__(settings, target)
         self.method: Method = get_method(settings.method)
         self.options = self.method.resolved_options(settings.method_options)
         self.hessian_dtype = HESSIAN_DTYPES[settings.hessian_dtype]

@@ -168,11 +168,9 @@ def recover(model: nn.Module, batches: Iterator[dict], settings: RecoverSettings
 
 
 class Recover(Stage):
+    key, settings_class = "recover", RecoverSettings
     name = "recover"
     label = "recovered"
-
-    def __init__(self, settings: RecoverSettings) -> None:
-        self.settings = settings
 
     def prepare(self, run: Run) -> None:
         settings, folder = self.settings, run.settings.calibrate.conll_folder()

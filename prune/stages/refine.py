@@ -261,11 +261,9 @@ def dense_snapshot(layers: dict[str, nn.Module]) -> dict[str, Tensor]:
 
 
 class Refine(Stage):
+    key, settings_class = "refine", RefineSettings
     name = "refine"
     label = "refined"
-
-    def __init__(self, settings: RefineSettings, target: Target) -> None:
-        self.settings, self.target = settings, target
 
     def prepare(self, run: Run) -> None:
         settings = self.settings
