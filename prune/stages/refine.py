@@ -154,6 +154,31 @@ def language_model_loss(model: nn.Module, ids: Tensor) -> float:
         return model(input_ids=ids, labels=ids).loss.item()
 
 
+class MaskSwitch:
+    """The layers' weights seen through keep masks that can be swapped in place (a parametrization on each weight:
+    weight = weights under the mask ⊙ mask), so that trying a mask costs no copy of the weights."""
+
+    def __init__(self, layers: dict[str, nn.Module], initial: dict[str, Tensor], device: torch.device) -> None:
+        self.layers = layers
+        self.keepers = {name: KeepMask(initial[name], isinstance(layer, Conv1D)).to(device) for name, layer in layers.items()}
+        for name, layer in layers.items():
+            parametrize.register_parametrization(layer, "weight", self.keepers[name], unsafe=True)
+
+    def use(self, masks: dict[str, Tensor]) -> None:
+        for name, mask in masks.items():
+            self.keepers[name].mask.copy_(mask)
+
+    def buffers(self) -> dict[str, Tensor]:
+        """The masks in use, to write a draw straight into."""
+        return {name: keeper.mask for name, keeper in self.keepers.items()}
+
+    def close(self, masks: dict[str, Tensor]) -> None:
+        """Leave each layer's weight as the weights under the mask ⊙ `masks`, without the parametrization."""
+        self.use(masks)
+        for layer in self.layers.values():
+            parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+
+
 def refine(model: nn.Module, layers: dict[str, nn.Module], initial: dict[str, Tensor], target: Target, train_windows: Tensor,
            holdout_windows: Tensor, settings: RefineSettings, device: torch.device, *, seed: int = 0, progress: bool = True,
            checkpoints: Collection[int] = (), on_checkpoint: Callable[[int], None] | None = None) -> RefineResult:
@@ -169,90 +194,94 @@ def refine(model: nn.Module, layers: dict[str, nn.Module], initial: dict[str, Te
     model.to(device)
     initial = {name: mask.to(device) for name, mask in initial.items()}
     estimator = resolved_estimator(settings.estimator, target.n)
-    refiner = MaskPro({name: mask for name, mask in initial.items()}, target.n, target.m, lr=settings.lr, logit_scale=settings.logit_scale,
-                      alpha=settings.alpha, estimator=estimator, seed=seed)
+    refiner = MaskPro(initial, target.n, target.m, lr=settings.lr, logit_scale=settings.logit_scale, alpha=settings.alpha, estimator=estimator,
+                      seed=seed)
     result = RefineResult(settings.method, settings.steps, settings.lr, settings.logit_scale, settings.alpha, estimator, settings.weights,
                           settings.batch, settings.seqlen, len(layers), sum(mask.numel() // target.m for mask in initial.values()))
     # float32 logits, and one byte per weight for each of: the masks in use, m₀, the current draw's ranks
     result.memory_mb = sum(mask.numel() * (4 + 3) for mask in initial.values()) / 2**20
-    keepers: dict[str, KeepMask] = {}
-    for name, layer in layers.items():
-        keepers[name] = KeepMask(initial[name], isinstance(layer, Conv1D)).to(device)
-        parametrize.register_parametrization(layer, "weight", keepers[name], unsafe=True)
-
-    def use(masks: dict[str, Tensor]) -> None:
-        for name, mask in masks.items():
-            keepers[name].mask.copy_(mask)
-
+    switch = MaskSwitch(layers, initial, device)
     chosen = initial
+    model.eval()
     try:
-        batches = [batch.to(device) for batch in fixed_batches(train_windows, settings.batch)]
-        baselines: dict[int, float] = {}
-        generator = torch.Generator().manual_seed(seed)
-        order: list[int] = []
-        draws: dict[str, Tensor] = {}
-        residuals: list[float] = []
-        model.eval()
-        started = time.perf_counter()
-        for step in tqdm(range(1, settings.steps + 1), desc=f"refine ({settings.method})", unit="step", disable=not progress):
-            if not order:
-                order = torch.randperm(len(batches), generator=generator).tolist()
-            index = order.pop()
-            began = time.perf_counter()
-            if index not in baselines:
-                use(initial)
-                baselines[index] = language_model_loss(model, batches[index])
-            synchronize(device)
-            sampled = time.perf_counter()
-            draws = refiner.sample(out=draws)  # the previous draw's buffers
-            refiner.masks(draws, out={name: keeper.mask for name, keeper in keepers.items()})
-            synchronize(device)
-            forwarded = time.perf_counter()
-            residual = language_model_loss(model, batches[index]) - baselines[index]
-            if not math.isfinite(residual):
-                raise PruningError(f"refinement step {step}: the loss of a sampled mask is not finite ({residual}); the model cannot be refined this way")
-            synchronize(device)
-            updated = time.perf_counter()
-            refiner.update(draws, residual)
-            synchronize(device)
-            finished = time.perf_counter()
-            result.seconds_forward += (sampled - began) + (updated - forwarded)
-            result.seconds_sampling += forwarded - sampled
-            result.seconds_update += finished - updated
-            residuals.append(residual)
-            if step % settings.log_every == 0 or step == settings.steps:
-                result.curve.append({"step": step, "residual": sum(residuals) / len(residuals), "tracker": refiner.tracker})
-                residuals = []
-            if on_checkpoint is not None and step in checkpoints:
-                paused = time.perf_counter()
-                use(refiner.final_masks())
-                on_checkpoint(step)
-                started += time.perf_counter() - paused
-        result.seconds = time.perf_counter() - started
-        result.seconds_per_step = result.seconds / settings.steps
-
+        policy_steps(model, refiner, switch, initial, [batch.to(device) for batch in fixed_batches(train_windows, settings.batch)], settings,
+                     result, device, seed=seed, progress=progress, checkpoints=checkpoints, on_checkpoint=on_checkpoint)
         held_out = [batch.to(device) for batch in fixed_batches(holdout_windows, min(settings.batch, len(holdout_windows)))]
-
-        def held_out_loss(masks: dict[str, Tensor]) -> float:
-            use(masks)
-            return sum(language_model_loss(model, batch) for batch in held_out) / len(held_out)
-
-        final = refiner.final_masks()
-        candidates = {"one-shot": initial, "top-N": final}
-        for number in range(settings.candidates):
-            candidates[f"draw {number + 1}"] = refiner.masks(refiner.sample())
-        losses = {label: held_out_loss(masks) for label, masks in candidates.items()}
-        kept = min(losses, key=losses.get) if settings.candidates > 0 else "top-N"
-        chosen = candidates[kept]
-        result.heldout = {"windows": len(holdout_windows), "losses": losses, "kept": kept}
+        chosen = final_mask(model, refiner, switch, initial, held_out, settings.candidates, result)
+        result.heldout["windows"] = len(holdout_windows)
         changed = sum(int((grouped(chosen[name], target.m) != grouped(initial[name], target.m)).any(-1).sum()) for name in layers)
         result.changed_groups = changed / result.groups if result.groups else 0.0
     finally:
-        use(chosen)
-        for layer in layers.values():
-            parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+        switch.close(chosen)
         model.to(home)
     return result
+
+
+def policy_steps(model: nn.Module, refiner: MaskPro, switch: MaskSwitch, initial: dict[str, Tensor], batches: list[Tensor],
+                 settings: RefineSettings, result: RefineResult, device: torch.device, *, seed: int, progress: bool,
+                 checkpoints: Collection[int], on_checkpoint: Callable[[int], None] | None) -> None:
+    """`settings.steps` MaskPro steps (Eq. 12): draw a mask, measure L(m) − L(m₀) on a batch (L(m₀) the first time
+    the batch is seen), update the logits. Fills the residual curve and the time split of `result`."""
+    baselines: dict[int, float] = {}
+    generator = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    draws: dict[str, Tensor] = {}
+    residuals: list[float] = []
+    started = time.perf_counter()
+    for step in tqdm(range(1, settings.steps + 1), desc=f"refine ({settings.method})", unit="step", disable=not progress):
+        if not order:
+            order = torch.randperm(len(batches), generator=generator).tolist()
+        index = order.pop()
+        began = time.perf_counter()
+        if index not in baselines:
+            switch.use(initial)
+            baselines[index] = language_model_loss(model, batches[index])
+        synchronize(device)
+        sampled = time.perf_counter()
+        draws = refiner.sample(out=draws)  # the previous draw's buffers
+        refiner.masks(draws, out=switch.buffers())
+        synchronize(device)
+        forwarded = time.perf_counter()
+        residual = language_model_loss(model, batches[index]) - baselines[index]
+        if not math.isfinite(residual):
+            raise PruningError(f"refinement step {step}: the loss of a sampled mask is not finite ({residual}); the model cannot be refined this way")
+        synchronize(device)
+        updated = time.perf_counter()
+        refiner.update(draws, residual)
+        synchronize(device)
+        finished = time.perf_counter()
+        result.seconds_forward += (sampled - began) + (updated - forwarded)
+        result.seconds_sampling += forwarded - sampled
+        result.seconds_update += finished - updated
+        residuals.append(residual)
+        if step % settings.log_every == 0 or step == settings.steps:
+            result.curve.append({"step": step, "residual": sum(residuals) / len(residuals), "tracker": refiner.tracker})
+            residuals = []
+        if on_checkpoint is not None and step in checkpoints:
+            paused = time.perf_counter()
+            switch.use(refiner.final_masks())
+            on_checkpoint(step)
+            started += time.perf_counter() - paused
+    result.seconds = time.perf_counter() - started
+    result.seconds_per_step = result.seconds / settings.steps
+
+
+def final_mask(model: nn.Module, refiner: MaskPro, switch: MaskSwitch, initial: dict[str, Tensor], held_out: list[Tensor], candidates: int,
+               result: RefineResult) -> dict[str, Tensor]:
+    """The top-N mask of the learned logits; with `candidates` > 0, the best on the held-out batches of it, m₀ and
+    that many draws from the policy. Every candidate's held-out loss goes into `result.heldout`."""
+
+    def held_out_loss(masks: dict[str, Tensor]) -> float:
+        switch.use(masks)
+        return sum(language_model_loss(model, batch) for batch in held_out) / len(held_out)
+
+    masks = {"one-shot": initial, "top-N": refiner.final_masks()}
+    for number in range(candidates):
+        masks[f"draw {number + 1}"] = refiner.masks(refiner.sample())
+    losses = {label: held_out_loss(mask) for label, mask in masks.items()}
+    kept = min(losses, key=losses.get) if candidates > 0 else "top-N"
+    result.heldout = {"losses": losses, "kept": kept}
+    return masks[kept]
 
 
 def dense_snapshot(layers: dict[str, nn.Module]) -> dict[str, Tensor]:
