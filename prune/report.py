@@ -85,8 +85,8 @@ class Report:
             lines.append(f"perplexity ({self.perplexity['data']}, {window['windows']} windows of {window['seqlen']} tokens): {figures}")
         if self.entity_f1 and "pruned" in self.entity_f1:
             scores = self.entity_f1
-            lines.append(f"entity F1 ({scores['data']} test split, {scores['sentences']} sentences): dense {scores['dense']['f1']:.4f}, "
-                         f"pruned {scores['pruned']['f1']:.4f}")
+            figures = ", ".join(f"{label} {scores[label]['f1']:.4f}" for label in ("dense", "pruned", "refined", "recovered") if label in scores)
+            lines.append(f"entity F1 ({scores['data']} test split, {scores['sentences']} sentences): {figures}")
         if self.refine:
             refined = self.refine
             curve = refined["curve"]

@@ -50,12 +50,13 @@ class Evaluator(Protocol):
     each label ('dense', 'pruned', ...), the figures measured at that point."""
 
     key: str  # the Report field it fills
+    text: str | None  # the corpus it measures on, if any (the calibration text is kept apart from it)
 
     def prepare(self, run: Run) -> None:
         """Read and check the evaluation data; write the section's description. No forward pass."""
 
     def measure(self, run: Run, label: str) -> dict:
-        """The figures of the model as it is now; `headline` is the one number a summary quotes."""
+        """The figures of the model as it is now (`label` names that point of the run for progress bars)."""
 
 
 class Stage:
@@ -113,7 +114,7 @@ class Run:
 
     def text(self) -> TextSources:
         if self._text is None:
-            evaluation = next((evaluator.source for evaluator in self.evaluators if evaluator.key == "perplexity"), None)
+            evaluation = next((evaluator.text for evaluator in self.evaluators if evaluator.text is not None), None)
             self._text = TextSources(self.loaded.tokenizer, calibration=self.settings.calibrate.source, evaluation=evaluation)
         return self._text
 

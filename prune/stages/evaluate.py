@@ -44,31 +44,28 @@ class PerplexityEvaluator:
 
     def __init__(self, settings: EvaluationSettings, calibration_seqlen: int) -> None:
         self.settings = settings
-        self.source = settings.data
+        self.text = settings.data
         self.seqlen = settings.seqlen or calibration_seqlen
 
     def prepare(self, run: Run) -> None:
         run.check_length("--eval-seqlen", self.seqlen)
         ids = run.evaluation_ids()
         if window_count(ids, self.seqlen) < 1:
-            raise PruningError(f"--eval-data {self.source}: {len(ids)} tokens, less than one window of {self.seqlen} (--eval-seqlen)")
+            raise PruningError(f"--eval-data {self.text}: {len(ids)} tokens, less than one window of {self.seqlen} (--eval-seqlen)")
         self.windows = evaluation_windows(ids, self.seqlen, self.settings.windows)
-        run.report.perplexity = {"data": self.source}
+        run.report.perplexity = {"data": self.text}
 
     def measure(self, run: Run, label: str) -> dict:
         with on_device(run.model, run.device):
             return perplexity(run.model, self.windows, run.device, batch_size=self.settings.batch_size, progress=run.settings.progress,
                               label=f"{label} perplexity").as_dict()
 
-    @staticmethod
-    def headline(figures: dict) -> float:
-        return figures["value"]
-
 
 class EntityF1Evaluator:
     """Entity-level F1 (conlleval) of a token classifier on the test file of the `--calibration conll:DIR` folder."""
 
     key = "entity_f1"
+    text = None
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -86,10 +83,6 @@ class EntityF1Evaluator:
     def measure(self, run: Run, label: str) -> dict:
         scores = evaluate_ner(run.model, run.loaded.tokenizer, self.sentences, self.labels, run.device)
         return {"f1": scores.f1, "precision": scores.precision, "recall": scores.recall}
-
-    @staticmethod
-    def headline(figures: dict) -> float:
-        return figures["f1"]
 
 
 def evaluators(run: Run) -> list[Evaluator]:
