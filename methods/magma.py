@@ -15,6 +15,8 @@ from torch import Tensor
 
 MODES = ("magma", "skipupdate", "none")
 GRANULARITIES = ("tensor", "row", "column", "element")
+DEFAULT_P = 0.5  # survival probability of a block's update (seed 001)
+DEFAULT_TAU = 2.0  # temperature of the momentum alignment
 MOMENT_KEYS = ("exp_avg", "momentum_buffer")  # where Adam/AdamW/NAdam and SGD/RMSprop keep the first moment
 
 
@@ -55,8 +57,8 @@ class Magma:
         base: torch.optim.Optimizer,
         *,
         mode: str = "magma",
-        p: float = 0.5,
-        tau: float = 2.0,
+        p: float = DEFAULT_P,
+        tau: float = DEFAULT_TAU,
         smoothing: float = 0.9,
         granularity: str = "tensor",
         beta: float = 0.9,

@@ -23,6 +23,9 @@ ESTIMATORS = ("set", "sequence")
 MAX_SET_N = 4  # the set probability sums over N! orders
 RANDOM_STREAMS = 8  # CPU generators drawing a layer's uniforms in parallel
 UNDERFLOW = 2.0**-100  # 1 − p_a below this: the N = 2 gradient of that group is recomputed in log space
+PAPER_LR = 50.0  # η of the logits (seed 002, App. A.1)
+PAPER_LOGIT_SCALE = 10.0  # C in π₀ = C · m₀
+PAPER_ALPHA = 0.99  # the loss tracker's moving-average factor
 
 
 def grouped(tensor: Tensor, m: int) -> Tensor:
@@ -259,8 +262,8 @@ class MaskPro:
     in parallel, so the samples depend on the seed only, not on the number of threads.
     """
 
-    def __init__(self, initial_masks: dict[str, Tensor], n: int, m: int, *, lr: float = 50.0, logit_scale: float = 10.0,
-                 alpha: float = 0.99, estimator: str = "sequence", seed: int = 0) -> None:
+    def __init__(self, initial_masks: dict[str, Tensor], n: int, m: int, *, lr: float = PAPER_LR,
+                 logit_scale: float = PAPER_LOGIT_SCALE, alpha: float = PAPER_ALPHA, estimator: str = "sequence", seed: int = 0) -> None:
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
         if estimator == "set" and n > MAX_SET_N:

@@ -17,7 +17,7 @@ from calibration.conll import NerDataError
 from calibration.sentences import labelled_batches
 from calibration.windows import language_model_batches, window_count
 from methods import PruningError
-from methods.magma import GRANULARITIES, Magma
+from methods.magma import DEFAULT_P, DEFAULT_TAU, GRANULARITIES, Magma
 from prune.models import CAUSAL_LM, TOKEN_CLASSIFICATION, all_prunable_layers
 from prune.run import Run, Stage
 from prune.settings import check_fields, option
@@ -45,8 +45,8 @@ class RecoverSettings:
     min_lr_rate: float = option(0.1, "--recover-min-lr-rate", "The cosine decays the learning rate to this fraction of --recover-lr.", minimum=0.0)
     weight_decay: float = option(0.0, "--recover-weight-decay", "AdamW weight decay.", minimum=0.0)
     train_other: bool = option(False, "--recover-train-other", "Also train norms, embeddings and heads (plain AdamW); default: frozen.")
-    p: float = option(0.5, "--recover-p", "Magma/SkipUpdate: probability that a block is updated, in (0, 1].")
-    tau: float = option(2.0, "--recover-tau", "Magma: temperature of the momentum alignment.", positive=True)
+    p: float = option(DEFAULT_P, "--recover-p", "Magma/SkipUpdate: probability that a block is updated, in (0, 1].")
+    tau: float = option(DEFAULT_TAU, "--recover-tau", "Magma: temperature of the momentum alignment.", positive=True)
     granularity: str = option("tensor", "--recover-granularity", "Magma/SkipUpdate: what one masked block is.", choices=GRANULARITIES)
     log_every: int = option(10, "--recover-log-every", "Steps per point of the loss curve in the report and recover.png.", minimum=1)
     debug: bool = option(False, "--recover-debug", "Check after every recovery step that no pruned weight moved.")

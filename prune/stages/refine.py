@@ -27,7 +27,7 @@ from transformers.pytorch_utils import Conv1D
 from calibration.windows import sample_windows, window_count
 from eval.sparsity import nm_valid, zero_fraction
 from methods import PruningError, Target
-from methods.maskpro import ESTIMATORS, MAX_SET_N, MaskPro, grouped
+from methods.maskpro import ESTIMATORS, MAX_SET_N, PAPER_ALPHA, PAPER_LOGIT_SCALE, PAPER_LR, MaskPro, grouped
 from prune.devices import synchronize
 from prune.models import CAUSAL_LM, layer_weight
 from prune.run import Run, Stage
@@ -45,9 +45,9 @@ class RefineSettings:
     method: str = option("maskpro", "--refine", "After pruning to N:M, learn better masks of the pruned layers by MaskPro policy gradient "
                          "(forward passes only).", choices=REFINE_METHODS, switch=True)
     steps: int = option(100, "--refine-steps", "MaskPro steps (one mask draw and one forward pass each).", minimum=1)
-    lr: float = option(50.0, "--refine-lr", "MaskPro learning rate of the logits (paper: 50).", positive=True)
-    logit_scale: float = option(10.0, "--refine-logit-scale", "C in π₀ = C · m₀ (paper: 10).", positive=True)
-    alpha: float = option(0.99, "--refine-alpha", "Moving-average factor of the loss-residual tracker, in [0, 1) (paper: 0.99).")
+    lr: float = option(PAPER_LR, "--refine-lr", "MaskPro learning rate of the logits (paper: 50).", positive=True)
+    logit_scale: float = option(PAPER_LOGIT_SCALE, "--refine-logit-scale", "C in π₀ = C · m₀ (paper: 10).", positive=True)
+    alpha: float = option(PAPER_ALPHA, "--refine-alpha", "Moving-average factor of the loss-residual tracker, in [0, 1) (paper: 0.99).")
     batch: int = option(4, "--refine-batch", "Calibration windows per MaskPro step.", minimum=1)
     seqlen: int = option(256, "--refine-seqlen", "Tokens per MaskPro window.", minimum=1)
     windows: int = option(64, "--refine-windows", "Training windows (fixed batches; L(m₀) is measured once per batch).", minimum=1)
