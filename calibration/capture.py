@@ -29,22 +29,24 @@ class _StopForward(Exception):
     """Raised by the capture hook once the first block's inputs are recorded."""
 
 
-def move_to(value, device: torch.device):
-    """`value` with every tensor inside (tuples, lists, dicts) moved to `device`."""
+def move_to(value, device: torch.device, dtype: torch.dtype | None = None):
+    """`value` with every tensor inside (tuples, lists, dicts) moved to `device`, floating-point ones cast to `dtype`."""
     if isinstance(value, Tensor):
-        return value.to(device)
+        return value.to(device, dtype=dtype if dtype is not None and value.is_floating_point() else None)
     if isinstance(value, tuple):
-        return tuple(move_to(item, device) for item in value)
+        return tuple(move_to(item, device, dtype) for item in value)
     if isinstance(value, list):
-        return [move_to(item, device) for item in value]
+        return [move_to(item, device, dtype) for item in value]
     if isinstance(value, dict):
-        return {key: move_to(item, device) for key, item in value.items()}
+        return {key: move_to(item, device, dtype) for key, item in value.items()}
     return value
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: Iterable[dict], device: torch.device) -> list[BlockCall]:
-    """Run the model on each batch up to `first_block` and record all it is called with (moved to `device`).
+def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: Iterable[dict], device: torch.device,
+                         dtype: torch.dtype | None = None) -> list[BlockCall]:
+    """Run the model on each batch up to `first_block` and record all it is called with (moved to `device`, its
+    floating-point tensors cast to `dtype`: the dtype the blocks will run in).
 
     A batch is a dict of model inputs (`input_ids`, optionally `attention_mask`); padded positions
     (attention_mask == 0) are excluded from the statistics later through `BlockCall.token_mask`.
@@ -75,9 +77,9 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: Iter
             mask = batch.get("attention_mask")
             calls.append(
                 BlockCall(
-                    hidden_states=hidden.to(device),
-                    args=move_to(args, device),
-                    kwargs=move_to(kwargs, device),
+                    hidden_states=move_to(hidden, device, dtype),
+                    args=move_to(args, device, dtype),
+                    kwargs=move_to(kwargs, device, dtype),
                     token_mask=None if mask is None or bool(mask.all()) else mask.bool().to(device),
                     hidden_as_keyword=as_keyword,
                 )

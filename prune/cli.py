@@ -94,7 +94,7 @@ def run_command(**options: Any) -> None:
         check_output_dir(options["output"], options["overwrite"])
     pipeline = Pipeline(settings_from(options, given))  # every setting is checked before the model is loaded
     started = time.perf_counter()
-    loaded = load_model(options["model"], cache_dir=options["cache_dir"])
+    loaded = load_model(options["model"], cache_dir=options["cache_dir"], dtype=pipeline.settings.dtype)
     report = pipeline.run(loaded, load_seconds=time.perf_counter() - started)
     click.echo(report.table())
     if options["output"] is not None:

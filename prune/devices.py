@@ -30,15 +30,23 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def compute_dtype(device: torch.device, stored: torch.dtype) -> torch.dtype:
+    """The dtype blocks run in: float32 on a CPU (half-precision matrix products there are slow and inexact); on CUDA
+    the stored dtype (statistics and sweeps are float32 whatever it is)."""
+    return torch.float32 if device.type == "cpu" else stored
+
+
 @contextlib.contextmanager
-def on_device(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
-    """Move `module` to `device` for the enclosed work, and back where it was afterwards."""
-    home = next(module.parameters()).device
-    module.to(device)
+def on_device(module: nn.Module, device: torch.device, dtype: torch.dtype | None = None) -> Iterator[nn.Module]:
+    """Move `module` to `device` (and cast its floating-point weights to `dtype`) for the enclosed work; afterwards
+    put it back where it was, in the dtype it had. A round trip through a wider dtype changes no weight."""
+    first = next(module.parameters())
+    home, stored = first.device, first.dtype
+    module.to(device=device, dtype=dtype)
     try:
         yield module
     finally:
-        module.to(home)
+        module.to(device=home, dtype=stored if dtype is not None else None)
 
 
 @contextlib.contextmanager

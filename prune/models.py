@@ -32,6 +32,8 @@ EMBEDDED_MODELS = {
 }
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # --dtype: auto = the checkpoint's
+
 CAUSAL_LM = "causal-lm"
 TOKEN_CLASSIFICATION = "token-classification"
 ENCODER = "encoder"
@@ -50,6 +52,11 @@ class LoadedModel:
     name: str  # what the user asked for
     source: str  # the folder it was loaded from, or the hub name
     kind: str  # CAUSAL_LM, TOKEN_CLASSIFICATION or ENCODER
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the weights are stored in (the checkpoint's, unless another was asked for)."""
+        return next(parameter.dtype for parameter in self.model.parameters() if parameter.is_floating_point())
 
 
 def default_cache_dir() -> Path:
@@ -148,8 +155,10 @@ def first_line(error: Exception) -> str:
     return (lines[0] if lines else type(error).__name__)[:200]
 
 
-def load_model(name: str, *, cache_dir: Path | None = None, kind: str | None = None, head_options: dict | None = None) -> LoadedModel:
-    """Load `name` (an embedded model, a local folder or a hub name) in float32 with its tokenizer.
+def load_model(name: str, *, cache_dir: Path | None = None, kind: str | None = None, head_options: dict | None = None,
+               dtype: str = "auto") -> LoadedModel:
+    """Load `name` (an embedded model, a local folder or a hub name) with its tokenizer, in the checkpoint's own dtype
+    (`dtype` 'auto') or in float32, bfloat16 or float16.
 
     `kind` forces the head (CAUSAL_LM, TOKEN_CLASSIFICATION, ENCODER); by default the config's architecture decides.
     `head_options` go to `from_pretrained` (e.g. num_labels, id2label, label2id for a new token-classification head).
@@ -168,7 +177,7 @@ def load_model(name: str, *, cache_dir: Path | None = None, kind: str | None = N
     config = read_config(name, source, hub=source == name and not looks_like_path(name))
     kind = kind or model_kind(config)
     try:
-        model = AUTO_CLASSES[kind].from_pretrained(source, dtype=torch.float32, **(head_options or {}))
+        model = AUTO_CLASSES[kind].from_pretrained(source, dtype=DTYPES[dtype], **(head_options or {}))
         tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as error:
         raise ModelError(f"could not load model {name!r} from {source}: {first_line(error)}") from None

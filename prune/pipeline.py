@@ -19,7 +19,7 @@ from torch import nn
 from methods import PruningError, Target
 from methods.registry import method_options
 from prune.devices import resolve_device
-from prune.models import LoadedModel, load_model
+from prune.models import DTYPES, LoadedModel, load_model
 from prune.report import Report
 from prune.run import Run, Stage
 from prune.settings import check_fields, flag_of, key_of, option, option_fields, switch_field
@@ -55,15 +55,19 @@ class PruneSettings:
     recover: RecoverSettings | None
     seed: int = option(0, "--seed", "Seed of the calibration windows, the MaskPro draws and the recovery batches.")
     device: str = option("auto", "--device", "auto (CUDA when available), cpu or cuda; the model stays where it is, blocks run here.")
+    dtype: str = option("auto", "--dtype", "The dtype the weights are loaded, kept and saved in: auto (the checkpoint's own), float32, bfloat16 or "
+                        "float16. Blocks run in float32 on a CPU whatever it is.", choices=tuple(DTYPES))
     progress: bool = True  # progress bars (the command's --quiet turns them off)
 
     def __init__(self, **options: Any) -> None:
         given: dict[str, dict] = {stage: {} for stage in STAGE_SETTINGS}
         whole: dict[str, Any] = {}
-        self.seed, self.device, self.progress = 0, "auto", True
+        shared = {field.name for field in dataclasses.fields(PruneSettings) if field.name not in STAGE_SETTINGS}
+        for name in shared:
+            setattr(self, name, next(field.default for field in dataclasses.fields(PruneSettings) if field.name == name))
         routes = option_routes()
         for key, value in options.items():
-            if key in ("seed", "device", "progress"):
+            if key in shared:
                 setattr(self, key, value)
             elif key in STAGE_SETTINGS and isinstance(value, STAGE_SETTINGS[key]):
                 whole[key] = value
@@ -138,6 +142,8 @@ class Pipeline:
 
     def run(self, loaded: LoadedModel, *, load_seconds: float = 0.0, calibration_batches: list[dict] | None = None) -> Report:
         """Prune `loaded.model` in place; evaluate it before and after each stage that changes it, when asked."""
+        if self.settings.dtype != "auto" and loaded.dtype != DTYPES[self.settings.dtype]:
+            loaded.model.to(DTYPES[self.settings.dtype])  # a model given in memory is cast as a loaded one would be
         run = Run(loaded, self.settings, resolve_device(self.settings.device), calibration_batches=calibration_batches,
                   needs_block_inputs=any(stage.needs_block_inputs for stage in self.stages))
         run.report.seconds["load"] = load_seconds
@@ -178,6 +184,6 @@ def prune_model(model: str | LoadedModel = "smollm2-135m", *, cache_dir: Path | 
     """
     pipeline = Pipeline(PruneSettings(**options))  # bad settings fail here, before the model is loaded
     started = time.perf_counter()
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, cache_dir=cache_dir)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, cache_dir=cache_dir, dtype=pipeline.settings.dtype)
     report = pipeline.run(loaded, load_seconds=time.perf_counter() - started, calibration_batches=calibration_batches)
     return loaded.model, report

@@ -14,7 +14,7 @@ from calibration.capture import BlockCall, capture_block_inputs
 from calibration.conll import NerDataError, Sentence, conll_split_path, read_conll
 from calibration.text import TextSources
 from methods import PruningError, Target
-from prune.devices import timed
+from prune.devices import compute_dtype, timed
 from prune.models import LoadedModel, max_positions, prunable_layers
 from prune.report import Report
 
@@ -99,6 +99,8 @@ class Run:
         self.model = loaded.model
         self.settings = settings
         self.device = device
+        self.dtype = loaded.dtype  # the weights are stored in this dtype, and written back in it
+        self.compute_dtype = compute_dtype(device, self.dtype)  # blocks run in this one
         self.needs_block_inputs = needs_block_inputs
         self.given_batches = calibration_batches  # model inputs given by the caller instead of calibration text
         self.calibration_batches: list[dict] | None = None  # set by the calibrate stage
@@ -160,7 +162,7 @@ class Run:
 
     def capture(self) -> list[BlockCall]:
         """Run the calibration batches up to the first block and keep everything it is called with."""
-        return capture_block_inputs(self.model, self.plan.blocks[0], self.calibration_batches, self.device)
+        return capture_block_inputs(self.model, self.plan.blocks[0], self.calibration_batches, self.device, self.compute_dtype)
 
     def evaluate(self, label: str) -> dict:
         """Measure the model as it is now with every evaluator; record and return the figures by evaluator."""

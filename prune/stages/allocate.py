@@ -72,7 +72,7 @@ class Allocate(Stage):
         ratios, parameters = [], []
         for index in tqdm(range(max(selected) + 1), desc="OWL outlier ratios", unit="block", disable=not run.settings.progress, leave=False):
             layers = prunable_layers(plan.blocks[index]) if index in selected else {}
-            with on_device(plan.blocks[index], run.device) as block, LayerInputStatistics(layers, owl.STATISTIC, run.device) as statistics:
+            with on_device(plan.blocks[index], run.device, run.compute_dtype) as block, LayerInputStatistics(layers, owl.STATISTIC, run.device) as statistics:
                 run_calls(block, run.calls, statistics, advance=index < max(selected))
             if index in selected:
                 called = [name for name in layers if statistics.statistics(name) is not None]

@@ -56,7 +56,7 @@ class PerplexityEvaluator:
         run.report.perplexity = {"data": self.text}
 
     def measure(self, run: Run, label: str) -> dict:
-        with on_device(run.model, run.device):
+        with on_device(run.model, run.device, run.compute_dtype):
             return perplexity(run.model, self.windows, run.device, batch_size=self.settings.batch_size, progress=run.settings.progress,
                               label=f"{label} perplexity").as_dict()
 
@@ -81,7 +81,8 @@ class EntityF1Evaluator:
         run.report.entity_f1 = {"data": str(self.folder), "sentences": len(self.sentences)}
 
     def measure(self, run: Run, label: str) -> dict:
-        scores = evaluate_ner(run.model, run.loaded.tokenizer, self.sentences, self.labels, run.device)
+        with on_device(run.model, run.device, run.compute_dtype):
+            scores = evaluate_ner(run.model, run.loaded.tokenizer, self.sentences, self.labels, run.device)
         return {"f1": scores.f1, "precision": scores.precision, "recall": scores.recall}
 
 

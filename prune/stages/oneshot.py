@@ -166,10 +166,10 @@ class OneShot(Stage):
             reports = [skipped_layer(f"{plan.blocks_name}.{index}.{name}", layer, "block not selected; left dense")
                        for name, layer in prunable_layers(block).items()]
             if propagate:
-                with on_device(block, device), timed(breakdown, "propagate", device):
+                with on_device(block, device, run.compute_dtype), timed(breakdown, "propagate", device):
                     run_calls(block, calls, advance=True)
             return reports
-        with on_device(block, device):
+        with on_device(block, device, run.compute_dtype):
             statistics = None
             advanced = propagate and self.settings.propagate == "dense"  # whether the statistics pass also advances `calls`
             if calls is not None:
@@ -177,7 +177,7 @@ class OneShot(Stage):
                         LayerInputStatistics(prunable_layers(block), self.method.statistic, device, self.hessian_dtype) as statistics:
                     run_calls(block, calls, statistics, advance=advanced)
             with timed(breakdown, "method", device):
-                reports = self.prune_block(plan, index, block, statistics, target, device)
+                reports = self.prune_block(plan, index, block, statistics, target, device, run.dtype)
             del statistics
             if propagate and not advanced:
                 with timed(breakdown, "propagate", device):
@@ -185,7 +185,7 @@ class OneShot(Stage):
         return reports
 
     def prune_block(self, plan: LayerPlan, index: int, block: nn.Module, statistics: LayerInputStatistics | None, target: Target,
-                    device: torch.device) -> list[LayerReport]:
+                    device: torch.device, stored: torch.dtype) -> list[LayerReport]:
         reports = []
         for name, layer in prunable_layers(block).items():
             full_name = f"{plan.blocks_name}.{index}.{name}"
@@ -195,18 +195,19 @@ class OneShot(Stage):
             elif statistics is not None and statistic is None:
                 reports.append(skipped_layer(full_name, layer, "never called during calibration; left dense"))
             else:
-                report = self.prune_layer(full_name, layer, statistic, target, device)
+                report = self.prune_layer(full_name, layer, statistic, target, device, stored)
                 if statistics is not None:
                     report.statistics_from = f"{plan.blocks_name}.{index}.{statistics.leader[name]}"
                 reports.append(report)
         return reports
 
-    def prune_layer(self, name: str, layer: nn.Module, statistic, target: Target, device: torch.device) -> LayerReport:
-        """Prune one layer in place and describe the result."""
+    def prune_layer(self, name: str, layer: nn.Module, statistic, target: Target, device: torch.device, stored: torch.dtype) -> LayerReport:
+        """Prune one layer in place and describe the result. The pruned weights are rounded to the dtype the model is
+        stored in at once, so that the next block sees the outputs of the model as it will be saved."""
         synchronize(device)
         started = time.perf_counter()
         result = self.method.run(layer_weight(layer), statistic, target, self.options)
-        set_layer_weight(layer, result.weight)
+        set_layer_weight(layer, result.weight.to(stored))
         synchronize(device)
         seconds = time.perf_counter() - started
         pruned = layer_weight(layer)

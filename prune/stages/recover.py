@@ -18,6 +18,7 @@ from calibration.sentences import labelled_batches
 from calibration.windows import language_model_batches, window_count
 from methods import PruningError
 from methods.magma import DEFAULT_P, DEFAULT_TAU, GRANULARITIES, Magma
+from prune.devices import on_device
 from prune.models import CAUSAL_LM, TOKEN_CLASSIFICATION, all_prunable_layers
 from prune.run import Run, Stage
 from prune.settings import check_fields, option
@@ -200,7 +201,8 @@ class Recover(Stage):
                                f"--calibration conll:DIR; this model is a {run.loaded.kind}" + (" calibrated on text" if folder is None else ""))
 
     def execute(self, run: Run) -> None:
-        result = recover(run.model, self.batches, self.settings, run.device, seed=run.settings.seed, progress=run.settings.progress)
+        with on_device(run.model, run.device, run.compute_dtype):  # trained in the compute dtype, stored back in the model's
+            result = recover(run.model, self.batches, self.settings, run.device, seed=run.settings.seed, progress=run.settings.progress)
         run.report.recover = result.as_dict()
         if not result.zeros_kept:
             raise PruningError("internal error: pruned weights moved during recovery")

@@ -28,7 +28,7 @@ from calibration.windows import sample_windows, window_count
 from eval.sparsity import nm_valid, zero_fraction
 from methods import PruningError, Target
 from methods.maskpro import ESTIMATORS, MAX_SET_N, PAPER_ALPHA, PAPER_LOGIT_SCALE, PAPER_LR, MaskPro, grouped
-from prune.devices import synchronize
+from prune.devices import on_device, synchronize
 from prune.models import CAUSAL_LM, layer_weight
 from prune.run import Run, Stage
 from prune.settings import check_fields, option
@@ -312,8 +312,9 @@ class Refine(Stage):
         layers = {layer.name: run.model.get_submodule(layer.name) for layer in run.report.layers if layer.loss is not None}
         initial = put_weights_under_mask(layers, self.dense, settings.weights)
         del self.dense
-        result = refine(run.model, layers, initial, self.target, self.windows[: settings.windows], self.windows[settings.windows :], settings,
-                        run.device, seed=run.settings.seed, progress=run.settings.progress)
+        with on_device(run.model, run.device, run.compute_dtype):
+            result = refine(run.model, layers, initial, self.target, self.windows[: settings.windows], self.windows[settings.windows :], settings,
+                            run.device, seed=run.settings.seed, progress=run.settings.progress)
         run.report.refine = result.as_dict()
         for layer_report in run.report.layers:  # every refined layer must still hold the pattern
             if layer_report.loss is None:
