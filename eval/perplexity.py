@@ -20,17 +20,24 @@ class Perplexity:
         return {"value": self.value, "seqlen": self.seqlen, "windows": self.windows}
 
 
+def next_token_loss(logits: Tensor, input_ids: Tensor) -> tuple[float, int]:
+    """The summed cross-entropy of predicting each token from the ones before it, and how many tokens were predicted."""
+    predicted = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    loss = nn.functional.cross_entropy(predicted, input_ids[:, 1:].reshape(-1).to(logits.device), reduction="sum")
+    return loss.item(), input_ids[:, 1:].numel()
+
+
+def from_losses(total_loss: float, count: int, windows: Tensor) -> Perplexity:
+    return Perplexity(math.exp(total_loss / count), windows.shape[1], windows.shape[0])
+
+
 @torch.no_grad()
 def perplexity(model: nn.Module, windows: Tensor, device: torch.device, *, batch_size: int = 4, progress: bool = True, label: str = "perplexity") -> Perplexity:
     """exp of the mean next-token loss over all windows (windows, seqlen); every window has the same length."""
-    total_loss = 0.0
-    count = 0
+    total_loss, count = 0.0, 0
     batches = range(0, len(windows), batch_size)
     for start in tqdm(batches, desc=label, unit="batch", disable=not progress, leave=False):
         input_ids = windows[start : start + batch_size].to(device)
-        logits = model(input_ids=input_ids).logits
-        predicted = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-        loss = nn.functional.cross_entropy(predicted, input_ids[:, 1:].reshape(-1), reduction="sum")
-        total_loss += loss.item()
-        count += input_ids[:, 1:].numel()
-    return Perplexity(math.exp(total_loss / count), windows.shape[1], windows.shape[0])
+        loss, tokens = next_token_loss(model(input_ids=input_ids).logits, input_ids)
+        total_loss, count = total_loss + loss, count + tokens
+    return from_losses(total_loss, count, windows)

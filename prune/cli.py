@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +16,17 @@ from calibration.conll import NerDataError
 from calibration.corpora import CorpusError
 from methods import PruningError
 from methods.registry import method_options
-from prune.models import EMBEDDED_MODELS, SMOLLM2, ModelError, load_model
-from prune.output import OutputError, check_output_dir, save_pruned
+from prune.models import EMBEDDED_MODELS, SMOLLM2, ModelError
+from prune.output import OutputError
 from prune.pipeline import STAGE_SETTINGS, Pipeline, PruneSettings
-from prune.plots import plot_allocation, plot_recover, plot_refine
 from prune.settings import has_cli_default, key_of, option_fields
 from prune.stages.oneshot import method_flag
+from prune.weights import StreamingError
 
 USER_ERRORS = (PruningError, CorpusError, ModelError, OutputError, NerDataError)
 MODEL_HELP = "; ".join(f"{name}: {what}" for name, what in EMBEDDED_MODELS.items())
 # the command's own options, which are not settings of a stage
-COMMAND_OPTIONS = {"model", "no_eval", "output", "overwrite", "cache_dir", "quiet"}
+COMMAND_OPTIONS = {"model", "no_eval", "cache_dir", "quiet"}
 
 
 def settings_option(field: dataclasses.Field) -> click.Option:
@@ -60,8 +59,6 @@ def command_parameters() -> list[click.Parameter]:
     return [
         click.Option(["--model"], default=SMOLLM2, show_default=True, help=f"An embedded model, a local folder, or a hub name. Embedded: {MODEL_HELP}."),
         *sections,
-        click.Option(["--output"], type=click.Path(path_type=Path), default=None, help="Save the pruned model, tokenizer and report.json here."),
-        click.Option(["--overwrite"], is_flag=True, help="Replace a non-empty --output folder."),
         click.Option(["--cache-dir"], type=click.Path(path_type=Path), default=None,
                      help="Where converted embedded models are kept (default ~/.cache/obs-prune)."),
         click.Option(["--quiet"], is_flag=True, help="No progress bars."),
@@ -90,24 +87,12 @@ def run_command(**options: Any) -> None:
     given = {name for name in options if context.get_parameter_source(name) is not ParameterSource.DEFAULT}
     if options["quiet"]:
         transformers_logging.disable_progress_bar()
-    if options["output"] is not None:
-        check_output_dir(options["output"], options["overwrite"])
     pipeline = Pipeline(settings_from(options, given))  # every setting is checked before the model is loaded
-    started = time.perf_counter()
-    loaded = load_model(options["model"], cache_dir=options["cache_dir"], dtype=pipeline.settings.dtype)
-    report = pipeline.run(loaded, load_seconds=time.perf_counter() - started)
+    loaded, seconds = pipeline.load(options["model"], cache_dir=options["cache_dir"])
+    report = pipeline.run(loaded, load_seconds=seconds)
     click.echo(report.table())
-    if options["output"] is not None:
-        def figures(folder: Path) -> None:
-            if report.allocation is not None:
-                plot_allocation(report.allocation, report.target["sparsity"], folder / "allocation.png")
-            if report.refine is not None:
-                plot_refine(report.refine, folder / "refine.png")
-            if report.recover is not None:
-                plot_recover(report.recover, folder / "recover.png")
-
-        save_pruned(loaded, report, options["output"], overwrite=options["overwrite"], extra=figures)
-        click.echo(f"saved the pruned model, tokenizer and report.json to {options['output']}")
+    if pipeline.settings.output is not None:
+        click.echo(f"saved the pruned model, tokenizer and report.json to {pipeline.settings.output}")
 
 
 command = click.Command(
@@ -126,6 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     except USER_ERRORS as error:
         click.echo(f"prune: error: {error}", err=True)
         sys.exit(2)
+    except StreamingError as error:  # a full disk: not bad input, but one line all the same
+        click.echo(f"prune: error: {error.strerror}", err=True)
+        sys.exit(1)
     except click.Abort:
         click.echo("prune: aborted", err=True)
         sys.exit(130)

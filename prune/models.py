@@ -7,7 +7,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 
 from calibration.corpora import hub_connection_problem
+from prune.weights import Checkpoint, materialise
 
 SMOLLM2 = "smollm2-135m"
 MINILM = "minilm-l6"
@@ -52,6 +53,8 @@ class LoadedModel:
     name: str  # what the user asked for
     source: str  # the folder it was loaded from, or the hub name
     kind: str  # CAUSAL_LM, TOKEN_CLASSIFICATION or ENCODER
+    checkpoint: Checkpoint | None = None  # streamed: the blocks' weights are in these shards, not in memory
+    notes: list[str] = field(default_factory=list)  # what loading had to decide (for the report)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -156,13 +159,40 @@ def first_line(error: Exception) -> str:
 
 
 def load_model(name: str, *, cache_dir: Path | None = None, kind: str | None = None, head_options: dict | None = None,
-               dtype: str = "auto") -> LoadedModel:
+               dtype: str = "auto", stream: bool = False) -> LoadedModel:
     """Load `name` (an embedded model, a local folder or a hub name) with its tokenizer, in the checkpoint's own dtype
     (`dtype` 'auto') or in float32, bfloat16 or float16.
 
     `kind` forces the head (CAUSAL_LM, TOKEN_CLASSIFICATION, ENCODER); by default the config's architecture decides.
     `head_options` go to `from_pretrained` (e.g. num_labels, id2label, label2id for a new token-classification head).
+    With `stream`, a safetensors checkpoint is not loaded whole: see `load_skeleton`. A checkpoint in another format
+    is then loaded whole, and the LoadedModel's notes say so.
     """
+    source, config = resolve_source(name, cache_dir)
+    kind = kind or model_kind(config)
+    notes = []
+    if stream:
+        folder = local_folder(name, source)
+        checkpoint = Checkpoint.find(folder)
+        if checkpoint is not None:
+            skeleton = load_skeleton(name, source, folder, config, kind, checkpoint, dtype)
+            if skeleton is not None:
+                return skeleton
+            notes.append(f"the names in the checkpoint of {name} differ from the model's: loaded whole, not streamed")
+        else:
+            notes.append(f"streaming needs safetensors weights, and {folder} holds none (a .bin checkpoint?): loaded whole through "
+                         "transformers' safe loader")
+    try:
+        model = AUTO_CLASSES[kind].from_pretrained(source, dtype=DTYPES[dtype], **(head_options or {}))
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except Exception as error:
+        raise ModelError(f"could not load model {name!r} from {source}: {first_line(error)}") from None
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source, kind=kind, notes=notes)
+
+
+def resolve_source(name: str, cache_dir: Path | None) -> tuple[str, object]:
+    """Where `name` is (a folder, or the hub name) and its config."""
     if name in EMBEDDED_MODELS:
         source = str(embedded_model_folder(name, cache_dir or default_cache_dir()))
     elif looks_like_path(name):
@@ -174,15 +204,46 @@ def load_model(name: str, *, cache_dir: Path | None = None, kind: str | None = N
         source = str(folder)
     else:
         source = name
-    config = read_config(name, source, hub=source == name and not looks_like_path(name))
-    kind = kind or model_kind(config)
+    return source, read_config(name, source, hub=source == name and not looks_like_path(name))
+
+
+def local_folder(name: str, source: str) -> Path:
+    """The folder holding the model's files: itself, or the hub snapshot (downloaded when not cached)."""
+    if Path(source).is_dir():
+        return Path(source)
+    from huggingface_hub import snapshot_download
+
     try:
-        model = AUTO_CLASSES[kind].from_pretrained(source, dtype=DTYPES[dtype], **(head_options or {}))
+        return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as error:  # the hub client raises many kinds of errors
+        raise ModelError(f"could not fetch the files of {name!r} from the hub: {first_line(error)}") from None
+
+
+def load_skeleton(name: str, source: str, folder: Path, config, kind: str, checkpoint: Checkpoint, dtype: str) -> LoadedModel | None:
+    """The model built on the meta device (accelerate's `init_empty_weights`) with only the weights outside its
+    transformer blocks read from the checkpoint; the blocks' weights stay in the shards until a stage reads them.
+    None when the checkpoint's tensor names are not the model's."""
+    from accelerate import init_empty_weights
+
+    stored = checkpoint.dtype() if dtype == "auto" else DTYPES[dtype]
+    try:
+        with init_empty_weights():
+            model = AUTO_CLASSES[kind].from_config(config, dtype=stored)
+        model.tie_weights()  # tied weights (a head sharing the embeddings) are stored once
         tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as error:
-        raise ModelError(f"could not load model {name!r} from {source}: {first_line(error)}") from None
+        raise ModelError(f"could not build model {name!r} from {source}: {first_line(error)}") from None
+    blocks_name, _ = transformer_blocks(model)
+    names = {parameter_name for parameter_name, _ in model.named_parameters()}
+    if not names <= checkpoint.names():
+        return None
+    outside = sorted(name for name in names if not name.startswith(blocks_name + "."))
+    materialise(model, checkpoint.read(outside, stored), torch.device("cpu"), only=outside)
+    model.tie_weights()
+    if any(parameter.is_meta for parameter_name, parameter in model.named_parameters() if not parameter_name.startswith(blocks_name + ".")):
+        return None
     model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source, kind=kind)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=str(folder), kind=kind, checkpoint=checkpoint)
 
 
 def transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:

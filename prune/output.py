@@ -8,8 +8,10 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from prune.models import LoadedModel
+from prune.models import LoadedModel, transformer_blocks
+from prune.plots import plot_allocation, plot_recover, plot_refine
 from prune.report import Report
+from prune.weights import ShardWriter, parameter_names, writing
 
 
 class OutputError(ValueError):
@@ -37,31 +39,72 @@ def write_atomically(directory: Path, write: Callable[[Path], None], overwrite: 
     directory = directory.resolve()
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any folder the user makes
     try:
-        write(staging)
-        if directory.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
-            directory.rename(retired / directory.name)
-            staging.rename(directory)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            staging.rename(directory)
+        with writing(staging):
+            write(staging)
+        put_in_place(staging, directory)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def save_pruned(loaded: LoadedModel, report: Report, directory: Path, *, overwrite: bool = False, extra: Callable[[Path], None] | None = None) -> None:
-    """Save the model (`save_pretrained`, safetensors), its tokenizer and `report.json` to `directory`."""
+def put_in_place(staging: Path, directory: Path) -> None:
+    """Rename the finished `staging` folder to `directory`, replacing what was there (in one rename each)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any folder the user makes
+    if directory.exists():
+        retired = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
+        directory.rename(retired / directory.name)
+        staging.rename(directory)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        staging.rename(directory)
+
+
+def write_figures(report: Report, folder: Path) -> None:
+    """The figures of the stages that ran: allocation.png, refine.png, recover.png."""
+    if report.allocation is not None:
+        plot_allocation(report.allocation, report.target["sparsity"], folder / "allocation.png")
+    if report.refine is not None:
+        plot_refine(report.refine, folder / "refine.png")
+    if report.recover is not None:
+        plot_recover(report.recover, folder / "recover.png")
+
+
+def write_companions(loaded: LoadedModel, report: Report, folder: Path) -> None:
+    """Everything of the output but the weights: the tokenizer, report.json and the figures."""
+    loaded.tokenizer.save_pretrained(folder)
+    (folder / "report.json").write_text(report.to_json() + "\n", encoding="utf-8")
+    write_figures(report, folder)
+
+
+def save_pruned(loaded: LoadedModel, report: Report, directory: Path, *, overwrite: bool = False) -> None:
+    """Save a model held in memory (`save_pretrained`, safetensors), its tokenizer, `report.json` and the figures."""
 
     def write(folder: Path) -> None:
         loaded.model.save_pretrained(folder)
-        loaded.tokenizer.save_pretrained(folder)
-        (folder / "report.json").write_text(report.to_json() + "\n", encoding="utf-8")
-        if extra is not None:
-            extra(folder)
+        write_companions(loaded, report, folder)
 
     write_atomically(directory, write, overwrite)
+
+
+def finish_streamed(loaded: LoadedModel, report: Report, writer: ShardWriter, directory: Path | None, *, overwrite: bool = False) -> None:
+    """Complete a streamed output: the blocks no stage changed and the weights outside the blocks copied from the
+    checkpoint (one block at a time), the shards' index, the config, tokenizer, report and figures; then, when
+    `directory` is given, the folder is put in its place."""
+    checkpoint, stored = loaded.checkpoint, loaded.dtype
+    blocks_name, blocks = transformer_blocks(loaded.model)
+    for index, block in enumerate(blocks):
+        if not writer.has(index):
+            writer.write(index, checkpoint.read(parameter_names(block, f"{blocks_name}.{index}."), stored))
+    writer.write(len(blocks), checkpoint.read(sorted(name for name in checkpoint.names() if not name.startswith(blocks_name + ".")), stored))
+    writer.finish()
+    with writing(writer.folder):
+        loaded.model.config.save_pretrained(writer.folder)
+        if getattr(loaded.model, "generation_config", None) is not None and loaded.model.can_generate():
+            loaded.model.generation_config.save_pretrained(writer.folder)
+        write_companions(loaded, report, writer.folder)
+    if directory is not None:
+        check_output_dir(directory, overwrite)
+        put_in_place(writer.folder, directory.resolve())

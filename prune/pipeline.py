@@ -10,6 +10,8 @@ forward pass; then the stages run in turn, and the evaluators measure the model 
 from __future__ import annotations
 
 import dataclasses
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,8 @@ from torch import nn
 from methods import PruningError, Target
 from methods.registry import method_options
 from prune.devices import resolve_device
-from prune.models import DTYPES, LoadedModel, load_model
+from prune.models import DTYPES, LoadedModel, load_model, transformer_blocks
+from prune.output import check_output_dir, finish_streamed, save_pruned
 from prune.report import Report
 from prune.run import Run, Stage
 from prune.settings import check_fields, flag_of, key_of, option, option_fields, switch_field
@@ -29,12 +32,14 @@ from prune.stages.evaluate import EvaluationSettings, evaluators
 from prune.stages.oneshot import OneShot, OneShotSettings
 from prune.stages.recover import Recover, RecoverSettings
 from prune.stages.refine import Refine, RefineSettings
+from prune.weights import ShardWriter
 
 # The stages, in the order they run. Adding a stage: its module in prune/stages, one line here, one field below.
 STAGES: tuple[type[Stage], ...] = (Calibrate, Allocate, OneShot, Refine, Recover)
 # Each part's settings, under the attribute of PruneSettings that holds them. An optional stage is off (None)
 # unless its switch field is set (e.g. `refine="maskpro"`, `--refine maskpro`).
 STAGE_SETTINGS: dict[str, type] = {**{stage.key: stage.settings_class for stage in STAGES}, "evaluate": EvaluationSettings}
+STREAM_CHOICES = ("auto", "on", "off")
 SWITCHES = {stage: switch.name for stage, settings_class in STAGE_SETTINGS.items() if (switch := switch_field(settings_class)) is not None}
 
 
@@ -57,6 +62,12 @@ class PruneSettings:
     device: str = option("auto", "--device", "auto (CUDA when available), cpu or cuda; the model stays where it is, blocks run here.")
     dtype: str = option("auto", "--dtype", "The dtype the weights are loaded, kept and saved in: auto (the checkpoint's own), float32, bfloat16 or "
                         "float16. Blocks run in float32 on a CPU whatever it is.", choices=tuple(DTYPES))
+    stream: str = option("auto", "--stream", "Read a safetensors checkpoint one block at a time and write each pruned block to --output at once, "
+                         "so that memory holds one block, not the model: on, off, or auto (when --output is given and no stage needs the whole "
+                         "model: --refine, --recover and entity F1 do).", choices=STREAM_CHOICES)
+    output: str | None = option(None, "--output", "Save the pruned model (safetensors, in its own dtype), tokenizer, report.json and figures here.",
+                                type=str, metavar="DIR")
+    overwrite: bool = option(False, "--overwrite", "Replace a non-empty --output folder.")
     progress: bool = True  # progress bars (the command's --quiet turns them off)
 
     def __init__(self, **options: Any) -> None:
@@ -99,9 +110,29 @@ class PruneSettings:
         """The settings of each stage that runs."""
         return {stage: getattr(self, stage) for stage in STAGE_SETTINGS if getattr(self, stage) is not None}
 
+    def whole_model_needed_by(self) -> str | None:
+        """The option that needs the whole model in memory at once, if any."""
+        if self.refine is not None:
+            return "--refine"
+        if self.recover is not None:
+            return "--recover"
+        if self.calibrate.conll_folder() is not None and self.evaluate.data is not None:
+            return "entity F1 (--calibration conll:DIR)"
+        return None
+
+    def streams(self) -> bool:
+        """Whether the model is streamed block by block (when its checkpoint allows)."""
+        if self.stream == "auto":
+            return self.output is not None and self.whole_model_needed_by() is None
+        return self.stream == "on"
+
     def check(self) -> Target:
         """Refuse any setting that cannot work, before a model is loaded; return the target."""
         check_fields(self)
+        if self.stream == "on" and self.whole_model_needed_by() is not None:
+            raise PruningError(f"--stream on reads one block at a time, but {self.whole_model_needed_by()} needs the whole model")
+        if self.output is not None:
+            check_output_dir(Path(self.output), self.overwrite)
         target = self.oneshot.check()
         self.calibrate.check()
         self.allocate.check(target)
@@ -140,12 +171,37 @@ class Pipeline:
         self.settings = settings
         self.stages: list[Stage] = [stage(getattr(settings, stage.key), target) for stage in STAGES if stage.wanted(getattr(settings, stage.key))]
 
+    def load(self, name: str, *, cache_dir: Path | None = None) -> tuple[LoadedModel, float]:
+        """Load the model as these settings want it (in their dtype; streamed or whole); with the seconds it took."""
+        started = time.perf_counter()
+        loaded = load_model(name, cache_dir=cache_dir, dtype=self.settings.dtype, stream=self.settings.streams())
+        return loaded, time.perf_counter() - started
+
     def run(self, loaded: LoadedModel, *, load_seconds: float = 0.0, calibration_batches: list[dict] | None = None) -> Report:
-        """Prune `loaded.model` in place; evaluate it before and after each stage that changes it, when asked."""
-        if self.settings.dtype != "auto" and loaded.dtype != DTYPES[self.settings.dtype]:
-            loaded.model.to(DTYPES[self.settings.dtype])  # a model given in memory is cast as a loaded one would be
-        run = Run(loaded, self.settings, resolve_device(self.settings.device), calibration_batches=calibration_batches,
+        """Prune `loaded.model` in place; evaluate it before and after each stage that changes it, when asked; write
+        the output when the settings name one. A streamed model's pruned blocks go to the output as they are done."""
+        settings = self.settings
+        if settings.dtype != "auto" and loaded.dtype != DTYPES[settings.dtype]:
+            loaded.model.to(DTYPES[settings.dtype])  # a model given in memory is cast as a loaded one would be
+        run = Run(loaded, settings, resolve_device(settings.device), calibration_batches=calibration_batches,
                   needs_block_inputs=any(stage.needs_block_inputs for stage in self.stages))
+        output = Path(settings.output).expanduser() if settings.output is not None else None
+        staging = None
+        if run.streamed:
+            staging = streaming_folder(output)
+            run.output = ShardWriter(staging, len(transformer_blocks(loaded.model)[1]) + 1)
+        try:
+            self.stages_and_evaluations(run, load_seconds)
+            if output is not None and run.streamed:
+                finish_streamed(loaded, run.report, run.output, output, overwrite=settings.overwrite)
+            elif output is not None:
+                save_pruned(loaded, run.report, output, overwrite=settings.overwrite)
+        finally:
+            if staging is not None and output is None:
+                shutil.rmtree(staging, ignore_errors=True)
+        return run.report
+
+    def stages_and_evaluations(self, run: Run, load_seconds: float) -> None:
         run.report.seconds["load"] = load_seconds
         run.report.settings = self.settings.as_options()
         run.evaluators = evaluators(run)
@@ -161,7 +217,17 @@ class Pipeline:
                 previous = figures
         run.report.seconds["total"] = sum(run.report.seconds.values())
         run.report.finish()
-        return run.report
+
+
+def streaming_folder(output: Path | None) -> Path:
+    """Where a streamed run writes its shards: beside the output (`.NAME.partial`, renamed to NAME at the end), or
+    a temporary folder when there is no output."""
+    if output is None:
+        return Path(tempfile.mkdtemp(prefix="prune-stream-"))
+    staging = output.resolve().parent / f".{output.name}.partial"
+    if staging.exists():
+        shutil.rmtree(staging)  # an earlier run's unfinished blocks
+    return staging
 
 
 def run_pipeline(loaded: LoadedModel, settings: PruneSettings, load_seconds: float = 0.0, calibration_batches: list[dict] | None = None) -> Report:
@@ -183,7 +249,6 @@ def prune_model(model: str | LoadedModel = "smollm2-135m", *, cache_dir: Path | 
     text (see run_pipeline).
     """
     pipeline = Pipeline(PruneSettings(**options))  # bad settings fail here, before the model is loaded
-    started = time.perf_counter()
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, cache_dir=cache_dir, dtype=pipeline.settings.dtype)
-    report = pipeline.run(loaded, load_seconds=time.perf_counter() - started, calibration_batches=calibration_batches)
+    loaded, seconds = (model, 0.0) if isinstance(model, LoadedModel) else pipeline.load(model, cache_dir=cache_dir)
+    report = pipeline.run(loaded, load_seconds=seconds, calibration_batches=calibration_batches)
     return loaded.model, report

@@ -4,6 +4,7 @@ layers are pruned to what, the captured block inputs, and the report that every 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -14,9 +15,10 @@ from calibration.capture import BlockCall, capture_block_inputs
 from calibration.conll import NerDataError, Sentence, conll_split_path, read_conll
 from calibration.text import TextSources
 from methods import PruningError, Target
-from prune.devices import compute_dtype, timed
+from prune.devices import compute_dtype, on_device, timed
 from prune.models import LoadedModel, max_positions, prunable_layers
 from prune.report import Report
+from prune.weights import Checkpoint, ShardWriter, materialise, parameter_names, release
 
 if TYPE_CHECKING:
     from prune.pipeline import PruneSettings
@@ -57,6 +59,18 @@ class Evaluator(Protocol):
 
     def measure(self, run: Run, label: str) -> dict:
         """The figures of the model as it is now (`label` names that point of the run for progress bars)."""
+
+
+class Replay(nn.Module):
+    """Stands in for a transformer block in the model's own forward pass: it returns its input, or, once given an
+    `output`, that (the hidden states the real blocks produced when they were run one at a time)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.output: Tensor | None = None
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
+        return hidden_states if self.output is None else self.output
 
 
 class Stage:
@@ -107,7 +121,11 @@ class Run:
         self.plan: LayerPlan | None = None  # set by the one-shot stage's prepare
         self.calls: list[BlockCall] | None = None  # the first block's captured inputs, when a stage needs them
         self.evaluators: list[Evaluator] = []
-        self.report = Report(model={"name": loaded.name, "source": loaded.source, "kind": loaded.kind}, device=str(device))
+        self.output: ShardWriter | None = None  # streamed: where pruned blocks are written as soon as they are done
+        self.block_sources: dict[int, Checkpoint] = {}  # streamed: blocks read from the output instead of the checkpoint
+        self.report = Report(model={"name": loaded.name, "source": loaded.source, "kind": loaded.kind, "dtype": str(self.dtype).removeprefix("torch."),
+                                    "streamed": loaded.checkpoint is not None}, device=str(device))
+        self.report.notes.extend(loaded.notes)
         self._text: TextSources | None = None
         self._ids: dict[str, Tensor] = {}
         self._conll: dict[str, list[Sentence]] = {}
@@ -160,9 +178,58 @@ class Run:
 
     # work
 
-    def capture(self) -> list[BlockCall]:
-        """Run the calibration batches up to the first block and keep everything it is called with."""
-        return capture_block_inputs(self.model, self.plan.blocks[0], self.calibration_batches, self.device, self.compute_dtype)
+    @property
+    def streamed(self) -> bool:
+        """Whether the blocks' weights are read from the shards one block at a time (else the model is in memory)."""
+        return self.loaded.checkpoint is not None
+
+    @contextlib.contextmanager
+    def block(self, index: int, *, changed: bool = False) -> Iterator[nn.Module]:
+        """Block `index` on the device, in the compute dtype, for the enclosed work.
+
+        In memory it is moved and cast there and back. Streamed, its weights are read from where they are (the
+        checkpoint, or the output once the block was pruned) and dropped afterwards; a `changed` block is first
+        written to its output shard in the stored dtype.
+        """
+        block = self.plan.blocks[index]
+        if not self.streamed:
+            with on_device(block, self.device, self.compute_dtype):
+                yield block
+            return
+        prefix = f"{self.plan.blocks_name}.{index}."
+        source = self.block_sources.get(index, self.loaded.checkpoint)
+        materialise(block, source.read(parameter_names(block, prefix), self.compute_dtype), self.device, prefix)
+        try:
+            yield block
+            if changed:
+                tensors = {prefix + name: parameter.detach().to("cpu", self.dtype) for name, parameter in block.named_parameters()}
+                path = self.output.write(index, tensors)
+                self.block_sources[index] = Checkpoint(dict.fromkeys(tensors, path))
+        finally:
+            release(block, self.dtype)
+
+    @contextlib.contextmanager
+    def without_blocks(self) -> Iterator[list[Replay]]:
+        """The model with its transformer blocks replaced by `Replay` stand-ins and the rest of it (embeddings, final
+        norm, head) on the device in the compute dtype, for the enclosed work: the model's own forward pass then
+        computes what comes before and after the blocks exactly as it would around the real ones."""
+        blocks = self.plan.blocks
+        originals = list(blocks)
+        stand_ins = [Replay() for _ in originals]
+        try:
+            for index, stand_in in enumerate(stand_ins):
+                blocks[index] = stand_in
+            with on_device(self.model, self.device, self.compute_dtype):
+                yield stand_ins
+        finally:
+            for index, original in enumerate(originals):
+                blocks[index] = original
+
+    def capture(self, batches: list[dict] | None = None) -> list[BlockCall]:
+        """Run the batches (the calibration batches by default) up to the first block and keep everything it is called
+        with, in the compute dtype."""
+        with self.without_blocks() as stand_ins:
+            return capture_block_inputs(self.model, stand_ins[0], batches or self.calibration_batches, self.device)
 
     def evaluate(self, label: str) -> dict:
         """Measure the model as it is now with every evaluator; record and return the figures by evaluator."""

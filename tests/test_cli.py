@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import pytest
@@ -109,20 +110,25 @@ def test_output_is_loadable_and_refuses_to_clobber(model_folders, text_file, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["result"]  # no temporary folders left behind
 
 
-def test_a_failed_write_leaves_the_old_output_alone(model_folders, text_file, tmp_path, capsys, monkeypatch) -> None:
+@pytest.mark.parametrize("stream", ["off", "on"])
+def test_a_full_disk_is_one_line_and_leaves_the_old_output_alone(model_folders, text_file, tmp_path, capsys, monkeypatch, stream) -> None:
     output = tmp_path / "result"
     output.mkdir()
     (output / "keep.txt").write_text("the user's file")
 
-    def broken(*args, **kwargs):
-        raise OSError("disk full")
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("transformers.PreTrainedModel.save_pretrained", broken)
-    with pytest.raises(OSError, match="disk full"):
-        main(["--model", str(model_folders["llama"]), "--calibration", str(text_file), "--no-eval", "--sparsity", "0.5",
-              "--output", str(output), "--overwrite", *FAST])
+    if stream == "off":
+        monkeypatch.setattr("transformers.PreTrainedModel.save_pretrained", full)
+    else:
+        monkeypatch.setattr("prune.weights.save_file", full)
+    code, _, err = run(["--model", str(model_folders["llama"]), "--calibration", str(text_file), "--no-eval", "--sparsity", "0.5",
+                        "--output", str(output), "--overwrite", "--stream", stream, *FAST], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "the disk is full" in err, err
     assert [p.name for p in output.iterdir()] == ["keep.txt"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["result"]
+    leftovers = {p.name for p in tmp_path.iterdir()} - {"result"}
+    assert leftovers == (set() if stream == "off" else {".result.partial"})  # a streamed run keeps its finished blocks
 
 
 def test_every_input_is_checked_before_the_first_forward_pass(model_folders, text_file, tmp_path, capsys) -> None:

@@ -10,7 +10,6 @@ from tqdm.auto import tqdm
 
 from calibration.capture import LayerInputStatistics, run_calls
 from methods import PruningError, Target, owl
-from prune.devices import on_device
 from prune.models import layer_weight, prunable_layers
 from prune.run import Run, Stage
 from prune.settings import about, check_fields, option
@@ -72,11 +71,11 @@ class Allocate(Stage):
         ratios, parameters = [], []
         for index in tqdm(range(max(selected) + 1), desc="OWL outlier ratios", unit="block", disable=not run.settings.progress, leave=False):
             layers = prunable_layers(plan.blocks[index]) if index in selected else {}
-            with on_device(plan.blocks[index], run.device, run.compute_dtype) as block, LayerInputStatistics(layers, owl.STATISTIC, run.device) as statistics:
+            with run.block(index) as block, LayerInputStatistics(layers, owl.STATISTIC, run.device) as statistics:
                 run_calls(block, run.calls, statistics, advance=index < max(selected))
-            if index in selected:
-                called = [name for name in layers if statistics.statistics(name) is not None]
-                ratios.append(owl.block_outlier_ratio([layer_weight(layers[name]) for name in called],
-                                                      [statistics.statistics(name) for name in called], self.settings.owl_m))
-                parameters.append(sum(layer_weight(layer).numel() for layer in layers.values()))
+                if index in selected:  # while the block's weights are there (streamed, they are dropped afterwards)
+                    called = [name for name in layers if statistics.statistics(name) is not None]
+                    ratios.append(owl.block_outlier_ratio([layer_weight(layers[name]) for name in called],
+                                                          [statistics.statistics(name) for name in called], self.settings.owl_m))
+                    parameters.append(sum(layer_weight(layer).numel() for layer in layers.values()))
         return ratios, parameters

@@ -7,10 +7,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from calibration.capture import run_calls
 from calibration.corpora import HUB_CORPORA, WIKI_SAMPLE
 from calibration.windows import evaluation_windows, window_count
 from eval.ner import evaluate_ner
-from eval.perplexity import perplexity
+from eval.perplexity import Perplexity, from_losses, next_token_loss, perplexity
 from methods import PruningError
 from prune.devices import on_device
 from prune.models import CAUSAL_LM, TOKEN_CLASSIFICATION
@@ -56,6 +61,8 @@ class PerplexityEvaluator:
         run.report.perplexity = {"data": self.text}
 
     def measure(self, run: Run, label: str) -> dict:
+        if run.streamed:
+            return sequential_perplexity(run, self.windows, self.settings.batch_size, label=f"{label} perplexity").as_dict()
         with on_device(run.model, run.device, run.compute_dtype):
             return perplexity(run.model, self.windows, run.device, batch_size=self.settings.batch_size, progress=run.settings.progress,
                               label=f"{label} perplexity").as_dict()
@@ -84,6 +91,25 @@ class EntityF1Evaluator:
         with on_device(run.model, run.device, run.compute_dtype):
             scores = evaluate_ner(run.model, run.loaded.tokenizer, self.sentences, self.labels, run.device)
         return {"f1": scores.f1, "precision": scores.precision, "recall": scores.recall}
+
+
+@torch.no_grad()
+def sequential_perplexity(run: Run, windows: Tensor, batch_size: int, label: str = "perplexity") -> Perplexity:
+    """Perplexity computed block by block, each block's weights present only while it runs: the windows' inputs to
+    the first block are captured, run through each block in turn, and the model's own forward pass turns the last
+    block's outputs into logits (its blocks replaced by `Replay`). Equals the whole-model forward pass."""
+    batches = [{"input_ids": windows[start : start + batch_size]} for start in range(0, len(windows), batch_size)]
+    calls = run.capture(batches)
+    for index in tqdm(range(len(run.plan.blocks)), desc=label, unit="block", disable=not run.settings.progress, leave=False):
+        with run.block(index) as block:
+            run_calls(block, calls, advance=True)
+    total_loss, count = 0.0, 0
+    with run.without_blocks() as stand_ins:
+        for batch, call in zip(batches, calls, strict=True):
+            stand_ins[-1].output = call.hidden_states
+            loss, tokens = next_token_loss(run.model(input_ids=batch["input_ids"].to(run.device)).logits, batch["input_ids"])
+            total_loss, count = total_loss + loss, count + tokens
+    return from_losses(total_loss, count, windows)
 
 
 def evaluators(run: Run) -> list[Evaluator]:

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from calibration.capture import LayerInputStatistics, run_calls
 from eval.sparsity import nm_valid, zero_fraction
 from methods import DEFAULT_METHOD, METHODS, Method, PruningError, Target, get_method
-from prune.devices import on_device, synchronize, timed
+from prune.devices import synchronize, timed
 from prune.models import input_features, layer_weight, prunable_layers, set_layer_weight, transformer_blocks
 from prune.report import LayerReport
 from prune.run import LayerPlan, Run, Stage
@@ -163,13 +163,14 @@ class OneShot(Stage):
         target = plan.targets[index]
         propagate = calls is not None and index < max(plan.selected)
         if target is None:
-            reports = [skipped_layer(f"{plan.blocks_name}.{index}.{name}", layer, "block not selected; left dense")
-                       for name, layer in prunable_layers(block).items()]
-            if propagate:
-                with on_device(block, device, run.compute_dtype), timed(breakdown, "propagate", device):
-                    run_calls(block, calls, advance=True)
+            with run.block(index) as block:
+                reports = [skipped_layer(f"{plan.blocks_name}.{index}.{name}", layer, "block not selected; left dense")
+                           for name, layer in prunable_layers(block).items()]
+                if propagate:
+                    with timed(breakdown, "propagate", device):
+                        run_calls(block, calls, advance=True)
             return reports
-        with on_device(block, device, run.compute_dtype):
+        with run.block(index, changed=True) as block:
             statistics = None
             advanced = propagate and self.settings.propagate == "dense"  # whether the statistics pass also advances `calls`
             if calls is not None:

@@ -1,0 +1,128 @@
+"""Models bigger than memory: streamed block by block from safetensors shards, written block by block."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from eval.perplexity import perplexity
+from prune import PruneSettings, load_model
+from prune.models import all_prunable_layers, layer_weight
+from prune.pipeline import Pipeline
+from prune.run import LayerPlan, Run
+from prune.stages.evaluate import sequential_perplexity
+from tests.conftest import tiny_model
+from tests.test_cli import FAST, run
+from tests.test_dtypes import HALF
+
+SMALL = {"nsamples": 8, "seqlen": 32, "batch_size": 4, "progress": False}
+
+
+def run_command(folder: Path, output: Path, text_file: Path, capsys, *extra: str) -> dict:
+    code, out, err = run(["--model", str(folder), "--calibration", str(text_file), "--eval-data", str(text_file), "--eval-windows", "3",
+                          "--output", str(output), *FAST, *extra], capsys)
+    assert code == 0, err
+    return json.loads((output / "report.json").read_text())
+
+
+def stored(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, framework="pt") as shard:
+            tensors.update({name: shard.get_tensor(name) for name in shard.keys()})  # noqa: SIM118
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def bfloat16_folders(tmp_path_factory, tokenizer) -> dict[str, Path]:
+    folders = {}
+    for architecture in ("llama", "gpt2", "opt"):
+        folder = tmp_path_factory.mktemp(f"{architecture}-bf16")
+        tiny_model(architecture, len(tokenizer)).to(torch.bfloat16).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        folders[architecture] = folder
+    return folders
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize("options", [("--method", "sparsegpt", "--pattern", "2:4"), ("--method", "wanda", "--sparsity", "0.6", "--allocation", "owl",
+                                                                                     "--owl-m", "3")])
+def test_streamed_equals_in_memory(bfloat16_folders, text_file, tmp_path, capsys, architecture, options) -> None:
+    """The same masks, weights (bit for bit) and figures whether the model is read whole or one block at a time."""
+    folder = bfloat16_folders[architecture]
+    whole = run_command(folder, tmp_path / "whole", text_file, capsys, *options, "--stream", "off")
+    streamed = run_command(folder, tmp_path / "streamed", text_file, capsys, *options, "--stream", "on")
+    assert (whole["model"]["streamed"], streamed["model"]["streamed"]) == (False, True)
+    expected, actual = stored(tmp_path / "whole"), stored(tmp_path / "streamed")
+    assert set(expected) == set(actual)
+    for name, tensor in expected.items():
+        assert actual[name].dtype == tensor.dtype == torch.bfloat16 and torch.equal(actual[name], tensor), name
+    for key in ("dense", "pruned"):
+        assert streamed["perplexity"][key]["value"] == pytest.approx(whole["perplexity"][key]["value"], rel=1e-5)
+    assert [layer["loss"] for layer in streamed["layers"]] == [layer["loss"] for layer in whole["layers"]]
+    assert streamed["allocation"] == whole["allocation"]
+
+
+def test_the_streamed_output_is_a_sharded_save_pretrained_folder(bfloat16_folders, text_file, tmp_path, capsys) -> None:
+    output = tmp_path / "out"
+    report = run_command(bfloat16_folders["llama"], output, text_file, capsys, "--method", "sparsegpt", "--sparsity", "0.5", "--blocks", "1")
+    assert report["model"]["streamed"]
+    shards = sorted(path.name for path in output.glob("*.safetensors"))
+    assert shards == ["model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors"]
+    index = json.loads((output / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(stored(bfloat16_folders["llama"]))
+    assert index["weight_map"]["model.layers.1.mlp.down_proj.weight"] == "model-00002-of-00003.safetensors"
+    assert index["weight_map"]["model.embed_tokens.weight"] == "model-00003-of-00003.safetensors"
+    assert {"config.json", "tokenizer.json", "report.json"} <= {path.name for path in output.iterdir()}
+    assert not any(path.name.startswith(".") for path in tmp_path.iterdir())
+    reloaded = AutoModelForCausalLM.from_pretrained(output, dtype=torch.bfloat16)
+    source = AutoModelForCausalLM.from_pretrained(bfloat16_folders["llama"], dtype=torch.bfloat16)
+    assert torch.equal(reloaded.model.layers[0].mlp.down_proj.weight, source.model.layers[0].mlp.down_proj.weight)  # block 0 not selected
+    assert (reloaded.model.layers[1].mlp.down_proj.weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2", "opt"])
+def test_perplexity_block_by_block_equals_the_whole_model_forward(model_folders, tokenizer, architecture) -> None:
+    loaded = load_model(str(model_folders[architecture]))
+    windows = torch.randint(0, len(tokenizer), (5, 24), generator=torch.Generator().manual_seed(0))
+    whole = perplexity(loaded.model, windows, torch.device("cpu"), batch_size=2, progress=False)
+    run_state = Run(loaded, PruneSettings(progress=False), torch.device("cpu"))
+    from prune.models import transformer_blocks
+
+    blocks_name, blocks = transformer_blocks(loaded.model)
+    run_state.plan = LayerPlan(blocks_name, blocks, [None] * len(blocks))
+    sequential = sequential_perplexity(run_state, windows, batch_size=2)
+    assert sequential.value == pytest.approx(whole.value, rel=1e-5)
+    assert (sequential.seqlen, sequential.windows) == (24, 5)
+
+
+def test_the_api_streams_to_an_output_and_a_bin_checkpoint_is_loaded_whole(model_folders, text_file, tmp_path, tokenizer) -> None:
+    from prune import prune_model
+
+    model, report = prune_model(str(model_folders["opt"]), method="wanda", sparsity=0.5, calibration=str(text_file), output=str(tmp_path / "api"),
+                                **SMALL)
+    assert report.model["streamed"] and all(layer.weight.is_meta for layer in all_prunable_layers(model).values())
+    assert (layer_weight(all_prunable_layers(load_model(str(tmp_path / "api")).model)["model.decoder.layers.0.fc1"]) == 0).float().mean() == 0.5
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    model = tiny_model("opt", len(tokenizer))
+    model.config.save_pretrained(legacy)
+    torch.save(model.state_dict(), legacy / "pytorch_model.bin")  # a pickle checkpoint, as older releases were saved
+    tokenizer.save_pretrained(legacy)
+    _, report = prune_model(str(legacy), method="wanda", sparsity=0.5, calibration=str(text_file), output=str(tmp_path / "from-bin"), **SMALL)
+    assert not report.model["streamed"] and any("streaming needs safetensors" in note for note in report.notes)
+
+
+def test_streaming_refuses_stages_that_need_the_whole_model() -> None:
+    from methods import PruningError
+
+    with pytest.raises(PruningError, match="--recover needs the whole model"):
+        Pipeline(PruneSettings(sparsity=0.5, stream="on", recover="adamw"))
+    assert not PruneSettings(sparsity=0.5, output="x", recover="adamw").streams()
+    assert PruneSettings(sparsity=0.5, output="x").streams() and not PruneSettings(sparsity=0.5).streams()
+    assert set(HALF) == {"bfloat16", "float16"}
