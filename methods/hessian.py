@@ -62,22 +62,23 @@ def damped_inverse(hessian: Tensor, percdamp: float = DEFAULT_PERCDAMP, *, upper
     if not torch.isfinite(hessian).all():
         raise PruningError("the Hessian has non-finite entries (NaN or inf in the calibration activations)")
     check_percdamp(percdamp)
-    hessian = hessian.clone()
     dead = dead_inputs(hessian)
-    diagonal = torch.diagonal(hessian)
+    diagonal = torch.diagonal(hessian).clone()
     diagonal[dead] = 1.0
     mean_diagonal = diagonal.mean().item()
-    indices = torch.arange(hessian.shape[0], device=hessian.device)
     damping = percdamp
-    for retry in range(DAMPING_RETRIES + 1):
+    for retry in range(DAMPING_RETRIES + 1):  # at most two d x d matrices besides `hessian` at any time
         attempt = hessian.clone()
-        attempt[indices, indices] += damping * mean_diagonal
+        torch.diagonal(attempt).copy_(diagonal).add_(damping * mean_diagonal)
         factor, info = torch.linalg.cholesky_ex(attempt)
+        del attempt
         if info.item() == 0:
             inverse = torch.cholesky_inverse(factor)
+            del factor
             if not upper_cholesky:
                 return DampedInverse(inverse, dead, damping, retry)
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if info.item() == 0:
                 return DampedInverse(upper, dead, damping, retry)
         damping = max(damping, 1e-8) * 10

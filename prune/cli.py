@@ -16,6 +16,7 @@ from calibration.conll import NerDataError
 from calibration.corpora import CorpusError
 from methods import PruningError
 from methods.registry import method_options
+from prune.devices import return_freed_memory
 from prune.models import EMBEDDED_MODELS, SMOLLM2, ModelError
 from prune.output import OutputError
 from prune.pipeline import STAGE_SETTINGS, Pipeline, PruneSettings
@@ -103,6 +104,7 @@ command = click.Command(
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: bad input is one line on stderr and exit code 2."""
+    return_freed_memory()
     try:
         command.main(args=argv, prog_name="prune", standalone_mode=False)
     except click.ClickException as error:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import time
 from collections.abc import Iterator
 
@@ -30,6 +32,23 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+GLIBC_MMAP_THRESHOLD = -3  # mallopt's M_MMAP_THRESHOLD
+
+
+def return_freed_memory(threshold: int = 1 << 20) -> bool:
+    """Ask glibc to serve every allocation of `threshold` bytes or more by a mapping of its own, which goes back to the
+    system when freed. (glibc otherwise raises that threshold each time a large block is freed, and a run that
+    allocates and frees a block's worth of tensors per transformer block then keeps ever more freed memory resident:
+    its peak would grow with the number of blocks.) For the process that runs the command; False where the C library
+    is not glibc."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.mallopt(GLIBC_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError, TypeError):
+        return False
+
+
 def compute_dtype(device: torch.device, stored: torch.dtype) -> torch.dtype:
     """The dtype blocks run in: float32 on a CPU (half-precision matrix products there are slow and inexact); on CUDA
     the stored dtype (statistics and sweeps are float32 whatever it is)."""
@@ -47,6 +66,33 @@ def on_device(module: nn.Module, device: torch.device, dtype: torch.dtype | None
         yield module
     finally:
         module.to(device=home, dtype=stored if dtype is not None else None)
+
+
+@contextlib.contextmanager
+def cast_while_running(model: nn.Module, device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+    """For the enclosed forward passes, each module of `model` that holds weights of its own is moved to `device` and
+    cast to `dtype` just before it runs, and put back right after: one module's copy at a time."""
+    handles = []
+    for module in model.modules():
+        own = list(module.parameters(recurse=False))
+        if not own:
+            continue
+        stored = [(parameter.device, parameter.dtype) for parameter in own]
+
+        def before(module: nn.Module, args, own=own) -> None:
+            for parameter in own:
+                parameter.data = parameter.data.to(device, dtype if parameter.is_floating_point() else None)
+
+        def after(module: nn.Module, args, output, own=own, stored=stored) -> None:
+            for parameter, (home, kind) in zip(own, stored, strict=True):
+                parameter.data = parameter.data.to(home, kind)
+
+        handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from calibration.capture import BlockCall, capture_block_inputs
 from calibration.conll import NerDataError, Sentence, conll_split_path, read_conll
 from calibration.text import TextSources
 from methods import PruningError, Target
-from prune.devices import compute_dtype, on_device, timed
+from prune.devices import cast_while_running, compute_dtype, on_device, timed
 from prune.models import LoadedModel, max_positions, prunable_layers
 from prune.report import Report
 from prune.weights import Checkpoint, ShardWriter, materialise, parameter_names, release
@@ -185,41 +185,44 @@ class Run:
 
     @contextlib.contextmanager
     def block(self, index: int, *, changed: bool = False) -> Iterator[nn.Module]:
-        """Block `index` on the device, in the compute dtype, for the enclosed work.
+        """Block `index` on the device, for the enclosed work: its weights in the stored dtype, each layer cast to the
+        compute dtype only while it runs (so that a half-precision block never has a whole float32 copy).
 
-        In memory it is moved and cast there and back. Streamed, its weights are read from where they are (the
-        checkpoint, or the output once the block was pruned) and dropped afterwards; a `changed` block is first
-        written to its output shard in the stored dtype.
+        In memory it is moved there and back. Streamed, its weights are read from where they are (the checkpoint, or
+        the output once the block was pruned) and dropped afterwards; a `changed` block is first written to its
+        output shard.
         """
         block = self.plan.blocks[index]
         if not self.streamed:
-            with on_device(block, self.device, self.compute_dtype):
+            with on_device(block, self.device), cast_while_running(block, self.device, self.compute_dtype):
                 yield block
             return
         prefix = f"{self.plan.blocks_name}.{index}."
         source = self.block_sources.get(index, self.loaded.checkpoint)
-        materialise(block, source.read(parameter_names(block, prefix), self.compute_dtype), self.device, prefix)
+        materialise(block, source.read(parameter_names(block, prefix), self.dtype), self.device, prefix)
         try:
-            yield block
+            with cast_while_running(block, self.device, self.compute_dtype):
+                yield block
             if changed:
-                tensors = {prefix + name: parameter.detach().to("cpu", self.dtype) for name, parameter in block.named_parameters()}
+                tensors = {prefix + name: parameter.detach().to("cpu") for name, parameter in block.named_parameters()}
                 path = self.output.write(index, tensors)
                 self.block_sources[index] = Checkpoint(dict.fromkeys(tensors, path))
         finally:
             release(block, self.dtype)
 
     @contextlib.contextmanager
-    def without_blocks(self) -> Iterator[list[Replay]]:
-        """The model with its transformer blocks replaced by `Replay` stand-ins and the rest of it (embeddings, final
-        norm, head) on the device in the compute dtype, for the enclosed work: the model's own forward pass then
-        computes what comes before and after the blocks exactly as it would around the real ones."""
+    def without_blocks(self, *, compute: bool = False) -> Iterator[list[Replay]]:
+        """The model with its transformer blocks replaced by `Replay` stand-ins for the enclosed work: the model's own
+        forward pass then computes what comes before and after the blocks exactly as it would around the real ones.
+        With `compute`, each module outside the blocks (embeddings, final norm, head) runs on the device in the
+        compute dtype, cast only while it runs, so that no second copy of them all is ever held."""
         blocks = self.plan.blocks
         originals = list(blocks)
         stand_ins = [Replay() for _ in originals]
         try:
             for index, stand_in in enumerate(stand_ins):
                 blocks[index] = stand_in
-            with on_device(self.model, self.device, self.compute_dtype):
+            with cast_while_running(self.model, self.device, self.compute_dtype) if compute else contextlib.nullcontext():
                 yield stand_ins
         finally:
             for index, original in enumerate(originals):
@@ -227,9 +230,9 @@ class Run:
 
     def capture(self, batches: list[dict] | None = None) -> list[BlockCall]:
         """Run the batches (the calibration batches by default) up to the first block and keep everything it is called
-        with, in the compute dtype."""
+        with, cast to the compute dtype. What comes before the blocks runs where and as the model is stored."""
         with self.without_blocks() as stand_ins:
-            return capture_block_inputs(self.model, stand_ins[0], batches or self.calibration_batches, self.device)
+            return capture_block_inputs(self.model, stand_ins[0], batches or self.calibration_batches, self.device, self.compute_dtype)
 
     def evaluate(self, label: str) -> dict:
         """Measure the model as it is now with every evaluator; record and return the figures by evaluator."""

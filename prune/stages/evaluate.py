@@ -15,7 +15,7 @@ from calibration.capture import run_calls
 from calibration.corpora import HUB_CORPORA, WIKI_SAMPLE
 from calibration.windows import evaluation_windows, window_count
 from eval.ner import evaluate_ner
-from eval.perplexity import Perplexity, from_losses, next_token_loss, perplexity
+from eval.perplexity import Perplexity, from_losses, next_token_loss
 from methods import PruningError
 from prune.devices import on_device
 from prune.models import CAUSAL_LM, TOKEN_CLASSIFICATION
@@ -61,11 +61,7 @@ class PerplexityEvaluator:
         run.report.perplexity = {"data": self.text}
 
     def measure(self, run: Run, label: str) -> dict:
-        if run.streamed:
-            return sequential_perplexity(run, self.windows, self.settings.batch_size, label=f"{label} perplexity").as_dict()
-        with on_device(run.model, run.device, run.compute_dtype):
-            return perplexity(run.model, self.windows, run.device, batch_size=self.settings.batch_size, progress=run.settings.progress,
-                              label=f"{label} perplexity").as_dict()
+        return sequential_perplexity(run, self.windows, self.settings.batch_size, label=f"{label} perplexity").as_dict()
 
 
 class EntityF1Evaluator:
@@ -104,7 +100,7 @@ def sequential_perplexity(run: Run, windows: Tensor, batch_size: int, label: str
         with run.block(index) as block:
             run_calls(block, calls, advance=True)
     total_loss, count = 0.0, 0
-    with run.without_blocks() as stand_ins:
+    with run.without_blocks(compute=True) as stand_ins:
         for batch, call in zip(batches, calls, strict=True):
             stand_ins[-1].output = call.hidden_states
             loss, tokens = next_token_loss(run.model(input_ids=batch["input_ids"].to(run.device)).logits, batch["input_ids"])

@@ -203,8 +203,9 @@ class OneShot(Stage):
         return reports
 
     def prune_layer(self, name: str, layer: nn.Module, statistic, target: Target, device: torch.device, stored: torch.dtype) -> LayerReport:
-        """Prune one layer in place and describe the result. The pruned weights are rounded to the dtype the model is
-        stored in at once, so that the next block sees the outputs of the model as it will be saved."""
+        """Prune one layer in place and describe the result. The method computes in float32; its result is written
+        back in the dtype the model is stored in at once, so that the next block sees the outputs of the model as it
+        will be saved."""
         synchronize(device)
         started = time.perf_counter()
         result = self.method.run(layer_weight(layer), statistic, target, self.options)

@@ -1,0 +1,136 @@
+"""Memory and time of pruning models of growing size, streamed block by block from bfloat16 safetensors shards.
+
+Synthetic Llama models (random weights, built from a config in code and written shard by shard, never whole in
+memory) are pruned with SparseGPT 50 % on 8 windows of 128 tokens by the `prune` command, each run in its own
+process; the peak resident memory is that process's (getrusage, in report.json). One width at several depths
+shows whether memory grows with the model; `--seven-b` adds a LLaMA-7B-shaped model, larger than this machine
+could hold in float32.
+
+    python benchmarks/scale.py                      # hidden 2048 / intermediate 5632 at depths 4, 8, 16
+    python benchmarks/scale.py --depths "" --seven-b
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+import torch
+from accelerate import init_empty_weights
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from prune.models import default_cache_dir, embedded_model_folder, transformer_blocks
+from prune.weights import ShardWriter
+
+RESULTS = Path(__file__).resolve().parent / "results" / "scale"
+
+
+def build_model(folder: Path, depth: int, hidden: int, intermediate: int, heads: int, seed: int = 0) -> Path:
+    """A Llama with random bfloat16 weights (matrices N(0, 0.02²), norms 1), written one block per shard."""
+    if (folder / "config.json").is_file():
+        return folder
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_folder("smollm2-135m", default_cache_dir()))
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=depth,
+                         num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=2048, tie_word_embeddings=False,
+                         dtype="bfloat16")
+    with init_empty_weights():
+        skeleton = LlamaForCausalLM(config)
+    blocks_name, blocks = transformer_blocks(skeleton)
+    generator = torch.Generator().manual_seed(seed)
+
+    def random(shape: torch.Size) -> torch.Tensor:
+        if len(shape) == 1:
+            return torch.ones(shape, dtype=torch.bfloat16)
+        return (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+
+    partial = folder.with_name(folder.name + ".building")
+    writer = ShardWriter(partial, depth + 1)
+    for index, block in enumerate(blocks):
+        writer.write(index, {f"{blocks_name}.{index}.{name}": random(parameter.shape) for name, parameter in block.named_parameters()})
+    writer.write(depth, {name: random(parameter.shape) for name, parameter in skeleton.named_parameters() if not name.startswith(blocks_name + ".")})
+    writer.finish()
+    config.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(folder)
+    return folder
+
+
+def prune_in_a_process(model: Path, output: Path) -> dict:
+    """The `prune` command on the model (SparseGPT 50 %, 8 x 128 calibration tokens, perplexity on 4 x 128), in its own process."""
+    command = [str(Path(sys.executable).with_name("prune")), "--model", str(model), "--method", "sparsegpt", "--sparsity", "0.5", "--nsamples", "8",
+               "--seqlen", "128", "--eval-windows", "4", "--eval-seqlen", "128", "--output", str(output), "--overwrite", "--quiet"]
+    started = time.perf_counter()
+    finished = subprocess.run(command, capture_output=True, text=True)
+    if finished.returncode != 0:
+        raise click.ClickException(f"prune failed on {model}: {finished.stderr.strip().splitlines()[-1] if finished.stderr.strip() else finished.returncode}")
+    report = json.loads((output / "report.json").read_text())
+    report["wall_seconds"] = time.perf_counter() - started
+    return report
+
+
+def size_on_disk(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.glob("*.safetensors"))
+
+
+def measure(name: str, model: Path, work: Path) -> dict:
+    output = work / f"{name}-pruned"
+    report = prune_in_a_process(model, output)
+    depth = int(report["model"]["blocks"].split("(")[1].rstrip(")"))
+    row = {
+        "model": name, "depth": depth, "bytes_on_disk": size_on_disk(model), "output_bytes": size_on_disk(output),
+        "peak_rss_mb": report["peak_memory_mb"], "streamed": report["model"]["streamed"], "dtype": report["model"]["dtype"],
+        "sparsity": report["sparsity"], "seconds": report["seconds"], "prune_breakdown": report["prune_breakdown"], "wall_seconds": report["wall_seconds"],
+        "perplexity": {key: report["perplexity"][key]["value"] for key in ("dense", "pruned")},
+    }
+    row["peak_over_model"] = row["peak_rss_mb"] * 2**20 / row["bytes_on_disk"]
+    row["seconds_per_block"] = report["seconds"]["prune"] / depth
+    click.echo(f"{name:>12}  {depth:>3} blocks  {row['bytes_on_disk'] / 2**30:6.2f} GiB on disk  peak RSS {row['peak_rss_mb'] / 1024:5.2f} GiB "
+               f"({row['peak_over_model']:.1%} of the model)  {row['seconds_per_block']:6.1f} s/block  total {report['seconds']['total']:7.1f} s  "
+               f"sparsity {row['sparsity']:.2%}")
+    return row
+
+
+def check_loads(output: Path, sparsity: float) -> dict:
+    """The pruned output loads with plain from_pretrained in bfloat16 and has the reported sparsity."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(output, dtype=torch.bfloat16)
+    _, blocks = transformer_blocks(model)
+    weights = [layer.weight for block in blocks for layer in block.modules() if isinstance(layer, torch.nn.Linear)]
+    zeros = sum(int((weight == 0).sum()) for weight in weights) / sum(weight.numel() for weight in weights)
+    return {"dtype": str(model.dtype), "sparsity_reloaded": zeros, "matches_report": abs(zeros - sparsity) < 1e-6}
+
+
+@click.command()
+@click.option("--depths", default="4,8,16", help="Depths of the hidden-2048 model (empty: none).")
+@click.option("--hidden", type=int, default=2048)
+@click.option("--intermediate", type=int, default=5632)
+@click.option("--heads", type=int, default=16)
+@click.option("--seven-b", is_flag=True, help="Also the LLaMA-7B shape: hidden 4096, intermediate 11008, 32 blocks, 32 heads (~13.5 GB).")
+@click.option("--work", type=click.Path(path_type=Path), default=Path("/tmp/obs-prune-scale"), help="Where the models and outputs are written.")
+def main(depths: str, hidden: int, intermediate: int, heads: int, seven_b: bool, work: Path) -> None:
+    work.mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for depth in [int(value) for value in depths.split(",") if value.strip()]:
+        model = build_model(work / f"llama-{hidden}-d{depth}", depth, hidden, intermediate, heads)
+        rows.append(measure(f"d{depth}", model, work))
+    if len(rows) >= 2:
+        ratio = rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]
+        click.echo(f"peak RSS at depth {rows[-1]['depth']} / depth {rows[0]['depth']}: {ratio:.3f} (target <= 1.15)")
+        (RESULTS / "depths.json").write_text(json.dumps({"rows": rows, "peak_ratio": ratio}, indent=2))
+    if seven_b:
+        model = build_model(work / "llama-7b-shape", 32, 4096, 11008, 32)
+        row = measure("7b-shape", model, work)
+        row.update(check_loads(work / "7b-shape-pruned", row["sparsity"]))
+        click.echo(f"7B shape: peak RSS {row['peak_over_model']:.1%} of the model on disk (target <= 25 %); reloads as {row['dtype']} with "
+                   f"sparsity {row['sparsity_reloaded']:.4%} (report {row['sparsity']:.4%})")
+        (RESULTS / "seven_b.json").write_text(json.dumps(row, indent=2))
+
+
+if __name__ == "__main__":
+    main()
