@@ -89,10 +89,10 @@ def save_pruned(loaded: LoadedModel, report: Report, directory: Path, *, overwri
     write_atomically(directory, write, overwrite)
 
 
-def finish_streamed(loaded: LoadedModel, report: Report, writer: ShardWriter, directory: Path | None, *, overwrite: bool = False) -> None:
-    """Complete a streamed output: the blocks no stage changed and the weights outside the blocks copied from the
-    checkpoint (one block at a time), the shards' index, the config, tokenizer, report and figures; then, when
-    `directory` is given, the folder is put in its place."""
+def complete_streamed(loaded: LoadedModel, report: Report, writer: ShardWriter) -> None:
+    """Complete a streamed output in its staging folder: the blocks no stage changed and the weights outside the
+    blocks copied from the checkpoint (one block at a time), the shards' index, the config, tokenizer, report and
+    figures."""
     checkpoint, stored = loaded.checkpoint, loaded.dtype
     blocks_name, blocks = transformer_blocks(loaded.model)
     for index, block in enumerate(blocks):
@@ -105,6 +105,3 @@ def finish_streamed(loaded: LoadedModel, report: Report, writer: ShardWriter, di
         if getattr(loaded.model, "generation_config", None) is not None and loaded.model.can_generate():
             loaded.model.generation_config.save_pretrained(writer.folder)
         write_companions(loaded, report, writer.folder)
-    if directory is not None:
-        check_output_dir(directory, overwrite)
-        put_in_place(writer.folder, directory.resolve())

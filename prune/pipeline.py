@@ -22,8 +22,9 @@ from methods import PruningError, Target
 from methods.registry import method_options
 from prune.devices import resolve_device
 from prune.models import DTYPES, LoadedModel, load_model, transformer_blocks
-from prune.output import check_output_dir, finish_streamed, save_pruned
+from prune.output import check_output_dir, complete_streamed, put_in_place, save_pruned
 from prune.report import Report
+from prune.resume import NOT_FINGERPRINTED, ResumeState, model_fingerprint, tensor_digest
 from prune.run import Run, Stage
 from prune.settings import check_fields, flag_of, key_of, option, option_fields, switch_field
 from prune.stages.allocate import Allocate, AllocationSettings
@@ -32,7 +33,7 @@ from prune.stages.evaluate import EvaluationSettings, evaluators
 from prune.stages.oneshot import OneShot, OneShotSettings
 from prune.stages.recover import Recover, RecoverSettings
 from prune.stages.refine import Refine, RefineSettings
-from prune.weights import ShardWriter
+from prune.weights import ShardWriter, writing
 
 # The stages, in the order they run. Adding a stage: its module in prune/stages, one line here, one field below.
 STAGES: tuple[type[Stage], ...] = (Calibrate, Allocate, OneShot, Refine, Recover)
@@ -68,6 +69,8 @@ class PruneSettings:
     output: str | None = option(None, "--output", "Save the pruned model (safetensors, in its own dtype), tokenizer, report.json and figures here.",
                                 type=str, metavar="DIR")
     overwrite: bool = option(False, "--overwrite", "Replace a non-empty --output folder.")
+    resume: bool = option(False, "--resume", "Continue an unfinished streamed run into --output after its last finished block (the same "
+                          "settings, model and data: anything else is refused); its output equals an uninterrupted run's.")
     progress: bool = True  # progress bars (the command's --quiet turns them off)
 
     def __init__(self, **options: Any) -> None:
@@ -133,6 +136,9 @@ class PruneSettings:
             raise PruningError(f"--stream on reads one block at a time, but {self.whole_model_needed_by()} needs the whole model")
         if self.output is not None:
             check_output_dir(Path(self.output), self.overwrite)
+        if self.resume and not (self.output is not None and self.streams()):
+            raise PruningError("--resume continues a streamed run into its --output: it needs --output, and no --stream off, --refine, --recover "
+                               "or entity F1")
         target = self.oneshot.check()
         self.calibrate.check()
         self.allocate.check(target)
@@ -171,6 +177,26 @@ class Pipeline:
         self.settings = settings
         self.stages: list[Stage] = [stage(getattr(settings, stage.key), target) for stage in STAGES if stage.wanted(getattr(settings, stage.key))]
 
+    def resume_state(self, run: Run) -> ResumeState:
+        """What an earlier part of this streamed run finished (with --resume), or a fresh state; an unfinished run
+        that is not resumed is discarded."""
+        checkpoint = run.loaded.checkpoint
+        fingerprint = {
+            "settings": {key: value for key, value in self.settings.as_options().items() if key not in NOT_FINGERPRINTED},
+            "model": model_fingerprint(Path(run.loaded.source), list(checkpoint.files.values())),
+            "calibration": tensor_digest([tensor for batch in run.calibration_batches or [] for tensor in batch.values()]),
+            "evaluation": [evaluator.fingerprint() for evaluator in run.evaluators],
+        }
+        state, note = ResumeState.start(run.output.folder, fingerprint, self.settings.resume)
+        if note is not None:
+            run.note(note)
+        if not state.finished and run.output.folder.exists():  # nothing to carry on from: no earlier shard may stand for a block of this run
+            shutil.rmtree(run.output.folder)
+        with writing(run.output.folder):
+            run.output.folder.mkdir(parents=True, exist_ok=True)
+        state.save()
+        return state
+
     def load(self, name: str, *, cache_dir: Path | None = None) -> tuple[LoadedModel, float]:
         """Load the model as these settings want it (in their dtype; streamed or whole); with the seconds it took."""
         started = time.perf_counter()
@@ -193,7 +219,10 @@ class Pipeline:
         try:
             self.stages_and_evaluations(run, load_seconds)
             if output is not None and run.streamed:
-                finish_streamed(loaded, run.report, run.output, output, overwrite=settings.overwrite)
+                complete_streamed(loaded, run.report, run.output)
+                run.resume.done()
+                check_output_dir(output, settings.overwrite)
+                put_in_place(staging, output.resolve())
             elif output is not None:
                 save_pruned(loaded, run.report, output, overwrite=settings.overwrite)
         finally:
@@ -207,6 +236,8 @@ class Pipeline:
         run.evaluators = evaluators(run)
         for part in (*run.evaluators, *self.stages):
             part.prepare(run)  # every input is checked and read here, before the first forward pass
+        if run.streamed:
+            run.resume = self.resume_state(run)
         previous = run.evaluate("dense")
         for stage in self.stages:
             with run.timed(stage.name):
@@ -220,14 +251,11 @@ class Pipeline:
 
 
 def streaming_folder(output: Path | None) -> Path:
-    """Where a streamed run writes its shards: beside the output (`.NAME.partial`, renamed to NAME at the end), or
-    a temporary folder when there is no output."""
+    """Where a streamed run writes its shards: beside the output (`.NAME.partial`, renamed to NAME at the end; an
+    unfinished run's blocks stay there for --resume), or a temporary folder when there is no output."""
     if output is None:
         return Path(tempfile.mkdtemp(prefix="prune-stream-"))
-    staging = output.resolve().parent / f".{output.name}.partial"
-    if staging.exists():
-        shutil.rmtree(staging)  # an earlier run's unfinished blocks
-    return staging
+    return output.resolve().parent / f".{output.name}.partial"
 
 
 def run_pipeline(loaded: LoadedModel, settings: PruneSettings, load_seconds: float = 0.0, calibration_batches: list[dict] | None = None) -> Report:

@@ -18,6 +18,7 @@ from methods import PruningError, Target
 from prune.devices import cast_while_running, compute_dtype, on_device, timed
 from prune.models import LoadedModel, max_positions, prunable_layers
 from prune.report import Report
+from prune.resume import ResumeState
 from prune.weights import Checkpoint, ShardWriter, materialise, parameter_names, release
 
 if TYPE_CHECKING:
@@ -59,6 +60,9 @@ class Evaluator(Protocol):
 
     def measure(self, run: Run, label: str) -> dict:
         """The figures of the model as it is now (`label` names that point of the run for progress bars)."""
+
+    def fingerprint(self) -> str:
+        """A digest of the data it measures on (a resumed run must measure on the same)."""
 
 
 class Replay(nn.Module):
@@ -123,6 +127,7 @@ class Run:
         self.evaluators: list[Evaluator] = []
         self.output: ShardWriter | None = None  # streamed: where pruned blocks are written as soon as they are done
         self.block_sources: dict[int, Checkpoint] = {}  # streamed: blocks read from the output instead of the checkpoint
+        self.resume: ResumeState | None = None  # streamed: the finished part of the run, saved as it grows
         self.report = Report(model={"name": loaded.name, "source": loaded.source, "kind": loaded.kind, "dtype": str(self.dtype).removeprefix("torch."),
                                     "streamed": loaded.checkpoint is not None}, device=str(device))
         self.report.notes.extend(loaded.notes)
@@ -184,13 +189,13 @@ class Run:
         return self.loaded.checkpoint is not None
 
     @contextlib.contextmanager
-    def block(self, index: int, *, changed: bool = False) -> Iterator[nn.Module]:
+    def block(self, index: int, *, changed: bool = False, original: bool = False) -> Iterator[nn.Module]:
         """Block `index` on the device, for the enclosed work: its weights in the stored dtype, each layer cast to the
         compute dtype only while it runs (so that a half-precision block never has a whole float32 copy).
 
         In memory it is moved there and back. Streamed, its weights are read from where they are (the checkpoint, or
-        the output once the block was pruned) and dropped afterwards; a `changed` block is first written to its
-        output shard.
+        the output once the block was pruned; with `original`, the checkpoint always) and dropped afterwards; a
+        `changed` block is first written to its output shard.
         """
         block = self.plan.blocks[index]
         if not self.streamed:
@@ -198,7 +203,7 @@ class Run:
                 yield block
             return
         prefix = f"{self.plan.blocks_name}.{index}."
-        source = self.block_sources.get(index, self.loaded.checkpoint)
+        source = self.loaded.checkpoint if original else self.block_sources.get(index, self.loaded.checkpoint)
         materialise(block, source.read(parameter_names(block, prefix), self.dtype), self.device, prefix)
         try:
             with cast_while_running(block, self.device, self.compute_dtype):
@@ -235,13 +240,25 @@ class Run:
             return capture_block_inputs(self.model, stand_ins[0], batches or self.calibration_batches, self.device, self.compute_dtype)
 
     def evaluate(self, label: str) -> dict:
-        """Measure the model as it is now with every evaluator; record and return the figures by evaluator."""
-        figures = {}
+        """Measure the model as it is now with every evaluator; record and return the figures by evaluator. The dense
+        figures of a resumed run are those its earlier part measured."""
+        saved = self.resume.report.get("evaluations", {}) if self.resume is not None else {}
+        figures = saved.get(label) or {}
         with self.timed("evaluate"):
             for evaluator in self.evaluators:
-                figures[evaluator.key] = evaluator.measure(self, label)
+                if evaluator.key not in figures:
+                    figures[evaluator.key] = evaluator.measure(self, label)
                 getattr(self.report, evaluator.key)[label] = figures[evaluator.key]
+        if self.resume is not None and label == "dense":
+            self.resume.report.setdefault("evaluations", {})[label] = figures
+            self.resume.save()
         return figures
+
+    def block_shard(self, index: int) -> Checkpoint:
+        """Streamed: the output shard of a finished block, as a source to read it from."""
+        path = self.output.folder / self.output.shard_name(index)
+        prefix = f"{self.plan.blocks_name}.{index}."
+        return Checkpoint(dict.fromkeys(parameter_names(self.plan.blocks[index], prefix), path))
 
     def timed(self, key: str) -> contextlib.AbstractContextManager[None]:
         """Add the seconds spent inside (the device's work included) to report.seconds[key]."""

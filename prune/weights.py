@@ -104,7 +104,6 @@ class ShardWriter:
     def __init__(self, folder: Path, shards: int) -> None:
         self.folder = folder
         self.shards = shards
-        folder.mkdir(parents=True, exist_ok=True)
 
     def shard_name(self, number: int) -> str:
         return f"model-{number + 1:05d}-of-{self.shards:05d}.safetensors"
@@ -113,6 +112,7 @@ class ShardWriter:
         path = self.folder / self.shard_name(number)
         partial = path.with_suffix(".partial")
         with writing(path):
+            self.folder.mkdir(parents=True, exist_ok=True)
             save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, partial, metadata={"format": "pt"})
             os.replace(partial, path)
         return path

@@ -126,3 +126,98 @@ def test_streaming_refuses_stages_that_need_the_whole_model() -> None:
     assert not PruneSettings(sparsity=0.5, output="x", recover="adamw").streams()
     assert PruneSettings(sparsity=0.5, output="x").streams() and not PruneSettings(sparsity=0.5).streams()
     assert set(HALF) == {"bfloat16", "float16"}
+
+
+COMPARED = ("method", "target", "calibration", "sparsity", "perplexity", "allocation", "options", "settings")
+
+
+def same_results(first: dict, second: dict) -> None:
+    """Two reports with the same figures, seconds, memory and notes aside."""
+    for key in COMPARED:
+        if key == "settings":
+            assert {k: v for k, v in first[key].items() if k not in ("resume", "output")} == {k: v for k, v in second[key].items() if k not in ("resume", "output")}
+        else:
+            assert first[key] == second[key], key
+    strip = lambda layers: [{k: v for k, v in layer.items() if k != "seconds"} for layer in layers]  # noqa: E731
+    assert strip(first["layers"]) == strip(second["layers"])
+
+
+def interrupt_inside_block(monkeypatch, index: int) -> None:
+    """Make the one-shot stage die while pruning block `index` (after its statistics, before its shard is written)."""
+    from prune.stages.oneshot import OneShot
+
+    original = OneShot.prune_block
+
+    def dying(self, plan, block_index, *args, **kwargs):
+        if block_index == index:
+            raise RuntimeError("the power went out")
+        return original(self, plan, block_index, *args, **kwargs)
+
+    monkeypatch.setattr(OneShot, "prune_block", dying)
+
+
+@pytest.mark.parametrize("options", [("--method", "sparsegpt", "--pattern", "2:4"),
+                                     ("--method", "wanda", "--sparsity", "0.6", "--allocation", "owl", "--owl-m", "3"),
+                                     ("--method", "sparsegpt", "--sparsity", "0.5", "--propagate", "dense")])
+def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(bfloat16_folders, text_file, tmp_path, capsys, monkeypatch, options) -> None:
+    from prune.cli import main
+
+    folder = bfloat16_folders["llama"]
+    whole = run_command(folder, tmp_path / "whole", text_file, capsys, *options, "--stream", "on")
+    command = ["--model", str(folder), "--calibration", str(text_file), "--eval-data", str(text_file), "--eval-windows", "3",
+               "--output", str(tmp_path / "resumed"), *FAST, *options, "--stream", "on"]
+    with monkeypatch.context() as patch:
+        interrupt_inside_block(patch, 1)
+        with pytest.raises(RuntimeError, match="power"):
+            main(command)
+    state = json.loads((tmp_path / ".resumed.partial" / "resume.json").read_text())
+    assert state["finished"] == 1 and not (tmp_path / "resumed").exists()
+    resumed = run_command(folder, tmp_path / "resumed", text_file, capsys, *options, "--stream", "on", "--resume")
+    assert any("resumed after 1 finished blocks" in note for note in resumed["notes"])
+    same_results(whole, resumed)
+    expected, actual = stored(tmp_path / "whole"), stored(tmp_path / "resumed")
+    assert set(expected) == set(actual) and all(torch.equal(actual[name], tensor) for name, tensor in expected.items())
+    assert not (tmp_path / ".resumed.partial").exists() and not (tmp_path / "resumed" / "resume.json").exists()
+
+
+def test_resuming_with_other_settings_is_refused_and_a_full_disk_leaves_a_usable_state(bfloat16_folders, text_file, tmp_path, capsys,
+                                                                                        monkeypatch) -> None:
+    import errno
+
+    folder = bfloat16_folders["opt"]
+    options = ("--method", "sparsegpt", "--sparsity", "0.5", "--stream", "on")
+    whole = run_command(folder, tmp_path / "whole", text_file, capsys, *options)
+    import prune.weights
+
+    real_save = prune.weights.save_file
+    written = []
+
+    def filling(tensors, path, *args, **kwargs):
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(path)
+        return real_save(tensors, path, *args, **kwargs)
+
+    command = ["--model", str(folder), "--calibration", str(text_file), "--eval-data", str(text_file), "--eval-windows", "3",
+               "--output", str(tmp_path / "out"), *FAST, *options]
+    with monkeypatch.context() as patch:
+        patch.setattr(prune.weights, "save_file", filling)
+        code, _, err = run(command, capsys)
+    assert code == 1 and "the disk is full" in err and len(err.strip().splitlines()) == 1
+    assert json.loads((tmp_path / ".out.partial" / "resume.json").read_text())["finished"] == 1
+
+    code, _, err = run([*command, "--resume", "--nsamples", "16"], capsys)
+    assert code == 2 and "--resume" in err and "nsamples 8 -> 16" in err and len(err.strip().splitlines()) == 1
+    assert json.loads((tmp_path / ".out.partial" / "resume.json").read_text())["finished"] == 1  # the refusal kept the state
+
+    resumed = run_command(folder, tmp_path / "out", text_file, capsys, *options, "--resume")
+    same_results(whole, resumed)
+    assert all(torch.equal(stored(tmp_path / "out")[name], tensor) for name, tensor in stored(tmp_path / "whole").items())
+
+
+def test_resume_needs_a_streamed_run_with_an_output() -> None:
+    from methods import PruningError
+
+    for options in ({"resume": True}, {"resume": True, "output": "x", "stream": "off"}, {"resume": True, "output": "x", "recover": "adamw"}):
+        with pytest.raises(PruningError, match="--resume continues a streamed run"):
+            Pipeline(PruneSettings(sparsity=0.5, **options))

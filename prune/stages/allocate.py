@@ -50,6 +50,12 @@ class Allocate(Stage):
 
     def execute(self, run: Run) -> None:
         plan, settings = run.plan, self.settings
+        saved = run.resume.report.get("allocation") if run.resume is not None else None
+        if saved is not None:  # a resumed run: the earlier part measured the dense model's outliers
+            run.report.allocation = saved
+            for entry in saved["blocks"]:
+                plan.targets[entry["block"]] = Target(entry["sparsity"])
+            return
         ratios, parameters = self.outlier_ratios(run)
         run.calls = run.capture()  # the pass above consumed the captured inputs; capturing again costs only the embeddings
         sparsities = owl.allocate(settings.owl_rule, ratios, parameters, self.target.sparsity, settings.owl_lambda)
@@ -64,6 +70,9 @@ class Allocate(Stage):
                 for index, ratio, sparsity, count in zip(plan.selected, ratios, sparsities, parameters, strict=True)
             ],
         }
+        if run.resume is not None:
+            run.resume.report["allocation"] = run.report.allocation
+            run.resume.save()
 
     def outlier_ratios(self, run: Run) -> tuple[list[float], list[int]]:
         """For each selected block of the dense model, D and its number of prunable weights. Consumes `run.calls`."""

@@ -4,6 +4,7 @@ each point of the run, under a label ('dense', 'pruned', 'refined', 'recovered')
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from eval.perplexity import Perplexity, from_losses, next_token_loss
 from methods import PruningError
 from prune.devices import on_device
 from prune.models import CAUSAL_LM, TOKEN_CLASSIFICATION
+from prune.resume import tensor_digest
 from prune.run import Evaluator, Run
 from prune.settings import check_fields, option
 
@@ -60,6 +62,9 @@ class PerplexityEvaluator:
         self.windows = evaluation_windows(ids, self.seqlen, self.settings.windows)
         run.report.perplexity = {"data": self.text}
 
+    def fingerprint(self) -> str:
+        return tensor_digest([self.windows])
+
     def measure(self, run: Run, label: str) -> dict:
         return sequential_perplexity(run, self.windows, self.settings.batch_size, label=f"{label} perplexity").as_dict()
 
@@ -82,6 +87,9 @@ class EntityF1Evaluator:
                                f"{', '.join(sorted(unknown))}; is it a token classifier for this data?")
         self.labels = [run.model.config.id2label[index] for index in range(len(labels))]
         run.report.entity_f1 = {"data": str(self.folder), "sentences": len(self.sentences)}
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(repr([(sentence.tokens, sentence.tags) for sentence in self.sentences]).encode()).hexdigest()
 
     def measure(self, run: Run, label: str) -> dict:
         with on_device(run.model, run.device, run.compute_dtype):

@@ -4,6 +4,7 @@ the next block's inputs. The stage knows methods only through their `Method` rec
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from dataclasses import dataclass, field
@@ -148,13 +149,36 @@ class OneShot(Stage):
         report.layers, report.prune_breakdown = [], {"statistics": 0.0, "method": 0.0, "propagate": 0.0}
         chosen = [target for target in plan.targets if target is not None]
         description = f"{self.method.name} {chosen[0].describe()}" if len(set(chosen)) == 1 else f"{self.method.name} OWL"
-        bar = tqdm(list(enumerate(plan.blocks)), desc=description, unit="block", disable=not run.settings.progress)
+        start = self.resumed(run, calls)
+        bar = tqdm(list(enumerate(plan.blocks))[start:], desc=description, unit="block", disable=not run.settings.progress)
         for index, block in bar:
             layers = self.process_block(run, index, block, calls)
             report.layers.extend(layers)
             losses = [layer.loss for layer in layers if layer.loss is not None]
             if losses:
                 bar.set_postfix(loss=f"{sum(losses):.3g}")
+            if run.resume is not None:  # the block's shard is written: it is finished
+                run.resume.finished = index + 1
+                run.resume.report.update(layers=[dataclasses.asdict(layer) for layer in report.layers], prune_breakdown=report.prune_breakdown)
+                run.resume.save()
+
+    def resumed(self, run: Run, calls: list | None) -> int:
+        """With the finished blocks of an earlier part of a resumed run: take their report entries, read them from
+        their shards, and run the calibration inputs through them again (through the dense originals with
+        `--propagate dense`) so that `calls` are the next block's inputs, as they were. Returns the next block."""
+        start = run.resume.finished if run.resume is not None else 0
+        if not start:
+            return 0
+        plan, report = run.plan, run.report
+        report.layers = [LayerReport(**{**entry, "shape": tuple(entry["shape"])}) for entry in run.resume.report["layers"]]
+        report.prune_breakdown = dict(run.resume.report["prune_breakdown"])
+        for index in range(start):
+            if plan.targets[index] is not None:
+                run.block_sources[index] = run.block_shard(index)
+            if calls is not None and index < max(plan.selected):
+                with run.block(index, original=self.settings.propagate == "dense") as block, timed(report.prune_breakdown, "propagate", run.device):
+                    run_calls(block, calls, advance=True)
+        return start
 
     def process_block(self, run: Run, index: int, block: nn.Module, calls: list | None) -> list[LayerReport]:
         """Prune one block to its target (or leave it dense) and, while later blocks are pruned, turn `calls` into the
