@@ -63,12 +63,15 @@ def damped_inverse(hessian: Tensor, percdamp: float = DEFAULT_PERCDAMP, *, upper
         raise PruningError("the Hessian has non-finite entries (NaN or inf in the calibration activations)")
     check_percdamp(percdamp)
     dead = dead_inputs(hessian)
-    diagonal = torch.diagonal(hessian).clone()
+    attempt = hessian.clone()
+    diagonal = torch.diagonal(attempt)
     diagonal[dead] = 1.0
     mean_diagonal = diagonal.mean().item()
+    diagonal = diagonal.clone()
     damping = percdamp
     for retry in range(DAMPING_RETRIES + 1):  # at most two d x d matrices besides `hessian` at any time
-        attempt = hessian.clone()
+        if retry:
+            attempt = hessian.clone()
         torch.diagonal(attempt).copy_(diagonal).add_(damping * mean_diagonal)
         factor, info = torch.linalg.cholesky_ex(attempt)
         del attempt
