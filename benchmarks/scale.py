@@ -59,10 +59,15 @@ def build_model(folder: Path, depth: int, hidden: int, intermediate: int, heads:
     return folder
 
 
-def prune_in_a_process(model: Path, output: Path) -> dict:
-    """The `prune` command on the model (SparseGPT 50 %, 8 x 128 calibration tokens, perplexity on 4 x 128), in its own process."""
-    command = [str(Path(sys.executable).with_name("prune")), "--model", str(model), "--method", "sparsegpt", "--sparsity", "0.5", "--nsamples", "8",
-               "--seqlen", "128", "--eval-windows", "4", "--eval-seqlen", "128", "--output", str(output), "--overwrite", "--quiet"]
+SCALE_RUN = ("--nsamples", "8", "--seqlen", "128", "--eval-windows", "4", "--eval-seqlen", "128")
+SMOLLM2_RUN = ("--nsamples", "32", "--seqlen", "256", "--eval-windows", "32")  # `make demo`'s sizes
+
+
+def prune_in_a_process(model: Path, output: Path, sizes: tuple[str, ...] = SCALE_RUN) -> dict:
+    """The `prune` command on the model (SparseGPT 50 %; by default 8 x 128 calibration tokens and perplexity on 4 x 128),
+    in its own process, streamed to `output`."""
+    command = [str(Path(sys.executable).with_name("prune")), "--model", str(model), "--method", "sparsegpt", "--sparsity", "0.5", *sizes,
+               "--output", str(output), "--overwrite", "--quiet"]
     started = time.perf_counter()
     finished = subprocess.run(command, capture_output=True, text=True)
     if finished.returncode != 0:
@@ -105,14 +110,37 @@ def check_loads(output: Path, sparsity: float) -> dict:
     return {"dtype": str(model.dtype), "sparsity_reloaded": zeros, "matches_report": abs(zeros - sparsity) < 1e-6}
 
 
+def smollm2_in_bfloat16(work: Path) -> dict:
+    """SmolLM2 (float32, de-quantized from its GGUF) and a bfloat16 copy of it saved to a folder, pruned alike."""
+    from prune.models import load_model
+
+    folder = work / "smollm2-bf16"
+    if not (folder / "config.json").is_file():
+        loaded = load_model("smollm2-135m")
+        loaded.model.to(torch.bfloat16).save_pretrained(folder)
+        loaded.tokenizer.save_pretrained(folder)
+    runs = {}
+    for name, model in (("float32", embedded_model_folder("smollm2-135m", default_cache_dir())), ("bfloat16", folder)):
+        report = prune_in_a_process(model, work / f"smollm2-{name}-pruned", SMOLLM2_RUN)
+        runs[name] = {"dtype": report["model"]["dtype"], "streamed": report["model"]["streamed"], "output_bytes": size_on_disk(work / f"smollm2-{name}-pruned"),
+                      "perplexity": {key: report["perplexity"][key]["value"] for key in ("dense", "pruned")}, "peak_rss_mb": report["peak_memory_mb"]}
+    ratio = {key: runs["bfloat16"]["perplexity"][key] / runs["float32"]["perplexity"][key] - 1 for key in ("dense", "pruned")}
+    for name, row in runs.items():
+        click.echo(f"SmolLM2 {name:>8}: perplexity dense {row['perplexity']['dense']:.3f}, pruned {row['perplexity']['pruned']:.3f}; output "
+                   f"{row['output_bytes'] / 2**20:.0f} MiB ({row['dtype']})")
+    click.echo(f"bfloat16 against float32: dense {ratio['dense']:+.2%}, pruned {ratio['pruned']:+.2%} (target within 1 %)")
+    return {"runs": runs, "relative_difference": ratio}
+
+
 @click.command()
 @click.option("--depths", default="4,8,16", help="Depths of the hidden-2048 model (empty: none).")
 @click.option("--hidden", type=int, default=2048)
 @click.option("--intermediate", type=int, default=5632)
 @click.option("--heads", type=int, default=16)
 @click.option("--seven-b", is_flag=True, help="Also the LLaMA-7B shape: hidden 4096, intermediate 11008, 32 blocks, 32 heads (~13.5 GB).")
+@click.option("--smollm2", is_flag=True, help="Also SmolLM2 in float32 against a bfloat16 copy of it (make demo's sizes).")
 @click.option("--work", type=click.Path(path_type=Path), default=Path("/tmp/obs-prune-scale"), help="Where the models and outputs are written.")
-def main(depths: str, hidden: int, intermediate: int, heads: int, seven_b: bool, work: Path) -> None:
+def main(depths: str, hidden: int, intermediate: int, heads: int, seven_b: bool, smollm2: bool, work: Path) -> None:
     work.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -123,6 +151,8 @@ def main(depths: str, hidden: int, intermediate: int, heads: int, seven_b: bool,
         ratio = rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]
         click.echo(f"peak RSS at depth {rows[-1]['depth']} / depth {rows[0]['depth']}: {ratio:.3f} (target <= 1.15)")
         (RESULTS / "depths.json").write_text(json.dumps({"rows": rows, "peak_ratio": ratio}, indent=2))
+    if smollm2:
+        (RESULTS / "smollm2_bfloat16.json").write_text(json.dumps(smollm2_in_bfloat16(work), indent=2))
     if seven_b:
         model = build_model(work / "llama-7b-shape", 32, 4096, 11008, 32)
         row = measure("7b-shape", model, work)
