@@ -21,19 +21,35 @@ from pathlib import Path
 import click
 import torch
 from accelerate import init_empty_weights
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from calibration.corpora import wiki_sample
 from prune.models import default_cache_dir, embedded_model_folder, transformer_blocks
 from prune.weights import ShardWriter
 
 RESULTS = Path(__file__).resolve().parent / "results" / "scale"
 
 
-def build_model(folder: Path, depth: int, hidden: int, intermediate: int, heads: int, seed: int = 0) -> Path:
-    """A Llama with random bfloat16 weights (matrices N(0, 0.02²), norms 1), written one block per shard."""
+def llama_tokenizer(vocabulary: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer of `vocabulary` tokens (LLaMA's 32,000) trained on the embedded Wikipedia sample."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(wiki_sample().documents, trainers.BpeTrainer(vocab_size=vocabulary, special_tokens=["<s>", "</s>", "<unk>"],
+                                                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def build_model(folder: Path, depth: int, hidden: int, intermediate: int, heads: int, vocabulary: int | None = None, seed: int = 0) -> Path:
+    """A Llama with random bfloat16 weights (matrices N(0, 0.02²), norms 1), written one block per shard; SmolLM2's
+    tokenizer, or one of `vocabulary` tokens trained for it."""
     if (folder / "config.json").is_file():
         return folder
-    tokenizer = AutoTokenizer.from_pretrained(embedded_model_folder("smollm2-135m", default_cache_dir()))
+    if vocabulary is None:
+        tokenizer = AutoTokenizer.from_pretrained(embedded_model_folder("smollm2-135m", default_cache_dir()))
+    else:
+        tokenizer = llama_tokenizer(vocabulary)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=depth,
                          num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=2048, tie_word_embeddings=False,
                          dtype="bfloat16")
@@ -154,7 +170,7 @@ def main(depths: str, hidden: int, intermediate: int, heads: int, seven_b: bool,
     if smollm2:
         (RESULTS / "smollm2_bfloat16.json").write_text(json.dumps(smollm2_in_bfloat16(work), indent=2))
     if seven_b:
-        model = build_model(work / "llama-7b-shape", 32, 4096, 11008, 32)
+        model = build_model(work / "llama-7b-shape", 32, 4096, 11008, 32, vocabulary=32000)
         row = measure("7b-shape", model, work)
         row.update(check_loads(work / "7b-shape-pruned", row["sparsity"]))
         click.echo(f"7B shape: peak RSS {row['peak_over_model']:.1%} of the model on disk (target <= 25 %); reloads as {row['dtype']} with "

@@ -118,6 +118,7 @@ class LayerInputStatistics:
         self._token_mask: Tensor | None = None
         self._grouping = True
         self._handles: list = []
+        self._done: set[str] = set()
 
     def __enter__(self) -> LayerInputStatistics:
         for name, layer in self.layers.items():
@@ -156,6 +157,13 @@ class LayerInputStatistics:
         """The accumulated statistic for a layer, or None when the layer was never called."""
         leader = self.leader.get(name)
         return None if leader is None else self.accumulators[leader].result()
+
+    def done(self, name: str) -> None:
+        """Say that layer `name` no longer needs its statistic; once no layer sharing it does, it is freed."""
+        self._done.add(name)
+        leader = self.leader.get(name)
+        if leader in self.accumulators and all(member in self._done for member, chief in self.leader.items() if chief == leader):
+            del self.accumulators[leader]
 
     def groups(self) -> dict[str, list[str]]:
         """Leader name -> the layers sharing its statistics."""

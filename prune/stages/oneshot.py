@@ -224,6 +224,9 @@ class OneShot(Stage):
                 if statistics is not None:
                     report.statistics_from = f"{plan.blocks_name}.{index}.{statistics.leader[name]}"
                 reports.append(report)
+            if statistics is not None:
+                del statistic
+                statistics.done(name)  # the last layer fed this input: its statistic is freed before the next layer's sweep
         return reports
 
     def prune_layer(self, name: str, layer: nn.Module, statistic, target: Target, device: torch.device, stored: torch.dtype) -> LayerReport:
