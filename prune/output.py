@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -11,7 +10,7 @@ from pathlib import Path
 from prune.models import LoadedModel, transformer_blocks
 from prune.plots import plot_allocation, plot_recover, plot_refine
 from prune.report import Report
-from prune.weights import ShardWriter, parameter_names, writing
+from prune.weights import ShardWriter, current_umask, parameter_names, writing
 
 
 class OutputError(ValueError):
@@ -50,9 +49,7 @@ def write_atomically(directory: Path, write: Callable[[Path], None], overwrite: 
 
 def put_in_place(staging: Path, directory: Path) -> None:
     """Rename the finished `staging` folder to `directory`, replacing what was there (in one rename each)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any folder the user makes
+    staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the result should look like any folder the user makes
     if directory.exists():
         retired = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
         directory.rename(retired / directory.name)

@@ -273,8 +273,10 @@ def prune_model(model: str | LoadedModel = "smollm2-135m", *, cache_dir: Path | 
 
     `model` is an embedded name ('smollm2-135m', 'minilm-l6'), a local folder, a hub name, or a LoadedModel. The
     options are those of the `prune` command, by name (method, sparsity, pattern, calibration, nsamples, seqlen,
-    eval_data, allocation, refine, recover, ...); see PruneSettings. `calibration_batches` replace the calibration
-    text (see run_pipeline).
+    eval_data, allocation, refine, recover, output, ...); see PruneSettings. `calibration_batches` replace the
+    calibration text (see run_pipeline). With `output`, the pruned model is written there; a safetensors
+    checkpoint is then streamed (unless `stream="off"`), and the returned model's blocks are empty (on the meta
+    device): their pruned weights are in `output`.
     """
     pipeline = Pipeline(PruneSettings(**options))  # bad settings fail here, before the model is loaded
     loaded, seconds = (model, 0.0) if isinstance(model, LoadedModel) else pipeline.load(model, cache_dir=cache_dir)

@@ -114,6 +114,7 @@ class ShardWriter:
         with writing(path):
             self.folder.mkdir(parents=True, exist_ok=True)
             save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, partial, metadata={"format": "pt"})
+            partial.chmod(0o666 & ~current_umask())  # as any file the user writes (safetensors makes it private)
             os.replace(partial, path)
         return path
 
@@ -130,6 +131,12 @@ class ShardWriter:
                     piece = stored.get_slice(name)
                     total += _element_size(piece.get_dtype()) * _count(piece.get_shape())
         write_text(self.folder / INDEX, json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def _count(shape: list[int]) -> int:

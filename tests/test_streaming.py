@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,9 @@ def test_the_streamed_output_is_a_sharded_save_pretrained_folder(bfloat16_folder
     assert index["weight_map"]["model.layers.1.mlp.down_proj.weight"] == "model-00002-of-00003.safetensors"
     assert index["weight_map"]["model.embed_tokens.weight"] == "model-00003-of-00003.safetensors"
     assert {"config.json", "tokenizer.json", "report.json"} <= {path.name for path in output.iterdir()}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all(path.stat().st_mode & 0o777 == 0o666 & ~umask for path in output.glob("*.safetensors"))  # as any file the user writes
     assert not any(path.name.startswith(".") for path in tmp_path.iterdir())
     reloaded = AutoModelForCausalLM.from_pretrained(output, dtype=torch.bfloat16)
     source = AutoModelForCausalLM.from_pretrained(bfloat16_folders["llama"], dtype=torch.bfloat16)
