@@ -119,6 +119,7 @@ class Method:
     check: Callable[..., None] | None = None  # check(target, **options): PruningError about a value that cannot work
     work: Callable[[int, int, Target], float] | None = None  # floating-point work of a (rows, columns) layer, if it can be large
     notes: Callable[[dict], list[str]] = _no_notes  # LayerResult.details -> notes for the report
+    prune_together: Callable[..., list[LayerResult]] | None = None  # several layers sharing one statistic at once
 
     def resolved_options(self, given: dict) -> dict:
         """Every option of the method: the given values over the defaults. An option the method does not take is an error."""
@@ -138,6 +139,13 @@ class Method:
         if self.statistic is None:
             return self.prune(weight, target, **options)
         return self.prune(weight, statistic, target, **options)
+
+    def run_together(self, weights: list[Tensor], statistic: Tensor | None, target: Target, options: dict) -> list[LayerResult]:
+        """Prune several weights that share one statistic (layers fed the same inputs): at once when the method can,
+        else one after the other."""
+        if self.prune_together is not None and len(weights) > 1:
+            return self.prune_together(weights, statistic, target, **options)
+        return [self.run(weight, statistic, target, options) for weight in weights]
 
 
 def prune_count(size: int, sparsity: float) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -48,54 +50,81 @@ def prune(
     lowest w²/[U]_jj² of each block of `mask_blocksize` columns (across all rows) when the sweep reaches
     it; for N:M, the N highest of each group of M inputs of a row when the sweep reaches the group.
     """
-    check_options(target, blocksize, mask_blocksize, percdamp)
-    rows, columns = weight.shape
-    target.check_layer("weight", columns)
-    if hessian.shape != (columns, columns):
-        raise PruningError(f"Hessian shape {tuple(hessian.shape)} does not match weight inputs {columns}")
+    return prune_together([weight], hessian, target, blocksize=blocksize, mask_blocksize=mask_blocksize, percdamp=percdamp)[0]
 
+
+def prune_together(
+    weights: Sequence[Tensor],
+    hessian: Tensor,
+    target: Target,
+    *,
+    blocksize: int = BLOCKSIZE,
+    mask_blocksize: int = MASK_BLOCKSIZE,
+    percdamp: float = DEFAULT_PERCDAMP,
+) -> list[LayerResult]:
+    """`prune` for several layers fed the same inputs (q/k/v, gate/up): H is inverted once and their rows are swept
+    together, one column loop for all; each layer's mask is still chosen from its own rows, so each result is the
+    one `prune` gives that layer alone (up to float rounding)."""
+    check_options(target, blocksize, mask_blocksize, percdamp)
+    for weight in weights:
+        target.check_layer("weight", weight.shape[1])
+        if hessian.shape != (weight.shape[1], weight.shape[1]):
+            raise PruningError(f"Hessian shape {tuple(hessian.shape)} does not match weight inputs {weight.shape[1]}")
+    device = weights[0].device
+    bounds = [0]
+    for weight in weights:
+        bounds.append(bounds[-1] + weight.shape[0])
     with exact_matmul():
         inverse = damped_inverse(hessian, percdamp, upper_cholesky=True)
-        hinv = inverse.inverse.to(device=weight.device, dtype=torch.float32)  # U, upper: H⁻¹ = UᵀU
-        work = weight.detach().to(torch.float32).clone()
-        work[:, inverse.dead.to(weight.device)] = 0
-        mask = torch.ones_like(work, dtype=torch.bool)
-        loss = 0.0
+        hinv = inverse.inverse.to(device=device, dtype=torch.float32)  # U, upper: H⁻¹ = UᵀU
+        # the rows of all layers side by side, transposed: column j of the weights is row j here, contiguous
+        work = torch.cat([weight.detach().to(torch.float32).T for weight in weights], dim=1)
+        work[inverse.dead.to(device)] = 0
+        keep, errors = sweep(work, hinv, target, blocksize, mask_blocksize, list(zip(bounds, bounds[1:], strict=False)))
+        del hinv
+    work.mul_(keep)  # the updates leave pruned weights at zero up to rounding: make it exact
+    results = []
+    for weight, first, last in zip(weights, bounds, bounds[1:], strict=False):
+        # the OBS loss of removing w_j is w_j² / (2 [U]_jj²) = error² / 2
+        results.append(LayerResult(weight=work[:, first:last].T.to(weight.dtype).contiguous(), mask=keep[:, first:last].T.contiguous(),
+                                   loss=errors[first:last].sum().item() / 2, details=inverse_details(inverse)))
+    return results
 
-        for start in range(0, columns, blocksize):
-            end = min(start + blocksize, columns)
-            block = work[:, start:end].clone()
-            block_mask = torch.ones_like(block, dtype=torch.bool)
-            block_errors = torch.zeros_like(block)
-            hinv_block = hinv[start:end, start:end]
-            hinv_diagonal = torch.diagonal(hinv_block)
 
-            for i in range(end - start):
+def sweep(work: Tensor, hinv: Tensor, target: Target, blocksize: int, mask_blocksize: int, layers: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+    """SparseGPT's column sweep (Alg. 1) in place on `work` (columns, rows): the weights transposed. Returns the keep
+    mask (columns, rows) and each row's sum of squared errors (w_j / [U]_jj)² over its pruned weights.
+
+    Column j: every row that drops w_j gets the OBS update W[:, j:] −= (w_j / U_jj) U[j, j:]; inside a lazy block of
+    `blocksize` columns the updates are rank-one, after it one matrix product updates the columns that follow. The
+    mask of the columns from j on is chosen when the sweep reaches them, from the already updated weights: the N
+    highest w²/U_jj² of each group of M (N:M), or the lowest of each `mask_blocksize` columns over the rows of each
+    layer (`layers`: row ranges) for an unstructured target."""
+    columns, rows = work.shape
+    keep = torch.ones_like(work, dtype=torch.bool)
+    squared_errors = torch.zeros(rows, device=work.device)
+    step = target.m if target.is_nm else mask_blocksize
+    for start in range(0, columns, blocksize):
+        end = min(start + blocksize, columns)
+        block, hinv_block = work[start:end], hinv[start:end, start:end]
+        diagonal = torch.diagonal(hinv_block)
+        scale = torch.empty(end - start, rows, device=work.device)  # 1/U_jj where w_j is pruned, 0 where it is kept
+        errors = torch.empty(end - start, rows, device=work.device)
+        for i in range(end - start):
+            if i % step == 0:
+                part = slice(i, min(i + step, end - start))
+                scores = block[part] ** 2 / diagonal[part].unsqueeze(1) ** 2
                 if target.is_nm:
-                    if i % target.m == 0:
-                        group = slice(i, i + target.m)
-                        scores = block[:, group] ** 2 / hinv_diagonal[group] ** 2
-                        block_mask[:, group] = mask_top_n_of_m(scores, target.n, target.m)
-                elif i % mask_blocksize == 0:
-                    part = slice(i, min(i + mask_blocksize, end - start))
-                    scores = block[:, part] ** 2 / hinv_diagonal[part] ** 2
-                    block_mask[:, part] = mask_lowest_overall(scores, target.sparsity)
-
-                removed = block[:, i].masked_fill(block_mask[:, i], 0.0)
-                # OBS update of the remaining columns of the block (SparseGPT Alg. 1): W[:, i:] -= (w/d) U[i, i:]
-                error = removed / hinv_block[i, i]
-                block[:, i:].addr_(error, hinv_block[i, i:], alpha=-1.0)
-                block_errors[:, i] = error
-
-            block.mul_(block_mask)  # the update leaves pruned weights at zero up to rounding: make it exact
-            work[:, start:end] = block
-            mask[:, start:end] = block_mask
-            # the OBS loss of removing w_j is w_j² / (2 [U]_jj²) = error² / 2
-            loss += block_errors.pow(2).sum().item() / 2
-            # lazy batch update of all columns after the block, one matrix product
-            work[:, end:] -= block_errors @ hinv[start:end, end:]
-
-    return LayerResult(weight=(work * mask).to(weight.dtype), mask=mask, loss=loss, details=inverse_details(inverse))
+                    kept = mask_top_n_of_m(scores.T, target.n, target.m).T
+                else:
+                    kept = torch.cat([mask_lowest_overall(scores[:, first:last], target.sparsity) for first, last in layers], dim=1)
+                keep[start + part.start : start + part.stop] = kept
+                torch.div((~kept).to(work.dtype), diagonal[part].unsqueeze(1), out=scale[part])
+            torch.mul(block[i], scale[i], out=errors[i])
+            block[i + 1 :].addr_(hinv_block[i, i + 1 :], errors[i], alpha=-1.0)
+        squared_errors += errors.pow(2).sum(0)
+        work[end:] -= hinv[start:end, end:].T @ errors  # the lazy update of the columns after the block
+    return keep, squared_errors
 
 
 METHOD = Method(
@@ -110,4 +139,5 @@ METHOD = Method(
     ),
     check=check_options,
     notes=damping_notes,
+    prune_together=prune_together,
 )

@@ -244,3 +244,20 @@ def test_the_factorised_hessian_is_damped_after_the_dead_input_fix(monkeypatch) 
     fixed[2, 2] = 1.0
     expected = fixed + 0.03 * torch.diagonal(fixed).mean() * torch.eye(16, dtype=hessian.dtype)
     torch.testing.assert_close(factorised[0], expected, atol=0, rtol=1e-12)
+
+
+@pytest.mark.parametrize("target", [Target(0.5), Target(0.7), Target.from_options(pattern="2:4"), Target.from_options(pattern="4:8")])
+def test_layers_sharing_a_hessian_swept_together_equal_each_alone(target: Target) -> None:
+    """q/k/v (or gate/up) swept as one taller matrix: each layer's mask and weights are those it gets alone."""
+    generator = torch.Generator().manual_seed(50)
+    inputs = torch.randn(300, 64, generator=generator)
+    hessian = 2 * inputs.T @ inputs / 300
+    weights = [torch.randn(rows, 64, generator=generator) * scale for rows, scale in ((24, 1.0), (8, 3.0), (16, 0.2))]
+    together = sparsegpt.prune_together(weights, hessian, target, blocksize=32, mask_blocksize=16)
+    for weight, result in zip(weights, together, strict=True):
+        alone = sparsegpt.prune(weight, hessian, target, blocksize=32, mask_blocksize=16)
+        assert torch.equal(result.mask, alone.mask)
+        torch.testing.assert_close(result.weight, alone.weight, atol=1e-5, rtol=1e-5)
+        assert result.loss == pytest.approx(alone.loss, rel=1e-5)
+        if not target.is_nm:  # each layer holds its own sparsity, though the layers' scales differ widely
+            assert (~result.mask).float().mean().item() == pytest.approx(target.sparsity, abs=0.01)

@@ -211,35 +211,52 @@ class OneShot(Stage):
 
     def prune_block(self, plan: LayerPlan, index: int, block: nn.Module, statistics: LayerInputStatistics | None, target: Target,
                     device: torch.device, stored: torch.dtype) -> list[LayerReport]:
-        reports = []
-        for name, layer in prunable_layers(block).items():
-            full_name = f"{plan.blocks_name}.{index}.{name}"
-            statistic = statistics.statistics(name) if statistics is not None else None
-            if full_name in plan.skipped:
-                reports.append(skipped_layer(full_name, layer, f"input size not a multiple of M={target.m}; left dense"))
-            elif statistics is not None and statistic is None:
-                reports.append(skipped_layer(full_name, layer, "never called during calibration; left dense"))
-            else:
-                report = self.prune_layer(full_name, layer, statistic, target, device, stored)
-                if statistics is not None:
-                    report.statistics_from = f"{plan.blocks_name}.{index}.{statistics.leader[name]}"
-                reports.append(report)
-            if statistics is not None:
+        layers = prunable_layers(block)
+        full = {name: f"{plan.blocks_name}.{index}.{name}" for name in layers}
+        reports = {}
+        # layers fed the same input (q/k/v, gate/up) are pruned together, from their one statistic
+        groups = statistics.groups() if statistics is not None else {name: [name] for name in layers}
+        for name in layers:
+            if name not in {member for members in groups.values() for member in members}:
+                reports[name] = skipped_layer(full[name], layers[name], "never called during calibration; left dense")
+        for leader, members in groups.items():
+            for name in members:
+                if full[name] in plan.skipped:
+                    reports[name] = skipped_layer(full[name], layers[name], f"input size not a multiple of M={target.m}; left dense")
+            pruned = [name for name in members if name not in reports]
+            if pruned:
+                statistic = statistics.statistics(leader) if statistics is not None else None
+                for name, report in zip(pruned, self.prune_layers({name: layers[name] for name in pruned}, full, statistic, target, device, stored),
+                                        strict=True):
+                    report.statistics_from = full[leader] if statistics is not None else None
+                    reports[name] = report
                 del statistic
-                statistics.done(name)  # the last layer fed this input: its statistic is freed before the next layer's sweep
-        return reports
+            if statistics is not None:
+                for name in members:
+                    statistics.done(name)  # this input's last layer is pruned: its statistic is freed before the next sweep
+        return [reports[name] for name in layers]
 
-    def prune_layer(self, name: str, layer: nn.Module, statistic, target: Target, device: torch.device, stored: torch.dtype) -> LayerReport:
-        """Prune one layer in place and describe the result. The method computes in float32; its result is written
-        back in the dtype the model is stored in at once, so that the next block sees the outputs of the model as it
-        will be saved."""
+    def prune_layers(self, layers: dict[str, nn.Module], full: dict[str, str], statistic, target: Target, device: torch.device,
+                     stored: torch.dtype) -> list[LayerReport]:
+        """Prune layers that share one statistic in place (together, when the method can) and describe the results.
+        The method computes in float32; its result is written back in the dtype the model is stored in at once, so
+        that the next block sees the outputs of the model as it will be saved. Layers pruned together share the
+        time, by their number of rows."""
         synchronize(device)
         started = time.perf_counter()
-        result = self.method.run(layer_weight(layer), statistic, target, self.options)
-        set_layer_weight(layer, result.weight.to(stored))
+        results = self.method.run_together([layer_weight(layer) for layer in layers.values()], statistic, target, self.options)
+        for layer, result in zip(layers.values(), results, strict=True):
+            set_layer_weight(layer, result.weight.to(stored))
         synchronize(device)
         seconds = time.perf_counter() - started
-        pruned = layer_weight(layer)
-        valid = nm_valid(pruned, target.n, target.m) and bool(torch.all(pruned[~result.mask] == 0)) if target.is_nm else None
-        return LayerReport(name=name, shape=tuple(pruned.shape), sparsity=zero_fraction(pruned), pattern_valid=valid, loss=result.loss,
-                           seconds=seconds, notes=self.method.notes(result.details))
+        rows = sum(result.weight.shape[0] for result in results)
+        reports = []
+        for (name, layer), result in zip(layers.items(), results, strict=True):
+            pruned = layer_weight(layer)
+            valid = nm_valid(pruned, target.n, target.m) and bool(torch.all(pruned[~result.mask] == 0)) if target.is_nm else None
+            notes = self.method.notes(result.details)
+            if len(layers) > 1 and self.method.prune_together is not None:
+                notes.append("swept together with " + ", ".join(other.rsplit(".", 1)[-1] for other in layers if other != name))
+            reports.append(LayerReport(name=full[name], shape=tuple(pruned.shape), sparsity=zero_fraction(pruned), pattern_valid=valid,
+                                       loss=result.loss, seconds=seconds * pruned.shape[0] / rows, notes=notes))
+        return reports
