@@ -17,11 +17,19 @@ def _valid_rows(inputs: Tensor, token_mask: Tensor | None) -> Tensor:
 
 
 class HessianAccumulator:
-    """H = (2/n) Σ x xᵀ over the n tokens seen so far, kept as a running mean."""
+    """H = (2/n) Σ x xᵀ over the n tokens seen so far, kept as a running mean.
+
+    H is symmetric: only its upper triangle is accumulated, one row panel of the inputs at a time against the
+    columns from that panel on (with P panels, (P + 1) / 2P of the full products), and `result` mirrors it once.
+    """
+
+    PANEL = 128  # features per panel: narrower panels save more products but run each at a lower matmul rate
 
     def __init__(self, features: int, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
         self.hessian = torch.zeros(features, features, device=device, dtype=dtype)
         self.tokens = 0
+        self.panels = [(start, min(start + self.PANEL, features)) for start in range(0, features, self.PANEL)]
+        self.mirrored = False
 
     def add(self, inputs: Tensor, token_mask: Tensor | None = None) -> None:
         rows = _valid_rows(inputs, token_mask).to(self.hessian.dtype)
@@ -31,10 +39,18 @@ class HessianAccumulator:
         total = self.tokens + count
         self.hessian.mul_(self.tokens / total)
         with exact_matmul():
-            self.hessian.addmm_(rows.T, rows, alpha=2.0 / total)
+            for start, end in self.panels:
+                self.hessian[start:end, start:].addmm_(rows[:, start:end].T, rows[:, start:], alpha=2.0 / total)
         self.tokens = total
+        self.mirrored = False
 
     def result(self) -> Tensor:
+        if not self.mirrored:  # the upper triangle copied below the diagonal: H is exactly symmetric
+            for start, end in self.panels:
+                diagonal = self.hessian[start:end, start:end]
+                diagonal.copy_(torch.triu(diagonal) + torch.triu(diagonal, 1).T)
+                self.hessian[end:, start:end].copy_(self.hessian[start:end, end:].T)
+            self.mirrored = True
         return self.hessian
 
 

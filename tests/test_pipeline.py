@@ -250,3 +250,20 @@ def test_second_block_is_pruned_on_the_pruned_first_blocks_outputs(model_folders
         norms = torch.cat(squares[name]).mean(0).sqrt()
         expected = wanda.prune(layer_weight(layer), norms, Target(0.5)).mask
         assert torch.equal(layer_weight(prunable_layers(transformer_blocks(pruned)[1][1])[name]) != 0, expected), name
+
+
+def test_the_hessian_accumulates_its_upper_triangle_and_mirrors_it() -> None:
+    """Wider than one panel: the running mean of 2 x xᵀ, exactly symmetric, against the full product."""
+    generator = torch.Generator().manual_seed(1)
+    batches = [torch.randn(2, 9, 300, generator=generator, dtype=torch.float64) for _ in range(3)]
+    accumulator = HessianAccumulator(300, torch.device("cpu"), torch.float64)
+    assert len(accumulator.panels) == 3
+    for inputs in batches:
+        accumulator.add(inputs)
+    rows = torch.cat([inputs.reshape(-1, 300) for inputs in batches])
+    hessian = accumulator.result()
+    torch.testing.assert_close(hessian, 2 * rows.T @ rows / len(rows))
+    assert torch.equal(hessian, hessian.T)
+    accumulator.add(batches[0])  # adding after a result keeps the mean right
+    rows = torch.cat([rows, batches[0].reshape(-1, 300)])
+    torch.testing.assert_close(accumulator.result(), 2 * rows.T @ rows / len(rows))
