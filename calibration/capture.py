@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 import torch
+from greenlet import greenlet
 from torch import Tensor, nn
 
 from calibration.statistics import ACCUMULATORS
@@ -185,3 +187,78 @@ def run_calls(block: nn.Module, calls: list[BlockCall], statistics: LayerInputSt
         output = run_block(block, call)
         if advance:
             calls[position] = call.with_hidden_states(output)
+
+
+@torch.no_grad()
+def input_groups(block: nn.Module, layers: dict[str, nn.Module], call: BlockCall) -> dict[str, list[str]]:
+    """Which layers are fed the very same input tensor (q/k/v, gate/up), found by running one call through the
+    block: the first layer to see an input -> every layer that sees it, in the order they run."""
+    seen: list[tuple[Tensor, str]] = []
+    groups: dict[str, list[str]] = {}
+
+    def hook_for(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            leader = next((first for tensor, first in seen if tensor is args[0]), None)
+            if leader is None:
+                seen.append((args[0], name))
+                groups[name] = [name]
+            else:
+                groups[leader].append(name)
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(hook_for(name)) for name, layer in layers.items()]
+    try:
+        run_block(block, call)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return groups
+
+
+@torch.no_grad()
+def run_in_lockstep(block: nn.Module, calls: list[BlockCall], leaders: dict[str, nn.Module], make_accumulator: Callable,
+                    complete: Callable[[str, Tensor], None]) -> None:
+    """Run every call through `block` once, all calls advancing together, and make `calls` the block's outputs.
+
+    At the entry of each layer in `leaders`, every call stops until all calls' inputs to it are accumulated (in call
+    order, into `make_accumulator(features)`); then `complete(leader, statistic)` runs (it prunes that layer and the
+    layers sharing its input), and the calls carry on through it. So each layer's statistic is collected on the
+    inputs it sees once the layers before it in the block are pruned (the 'true sequential' order), and one forward
+    pass both feeds the statistics and gives the pruned block's outputs. Each call's forward pass runs in a greenlet
+    (a coroutine with its own stack, in this thread): at a layer's entry it hands control back, and the calls are
+    resumed one after the other in call order, so only one runs at a time and the result does not depend on any
+    scheduling. Memory holds every call's state at the layer where it waits.
+    """
+    last = len(calls) - 1
+    accumulators: dict[str, object] = {}
+    scheduler = greenlet.getcurrent()
+    running = {"index": 0}
+
+    def hook_for(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            index = running["index"]
+            if index == 0:
+                accumulators[name] = make_accumulator(args[0].shape[-1])
+            accumulators[name].add(args[0], calls[index].token_mask)
+            if index == last:
+                complete(name, accumulators.pop(name).result())
+            scheduler.switch()  # wait here until every call reached this layer and it was pruned
+
+        return hook
+
+    def run(index: int) -> None:
+        calls[index] = calls[index].with_hidden_states(run_block(block, calls[index]))
+
+    # the barrier runs before any other hook of the layer (e.g. one that casts its weights for the forward pass)
+    handles = [layer.register_forward_pre_hook(hook_for(name), prepend=True) for name, layer in leaders.items()]
+    try:
+        runners = {index: greenlet(functools.partial(run, index)) for index in range(len(calls))}
+        while runners:
+            for index, runner in runners.items():
+                running["index"] = index
+                runner.switch()
+            runners = {index: runner for index, runner in runners.items() if not runner.dead}
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -143,7 +143,8 @@ def test_padded_positions_do_not_enter_the_hessian(model_folders) -> None:
 def test_pruned_outputs_feed_the_next_block(model_folders, text_file) -> None:
     runs = {}
     for propagate in ("pruned", "dense"):
-        model, _ = prune_model(str(model_folders["llama"]), method="sparsegpt", sparsity=0.5, calibration=str(text_file), propagate=propagate, **SMALL)
+        model, _ = prune_model(str(model_folders["llama"]), method="sparsegpt", sparsity=0.5, calibration=str(text_file), propagate=propagate,
+                                order="two-pass", **SMALL)
         runs[propagate] = transformer_blocks(model)[1]
     first = [layer_weight(layer) for layer in prunable_layers(runs["pruned"][0]).values()]
     assert all(torch.equal(a, layer_weight(b)) for a, b in zip(first, prunable_layers(runs["dense"][0]).values(), strict=True))
@@ -231,8 +232,8 @@ def test_only_the_selected_blocks_are_pruned(model_folders, text_file) -> None:
 
 
 def test_second_block_is_pruned_on_the_pruned_first_blocks_outputs(model_folders, text_file) -> None:
-    """Rebuild block 1's Wanda result by hand: inputs from the model whose block 0 is already pruned."""
-    pruned, _ = prune_model(str(model_folders["llama"]), method="wanda", sparsity=0.5, calibration=str(text_file), **SMALL)
+    """Two passes: rebuild block 1's Wanda result by hand, inputs from the model whose block 0 is already pruned."""
+    pruned, _ = prune_model(str(model_folders["llama"]), method="wanda", sparsity=0.5, calibration=str(text_file), order="two-pass", **SMALL)
     reference = load_model(str(model_folders["llama"]))
     blocks = transformer_blocks(reference.model)[1]
     blocks[0].load_state_dict(transformer_blocks(pruned)[1][0].state_dict())
@@ -267,3 +268,39 @@ def test_the_hessian_accumulates_its_upper_triangle_and_mirrors_it() -> None:
     accumulator.add(batches[0])  # adding after a result keeps the mean right
     rows = torch.cat([rows, batches[0].reshape(-1, 300)])
     torch.testing.assert_close(accumulator.result(), 2 * rows.T @ rows / len(rows))
+
+
+def layer_inputs(model, layer, windows: torch.Tensor) -> torch.Tensor:
+    """What `layer` is fed when the whole model runs on `windows`."""
+    seen = {}
+
+    def hook(module, args) -> None:
+        seen["inputs"] = args[0]
+
+    handle = layer.register_forward_pre_hook(hook)
+    with torch.no_grad():
+        model(input_ids=windows)
+    handle.remove()
+    return seen["inputs"]
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2", "opt"])
+def test_one_pass_equals_true_sequential_pruning_done_by_hand(model_folders, text_file, architecture) -> None:
+    """One pass: rebuild every layer's Wanda mask by hand the reference implementation's 'true sequential' way: for
+    each group of layers fed one input, in order, run the whole model (every layer before it already pruned) and
+    take the group's input norms from that forward pass; then prune the group."""
+    pruned, _ = prune_model(str(model_folders[architecture]), method="wanda", sparsity=0.5, calibration=str(text_file), **SMALL)
+    reference = load_model(str(model_folders[architecture]))
+    windows = sample_windows(TextSources(reference.tokenizer, calibration=str(text_file), evaluation=None).calibration_ids(), 8, 32, 0)
+    for block, result in zip(transformer_blocks(reference.model)[1], transformer_blocks(pruned)[1], strict=True):
+        layers = prunable_layers(block)
+        remaining = list(layers)
+        while remaining:
+            inputs = layer_inputs(reference.model, layers[remaining[0]], windows)
+            group = [name for name in remaining if torch.equal(layer_inputs(reference.model, layers[name], windows), inputs)]
+            norms = inputs.reshape(-1, inputs.shape[-1]).pow(2).mean(0).sqrt()
+            for name in group:
+                mask = wanda.prune(layer_weight(layers[name]), norms, Target(0.5)).mask
+                assert torch.equal(layer_weight(prunable_layers(result)[name]) != 0, mask), (architecture, name)
+                layer_weight(layers[name]).mul_(mask)
+            remaining = [name for name in remaining if name not in group]

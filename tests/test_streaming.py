@@ -150,19 +150,19 @@ def interrupt_inside_block(monkeypatch, index: int) -> None:
     """Make the one-shot stage die while pruning block `index` (after its statistics, before its shard is written)."""
     from prune.stages.oneshot import OneShot
 
-    original = OneShot.prune_block
+    original = OneShot.prune_group
 
-    def dying(self, plan, block_index, *args, **kwargs):
+    def dying(self, run, block_index, *args, **kwargs):
         if block_index == index:
             raise RuntimeError("the power went out")
-        return original(self, plan, block_index, *args, **kwargs)
+        return original(self, run, block_index, *args, **kwargs)
 
-    monkeypatch.setattr(OneShot, "prune_block", dying)
+    monkeypatch.setattr(OneShot, "prune_group", dying)
 
 
 @pytest.mark.parametrize("options", [("--method", "sparsegpt", "--pattern", "2:4"),
                                      ("--method", "wanda", "--sparsity", "0.6", "--allocation", "owl", "--owl-m", "3"),
-                                     ("--method", "sparsegpt", "--sparsity", "0.5", "--propagate", "dense")])
+                                     ("--method", "sparsegpt", "--sparsity", "0.5", "--propagate", "dense", "--order", "two-pass")])
 def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(bfloat16_folders, text_file, tmp_path, capsys, monkeypatch, options) -> None:
     from prune.cli import main
 

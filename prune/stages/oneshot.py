@@ -13,7 +13,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from calibration.capture import LayerInputStatistics, run_calls
+from calibration.capture import LayerInputStatistics, input_groups, run_calls, run_in_lockstep
+from calibration.statistics import ACCUMULATORS
 from eval.sparsity import nm_valid, zero_fraction
 from methods import DEFAULT_METHOD, METHODS, Method, PruningError, Target, get_method
 from prune.devices import synchronize, timed
@@ -23,6 +24,7 @@ from prune.run import LayerPlan, Run, Stage
 from prune.settings import about, check_fields, option
 
 PROPAGATE_CHOICES = ("pruned", "dense")
+ORDERS = ("one-pass", "two-pass")
 HESSIAN_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 LARGE_WORK_FLOP = 2e13  # above this much estimated work (minutes on a CPU), say so before starting
 
@@ -48,6 +50,10 @@ class OneShotSettings:
                                 metavar="0-9,12")
     skip_incompatible: bool = option(False, "--skip-incompatible", "Leave dense the layers whose input size is not a multiple of M, "
                                      "instead of refusing.")
+    order: str = option("one-pass", "--order", "one-pass: each layer's statistics are collected on the inputs it sees once the layers before it "
+                        "in its block are pruned, in one forward pass per block that also gives the next block's inputs (more memory: every "
+                        "calibration batch's state inside the block); two-pass: statistics on the dense block, then a second pass through "
+                        "the pruned block.", choices=ORDERS)
 
     def target(self) -> Target:
         flags = [flag for flag, value in (("--sparsity", self.sparsity), ("--pattern", self.pattern)) if value is not None]
@@ -57,6 +63,9 @@ class OneShotSettings:
     def check(self) -> Target:
         """Check every one-shot option; return the target."""
         check_fields(self)
+        if self.propagate == "dense" and self.order == "one-pass":
+            raise PruningError("--propagate dense feeds the next block the dense block's outputs, which a one-pass block never computes: "
+                               "use --order two-pass")
         target = self.target()
         method = get_method(self.method)
         unsupported = sorted(set(self.method_options) - {option.name for option in method.options})
@@ -111,6 +120,7 @@ class OneShot(Stage):
         self.options = self.method.resolved_options(settings.method_options)
         self.hessian_dtype = HESSIAN_DTYPES[settings.hessian_dtype]
         self.needs_block_inputs = self.method.statistic is not None
+        self.groups: dict[str, list[str]] | None = None  # one-pass: the layers fed each input, found on the first block
 
     def prepare(self, run: Run) -> None:
         settings, target, report = self.settings, self.target, run.report
@@ -195,46 +205,75 @@ class OneShot(Stage):
                         run_calls(block, calls, advance=True)
             return reports
         with run.block(index, changed=True) as block:
-            statistics = None
-            advanced = propagate and self.settings.propagate == "dense"  # whether the statistics pass also advances `calls`
-            if calls is not None:
-                with timed(breakdown, "statistics", device), \
-                        LayerInputStatistics(prunable_layers(block), self.method.statistic, device, self.hessian_dtype) as statistics:
-                    run_calls(block, calls, statistics, advance=advanced)
-            with timed(breakdown, "method", device):
-                reports = self.prune_block(plan, index, block, statistics, target, device, run.dtype)
-            del statistics
-            if propagate and not advanced:
-                with timed(breakdown, "propagate", device):
-                    run_calls(block, calls, advance=True)
-        return reports
+            layers = prunable_layers(block)
+            if calls is not None and self.settings.order == "one-pass":
+                reports = self.one_pass(run, index, block, layers, calls, target)
+            else:
+                reports = self.two_passes(run, index, block, layers, calls, target, propagate)
+        return [reports.get(name) or skipped_layer(f"{plan.blocks_name}.{index}.{name}", layer, "never called during calibration; left dense")
+                for name, layer in layers.items()]
 
-    def prune_block(self, plan: LayerPlan, index: int, block: nn.Module, statistics: LayerInputStatistics | None, target: Target,
-                    device: torch.device, stored: torch.dtype) -> list[LayerReport]:
-        layers = prunable_layers(block)
-        full = {name: f"{plan.blocks_name}.{index}.{name}" for name in layers}
-        reports = {}
-        # layers fed the same input (q/k/v, gate/up) are pruned together, from their one statistic
-        groups = statistics.groups() if statistics is not None else {name: [name] for name in layers}
-        for name in layers:
-            if name not in {member for members in groups.values() for member in members}:
-                reports[name] = skipped_layer(full[name], layers[name], "never called during calibration; left dense")
-        for leader, members in groups.items():
-            for name in members:
-                if full[name] in plan.skipped:
-                    reports[name] = skipped_layer(full[name], layers[name], f"input size not a multiple of M={target.m}; left dense")
-            pruned = [name for name in members if name not in reports]
-            if pruned:
-                statistic = statistics.statistics(leader) if statistics is not None else None
-                for name, report in zip(pruned, self.prune_layers({name: layers[name] for name in pruned}, full, statistic, target, device, stored),
-                                        strict=True):
-                    report.statistics_from = full[leader] if statistics is not None else None
-                    reports[name] = report
-                del statistic
-            if statistics is not None:
+    def two_passes(self, run: Run, index: int, block: nn.Module, layers: dict[str, nn.Module], calls: list | None, target: Target,
+                   propagate: bool) -> dict[str, LayerReport]:
+        """Statistics of every layer on the dense block's inputs (one pass), every layer pruned, then (a second pass) the
+        pruned block's outputs become the next block's inputs (the dense block's with --propagate dense)."""
+        device, breakdown, reports = run.device, run.report.prune_breakdown, {}
+        if calls is None:  # a method without statistics
+            with timed(breakdown, "method", device):
+                for name in layers:
+                    self.prune_group(run, index, layers, name, [name], None, target, reports)
+            return reports
+        advanced = propagate and self.settings.propagate == "dense"  # whether the statistics pass also advances `calls`
+        with timed(breakdown, "statistics", device), LayerInputStatistics(layers, self.method.statistic, device, self.hessian_dtype) as statistics:
+            run_calls(block, calls, statistics, advance=advanced)
+        with timed(breakdown, "method", device):
+            for leader, members in statistics.groups().items():
+                self.prune_group(run, index, layers, leader, members, statistics.statistics(leader), target, reports)
                 for name in members:
                     statistics.done(name)  # this input's last layer is pruned: its statistic is freed before the next sweep
-        return [reports[name] for name in layers]
+        del statistics
+        if propagate and not advanced:
+            with timed(breakdown, "propagate", device):
+                run_calls(block, calls, advance=True)
+        return reports
+
+    def one_pass(self, run: Run, index: int, block: nn.Module, layers: dict[str, nn.Module], calls: list, target: Target) -> dict[str, LayerReport]:
+        """One forward pass through the block, all calls in lock step: each group of layers fed the same input is
+        pruned as soon as every call's input to it is accumulated, so later layers' statistics are collected on the
+        outputs of the already pruned ones, and the pass ends with the pruned block's outputs in `calls`."""
+        device, breakdown, reports = run.device, run.report.prune_breakdown, {}
+        if self.groups is None:  # the same for every block (they are alike): found once, on one call
+            self.groups = input_groups(block, layers, calls[0])
+        method_seconds: dict = {}
+
+        def complete(leader: str, statistic) -> None:
+            with timed(method_seconds, "method", device):
+                self.prune_group(run, index, layers, leader, self.groups[leader], statistic, target, reports)
+
+        started = time.perf_counter()
+        run_in_lockstep(block, calls, {leader: layers[leader] for leader in self.groups},
+                        lambda features: ACCUMULATORS[self.method.statistic](features, device, self.hessian_dtype), complete)
+        synchronize(device)
+        breakdown["method"] += method_seconds.get("method", 0.0)
+        breakdown["statistics"] += time.perf_counter() - started - method_seconds.get("method", 0.0)
+        return reports
+
+    def prune_group(self, run: Run, index: int, layers: dict[str, nn.Module], leader: str, members: list[str], statistic, target: Target,
+                    reports: dict[str, LayerReport]) -> None:
+        """Prune the layers fed one input (q/k/v, gate/up) from their one statistic; layers whose input size cannot hold
+        the pattern stay dense. Their reports go into `reports`."""
+        plan = run.plan
+        full = {name: f"{plan.blocks_name}.{index}.{name}" for name in members}
+        for name in members:
+            if full[name] in plan.skipped:
+                reports[name] = skipped_layer(full[name], layers[name], f"input size not a multiple of M={target.m}; left dense")
+        pruned = [name for name in members if name not in reports]
+        if not pruned:
+            return
+        results = self.prune_layers({name: layers[name] for name in pruned}, full, statistic, target, run.device, run.dtype)
+        for name, report in zip(pruned, results, strict=True):
+            report.statistics_from = f"{plan.blocks_name}.{index}.{leader}" if statistic is not None else None
+            reports[name] = report
 
     def prune_layers(self, layers: dict[str, nn.Module], full: dict[str, str], statistic, target: Target, device: torch.device,
                      stored: torch.dtype) -> list[LayerReport]:
