@@ -16,7 +16,6 @@ from methods.base import (
     Target,
     exact_matmul,
     mask_lowest_overall,
-    mask_top_n_of_m,
 )
 from methods.hessian import DEFAULT_PERCDAMP, PERCDAMP_HELP, check_percdamp, damped_inverse, damping_notes, inverse_details
 
@@ -114,8 +113,8 @@ def sweep(work: Tensor, hinv: Tensor, target: Target, blocksize: int, mask_block
             if i % step == 0:
                 part = slice(i, min(i + step, end - start))
                 scores = block[part] ** 2 / diagonal[part].unsqueeze(1) ** 2
-                if target.is_nm:
-                    kept = mask_top_n_of_m(scores.T, target.n, target.m).T
+                if target.is_nm:  # the N highest of the group's M members, per row (members are the rows of `scores` here)
+                    kept = torch.zeros_like(scores, dtype=torch.bool).scatter_(0, scores.topk(target.n, dim=0).indices, True)
                 else:
                     kept = torch.cat([mask_lowest_overall(scores[:, first:last], target.sparsity) for first, last in layers], dim=1)
                 keep[start + part.start : start + part.stop] = kept
