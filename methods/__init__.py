@@ -10,6 +10,8 @@ Four kinds of algorithm live here, each used by one stage of the pipeline (prune
   second-order methods share (dead inputs, damping, the damped inverse).
 - Task-loss second-order pruning (`obert`): the block-diagonal inverse empirical Fisher built from per-sample
   gradients by Woodbury steps, the OBS saliency and update on it (seed 003 §7); pure functions, fed gradients.
+- Movement pruning (`movement`): straight-through masks from trained scores (hard top-k, soft threshold), the
+  soft variant's penalty and the cubic sparsity schedule; the task-training loop is the caller's.
 - Allocation (`owl`): per-block sparsities from outlier ratios of the dense model's Wanda scores; pure
   functions.
 - Mask refinement (`maskpro`): the MaskPro policy over N:M masks. Its sampling and gradient formulas are
@@ -22,9 +24,9 @@ Four kinds of algorithm live here, each used by one stage of the pipeline (prune
 `base` holds the types all of them share: `Target`, `LayerResult`, `PruningError`, `Method`.
 """
 
-from methods import magnitude, obert, obs, owl, sparsegpt, wanda
+from methods import magnitude, movement, obert, obs, owl, sparsegpt, wanda
 from methods.base import COLUMN_NORMS, HESSIAN, LayerResult, Method, MethodOption, PruningError, Target
 from methods.registry import DEFAULT_METHOD, METHODS, get_method
 
-__all__ = ["magnitude", "obert", "obs", "owl", "sparsegpt", "wanda", "COLUMN_NORMS", "DEFAULT_METHOD", "HESSIAN", "LayerResult", "METHODS", "Method",
+__all__ = ["magnitude", "movement", "obert", "obs", "owl", "sparsegpt", "wanda", "COLUMN_NORMS", "DEFAULT_METHOD", "HESSIAN", "LayerResult", "METHODS", "Method",
            "MethodOption", "PruningError", "Target", "get_method"]
