@@ -19,6 +19,7 @@ class PruningError(ValueError):
 # The calibration statistics a method can ask for (the accumulators live in calibration/statistics.py).
 HESSIAN = "hessian"  # H = (2/n) Σ x xᵀ over the calibration tokens of a layer's input
 COLUMN_NORMS = "column_norms"  # ‖X_j‖₂ = sqrt(mean over tokens of x_j²) per input feature
+FISHER = "fisher"  # built from per-sample gradients of the task loss (the method says how: Method.gradients)
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,22 @@ class MethodOption:
     help: str
 
 
+@dataclass(frozen=True)
+class GradientStatistic:
+    """How a method built on per-sample gradients of the task loss gets each layer's statistic from them, given its
+    resolved options. The caller runs the model, one backward pass per sample, and hands every layer's gradient
+    (shaped like its (out, in) weight) to `add`; it may repeat this for several pruning epochs, the sparsity rising
+    on the cubic schedule, the statistics rebuilt on the weights pruned so far."""
+
+    count_option: str  # the option that holds m, the gradients per pruning epoch
+    epochs_option: str  # the option that holds the number of pruning epochs
+    ranking_option: str  # the option that, when true, ranks all layers' weights together instead of each layer alone
+    start: Callable[..., Tensor]  # (weight, options, dtype) -> the empty statistic of a layer
+    add: Callable[[Tensor, Tensor, int], None]  # (statistic, one gradient, m): adds it in place
+    memory_bytes: Callable[..., int]  # (entries of a weight, options, dtype) -> bytes of its statistic
+    saliency: Callable[[Tensor, Tensor], Tensor]  # (weight, statistic) -> each weight's score (the lowest go first)
+
+
 def _no_notes(details: dict) -> list[str]:
     return []
 
@@ -120,6 +137,7 @@ class Method:
     work: Callable[[int, int, Target], float] | None = None  # floating-point work of a (rows, columns) layer, if it can be large
     notes: Callable[[dict], list[str]] = _no_notes  # LayerResult.details -> notes for the report
     prune_together: Callable[..., list[LayerResult]] | None = None  # several layers sharing one statistic at once
+    gradients: GradientStatistic | None = None  # statistic FISHER: how it is built from task-loss gradients
 
     def resolved_options(self, given: dict) -> dict:
         """Every option of the method: the given values over the defaults. An option the method does not take is an error."""
@@ -172,6 +190,13 @@ def mask_lowest_overall(scores: Tensor, sparsity: float) -> Tensor:
     if k:
         mask[torch.topk(flat, k, largest=False, sorted=False).indices] = False
     return mask.reshape(scores.shape)
+
+
+def masks_lowest_across(scores: dict[str, Tensor], sparsity: float) -> dict[str, Tensor]:
+    """Keep-masks reaching `sparsity` over several tensors together: the lowest scores of them all go."""
+    keep = mask_lowest_overall(torch.cat([score.reshape(-1) for score in scores.values()]), sparsity)
+    return dict(zip(scores, (part.reshape(score.shape) for part, score in zip(keep.split([score.numel() for score in scores.values()]),
+                                                                             scores.values(), strict=True)), strict=True))
 
 
 def mask_top_n_of_m(scores: Tensor, n: int, m: int) -> Tensor:

@@ -11,6 +11,9 @@ import torch
 from torch import Tensor
 
 from methods.base import PruningError, prune_count
+from methods.schedules import cubic_sparsity
+
+__all__ = ["cubic_sparsity", "hard_mask", "masked_weight", "soft_mask", "soft_penalty"]
 
 
 class _TopKMask(torch.autograd.Function):
@@ -63,14 +66,3 @@ def masked_weight(weight: Tensor, mask: Tensor) -> Tensor:
 def soft_penalty(scores: list[Tensor], strength: float) -> Tensor:
     """λ_mvp Σ_l Σ_ij σ(S^l_ij): drives the scores down, and so the soft variant's sparsity up."""
     return strength * sum(torch.sigmoid(layer).sum() for layer in scores)
-
-
-def cubic_sparsity(step: int, total: int, final: float, *, initial: float = 0.0, warmup: int = 0, cooldown: int = 0) -> float:
-    """The cubic schedule (Zhu & Gupta, 2017), used by hard movement pruning: `initial` for the first `warmup`
-    steps, then s_t = s_f + (s_i − s_f)(1 − (t − warmup) / (total − warmup − cooldown))³, `final` for the last
-    `cooldown` steps."""
-    span = total - warmup - cooldown
-    if span <= 0:
-        raise PruningError(f"the schedule needs steps between warm-up and cool-down: total {total}, warm-up {warmup}, cool-down {cooldown}")
-    progress = min(max((step - warmup) / span, 0.0), 1.0)
-    return final + (initial - final) * (1.0 - progress) ** 3

@@ -14,7 +14,17 @@ import math
 import torch
 from torch import Tensor
 
-from methods.base import LayerResult, PruningError, Target, mask_lowest_overall, mask_top_n_of_m
+from methods.base import (
+    FISHER,
+    GradientStatistic,
+    LayerResult,
+    Method,
+    MethodOption,
+    PruningError,
+    Target,
+    mask_lowest_overall,
+    mask_top_n_of_m,
+)
 
 DEFAULT_BLOCK = 50  # B: consecutive weights of the flattened layer per Fisher block (the paper's 50)
 DEFAULT_GRADS = 1024  # m: per-sample gradients the Fisher is built from
@@ -115,14 +125,50 @@ def prune(weight: Tensor, inverse: Tensor, target: Target, *, mask: Tensor | Non
                        details={"fisher_block": inverse.shape[-1]})
 
 
-def global_masks(scores: dict[str, Tensor], sparsity: float) -> dict[str, Tensor]:
-    """Keep-masks reaching `sparsity` over all the layers together: the lowest saliencies across every layer go."""
-    names = list(scores)
-    flat = torch.cat([scores[name].reshape(-1) for name in names])
-    keep = mask_lowest_overall(flat.unsqueeze(0), sparsity).reshape(-1)
-    masks, start = {}, 0
-    for name in names:
-        size = scores[name].numel()
-        masks[name] = keep[start : start + size].reshape(scores[name].shape)
-        start += size
-    return masks
+def check_options(target: Target, obert_block: int = DEFAULT_BLOCK, obert_grads: int = DEFAULT_GRADS, obert_damp: float = DEFAULT_DAMP,
+                  obert_epochs: int = 1, obert_global: int = 0) -> None:
+    """Raise PruningError for options that cannot work."""
+    for what, value in (("Fisher block size", obert_block), ("Fisher gradient count", obert_grads), ("number of pruning epochs", obert_epochs)):
+        if value < 1:
+            raise PruningError(f"the {what} must be at least 1, got {value}")
+    if not obert_damp > 0:
+        raise PruningError(f"Fisher damping λ must be positive, got {obert_damp:g}")
+    if obert_global not in (0, 1):
+        raise PruningError(f"global ranking is 0 (each layer alone) or 1 (all layers together), got {obert_global}")
+    if target.is_nm and (obert_epochs > 1 or obert_global):
+        raise PruningError(f"an N:M pattern is reached in one epoch, row by row: gradual or global ranking needs an unstructured target, not {target.pattern}")
+
+
+def notes(details: dict) -> list[str]:
+    return [f"Fisher blocks of {details['fisher_block']}"] if "fisher_block" in details else []
+
+
+GRADIENTS = GradientStatistic(
+    count_option="obert_grads",
+    epochs_option="obert_epochs",
+    ranking_option="obert_global",
+    start=lambda weight, options, dtype: initial_inverse(weight.numel(), options["obert_block"], options["obert_damp"], device=weight.device, dtype=dtype),
+    add=add_gradient,
+    memory_bytes=lambda size, options, dtype: inverse_memory_bytes(size, options["obert_block"], dtype),
+    saliency=saliency,
+)
+
+METHOD = Method(
+    name="obert",
+    summary="OBS with the empirical Fisher of the task loss (blocks of B weights, Woodbury updates from per-sample gradients)",
+    prune=prune,
+    statistic=FISHER,
+    options=(
+        MethodOption("obert_block", DEFAULT_BLOCK, "consecutive weights per Fisher block; the inverse Fisher takes B times the memory of the "
+                     "pruned weights (estimated, and refused if it does not fit, before the run)"),
+        MethodOption("obert_grads", DEFAULT_GRADS, "per-sample task-loss gradients the Fisher is built from, one calibration sample each (a "
+                     "window of the text, or a labelled sentence)"),
+        MethodOption("obert_damp", DEFAULT_DAMP, "λ: the Fisher starts from λI"),
+        MethodOption("obert_epochs", 1, "pruning epochs: 1 is one-shot; more prune gradually (sparsity rising on the cubic schedule, the "
+                     "Fisher rebuilt on the pruned weights each time); recovery then fine-tunes the kept weights"),
+        MethodOption("obert_global", 0, "1 ranks the weights of all pruned layers together (oBERT's global sparsity), 0 each layer alone"),
+    ),
+    check=check_options,
+    notes=notes,
+    gradients=GRADIENTS,
+)

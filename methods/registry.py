@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from methods import magnitude, obs, sparsegpt, wanda
+from methods import magnitude, obert, obs, sparsegpt, wanda
 from methods.base import Method, PruningError
 
-METHODS: dict[str, Method] = {module.METHOD.name: module.METHOD for module in (magnitude, wanda, sparsegpt, obs)}
+METHODS: dict[str, Method] = {module.METHOD.name: module.METHOD for module in (magnitude, wanda, sparsegpt, obs, obert)}
 DEFAULT_METHOD = sparsegpt.METHOD.name
 
 

@@ -32,6 +32,20 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on `device`: free memory of a CUDA device, MemAvailable of a Linux host (None
+    where it cannot be read)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in open("/proc/meminfo", encoding="ascii"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 GLIBC_MMAP_THRESHOLD = -3  # mallopt's M_MMAP_THRESHOLD
 
 

@@ -278,6 +278,11 @@ def layer_weight(layer: nn.Module) -> Tensor:
     return layer.weight.data.T if isinstance(layer, Conv1D) else layer.weight.data
 
 
+def layer_gradient(layer: nn.Module) -> Tensor:
+    """The gradient of the layer's weight as (out_features, in_features), like `layer_weight`."""
+    return layer.weight.grad.T if isinstance(layer, Conv1D) else layer.weight.grad
+
+
 def set_layer_weight(layer: nn.Module, weight: Tensor) -> None:
     """Write a (out_features, in_features) weight back into the layer."""
     layer_weight(layer).copy_(weight)

@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from methods import PruningError, Target
-from methods.registry import method_options
+from methods.registry import get_method, method_options
 from prune.devices import resolve_device
 from prune.models import DTYPES, LoadedModel, load_model, transformer_blocks
 from prune.output import check_output_dir, complete_streamed, put_in_place, save_pruned
@@ -121,6 +121,8 @@ class PruneSettings:
             return "--recover"
         if self.calibrate.conll_folder() is not None and self.evaluate.data is not None:
             return "entity F1 (--calibration conll:DIR)"
+        if get_method(self.oneshot.method).gradients is not None:
+            return f"--method {self.oneshot.method} (its gradients of the task loss)"
         return None
 
     def streams(self) -> bool:
@@ -210,7 +212,8 @@ class Pipeline:
         if settings.dtype != "auto" and loaded.dtype != DTYPES[settings.dtype]:
             loaded.model.to(DTYPES[settings.dtype])  # a model given in memory is cast as a loaded one would be
         run = Run(loaded, settings, resolve_device(settings.device), calibration_batches=calibration_batches,
-                  needs_block_inputs=any(stage.needs_block_inputs for stage in self.stages))
+                  needs_block_inputs=any(stage.needs_block_inputs for stage in self.stages),
+                  gradient_samples=next((stage.gradient_samples for stage in self.stages if stage.gradient_samples is not None), None))
         output = Path(settings.output).expanduser() if settings.output is not None else None
         staging = None
         if run.streamed:

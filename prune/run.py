@@ -89,6 +89,7 @@ class Stage:
     name: str = ""  # its entry in report.seconds
     label: str | None = None
     needs_block_inputs: bool = False  # whether it runs the captured block inputs through the blocks
+    gradient_samples: tuple[str, int] | None = None  # (the option that asks, how many): task-loss samples it takes gradients on
 
     def __init__(self, settings, target: Target) -> None:
         self.settings, self.target = settings, target
@@ -112,7 +113,8 @@ class Run:
     """The state of one run. Stages read what earlier stages (in the order of the pipeline) put here."""
 
     def __init__(self, loaded: LoadedModel, settings: PruneSettings, device: torch.device, *,
-                 calibration_batches: list[dict] | None = None, needs_block_inputs: bool = False) -> None:
+                 calibration_batches: list[dict] | None = None, needs_block_inputs: bool = False,
+                 gradient_samples: tuple[str, int] | None = None) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.settings = settings
@@ -122,6 +124,8 @@ class Run:
         self.needs_block_inputs = needs_block_inputs
         self.given_batches = calibration_batches  # model inputs given by the caller instead of calibration text
         self.calibration_batches: list[dict] | None = None  # set by the calibrate stage
+        self.gradient_samples_wanted = gradient_samples  # (flag, count) when a stage takes task-loss gradients
+        self.gradient_samples: list[dict] | None = None  # set by the calibrate stage: model inputs with labels, one sample each
         self.plan: LayerPlan | None = None  # set by the one-shot stage's prepare
         self.calls: list[BlockCall] | None = None  # the first block's captured inputs, when a stage needs them
         self.evaluators: list[Evaluator] = []
@@ -168,6 +172,19 @@ class Run:
                 except NerDataError as error:
                     raise PruningError(str(error)) from None
         return self._conll[split]
+
+    def labelled_sentences(self, flag: str) -> tuple[list[Sentence], list[str]]:
+        """The train sentences of `--calibration conll:DIR` and the model's label names, for `flag`'s task training:
+        refused when there is no train file or its tags are not all labels of the model."""
+        folder = self.settings.calibrate.conll_folder()
+        sentences = self.conll_split("train")
+        if sentences is None:
+            raise PruningError(f"{flag}: {folder} holds no CoNLL train file (train.txt or eng.train) to train on")
+        labels = [self.model.config.id2label[index] for index in range(len(self.model.config.id2label))]
+        unknown = {tag for sentence in sentences for tag in sentence.tags} - set(labels)
+        if unknown:
+            raise PruningError(f"{flag}: the model's labels ({', '.join(labels)}) lack tags of the train file in {folder}: {', '.join(sorted(unknown))}")
+        return sentences, labels
 
     # checks shared by the stages
 

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from methods import PruningError, Target, obert
+from methods.base import masks_lowest_across
 
 
 def gradients_for(count: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -113,7 +114,7 @@ def test_masks_follow_the_saliency_over_the_whole_layer_and_n_of_m() -> None:
 
 def test_global_masks_rank_across_layers() -> None:
     scores = {"a": torch.tensor([[0.1, 5.0], [0.2, 6.0]]), "b": torch.tensor([[0.3, 0.05, 7.0]])}
-    masks = obert.global_masks(scores, 0.5)  # 7 weights -> 4 lowest go: 0.05, 0.1, 0.2, 0.3 (round(3.5) = 4)
+    masks = masks_lowest_across(scores, 0.5)  # 7 weights -> 4 lowest go: 0.05, 0.1, 0.2, 0.3 (round(3.5) = 4)
     assert masks["a"].tolist() == [[False, True], [False, True]]
     assert masks["b"].tolist() == [[False, False, True]]
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from calibration.sentences import sentence_batches
+import torch
+
+from calibration.sentences import IGNORED_LABEL, encode_sentences, pad_batch, sentence_batches
 from calibration.windows import sample_windows, window_count
 from methods import PruningError
-from prune.models import TOKEN_CLASSIFICATION
+from prune.models import CAUSAL_LM, TOKEN_CLASSIFICATION
 from prune.run import Run, Stage
 from prune.settings import check_fields, option
 from prune.stages.evaluate import NAMED_TEXTS
@@ -62,6 +64,10 @@ class Calibrate(Stage):
         folder = settings.conll_folder()
         if folder is not None:  # the model must suit the data whether or not a stage calibrates on it
             run.check_kind(f"--calibration {settings.source}", TOKEN_CLASSIFICATION, why="calibrates a token classifier on labelled sentences")
+        if run.gradient_samples_wanted is not None:
+            flag, count = run.gradient_samples_wanted
+            run.gradient_samples = self.task_samples(run, flag, count)
+            run.report.calibration.update(nsamples=count, seqlen=settings.seqlen if folder is None and given is None else None, used=True)
         if not run.needs_block_inputs:
             return
         if given is not None:
@@ -90,3 +96,38 @@ class Calibrate(Stage):
     def execute(self, run: Run) -> None:
         if run.needs_block_inputs:
             run.calls = run.capture()
+
+    def task_samples(self, run: Run, flag: str, count: int) -> list[dict]:
+        """`count` samples of the task, each a batch of one with its labels: windows of the calibration text with their
+        language-modelling labels (a causal LM), labelled sentences of the CoNLL train file (a token classifier), or
+        rows of the given batches (which a token classifier's must label)."""
+        settings, given = self.settings, run.given_batches
+        if given is not None:
+            samples = [{key: value[row : row + 1] for key, value in batch.items()} for batch in given for row in range(len(batch["input_ids"]))]
+            for sample in samples:
+                if "labels" not in sample:
+                    if run.loaded.kind != CAUSAL_LM:
+                        raise PruningError(f"{flag}: the given calibration batches need labels to take gradients of a {run.loaded.kind}'s loss")
+                    mask = sample.get("attention_mask")
+                    sample["labels"] = sample["input_ids"] if mask is None else sample["input_ids"].masked_fill(mask == 0, IGNORED_LABEL)
+            if len(samples) < count:
+                raise PruningError(f"{flag} {count} is more than the {len(samples)} samples of the given calibration batches")
+            return samples[:count]
+        if settings.conll_folder() is not None:
+            sentences, labels = run.labelled_sentences(flag)
+            if count > len(sentences):
+                raise PruningError(f"{flag} {count} is more than the {len(sentences)} sentences of the train file in {settings.conll_folder()}")
+            order = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(run.settings.seed))[:count].tolist()
+            encoded = encode_sentences(run.loaded.tokenizer, [sentences[index] for index in order], {name: index for index, name in enumerate(labels)})
+            return [pad_batch(run.loaded.tokenizer, [sentence]) for sentence in encoded]
+        if run.loaded.kind != CAUSAL_LM:
+            raise PruningError(f"{flag} needs labelled task data: a causal LM's calibration text, or a token classifier's --calibration conll:DIR; "
+                               f"this model is a {run.loaded.kind} calibrated on text")
+        run.check_length("--seqlen", settings.seqlen)
+        ids = run.calibration_ids()
+        available = window_count(ids, settings.seqlen)
+        if available < count:
+            raise PruningError(f"the calibration text is too short: {len(ids)} tokens give {available} windows of {settings.seqlen} tokens, "
+                               f"{flag} {count} requested (use a longer corpus, fewer gradients or a shorter --seqlen)")
+        windows = sample_windows(ids, count, settings.seqlen, run.settings.seed)
+        return [{"input_ids": window[None], "labels": window[None]} for window in windows]

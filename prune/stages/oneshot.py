@@ -14,11 +14,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from calibration.capture import LayerInputStatistics, input_groups, run_calls, run_in_lockstep
+from calibration.gradients import per_sample_gradients
 from calibration.statistics import ACCUMULATORS
 from eval.sparsity import nm_valid, zero_fraction
 from methods import DEFAULT_METHOD, METHODS, Method, PruningError, Target, get_method
-from prune.devices import synchronize, timed
-from prune.models import input_features, layer_weight, prunable_layers, set_layer_weight, transformer_blocks
+from methods.base import masks_lowest_across
+from methods.schedules import cubic_sparsity
+from prune.devices import available_memory, on_device, synchronize, timed
+from prune.models import input_features, layer_gradient, layer_weight, prunable_layers, set_layer_weight, transformer_blocks
 from prune.report import LayerReport
 from prune.run import LayerPlan, Run, Stage
 from prune.settings import about, check_fields, option
@@ -119,7 +122,9 @@ class OneShot(Stage):
         self.method: Method = get_method(settings.method)
         self.options = self.method.resolved_options(settings.method_options)
         self.hessian_dtype = HESSIAN_DTYPES[settings.hessian_dtype]
-        self.needs_block_inputs = self.method.statistic is not None
+        gradients = self.method.gradients
+        self.needs_block_inputs = self.method.statistic is not None and gradients is None
+        self.gradient_samples = None if gradients is None else (method_flag(gradients.count_option), int(self.options[gradients.count_option]))
         self.groups: dict[str, list[str]] | None = None  # one-pass: the layers fed each input, found on the first block
 
     def prepare(self, run: Run) -> None:
@@ -137,7 +142,7 @@ class OneShot(Stage):
         report.method = self.method.name
         report.target = {"sparsity": target.sparsity, "pattern": target.pattern}
         report.model["blocks"] = f"{blocks_name} ({len(blocks)})"
-        report.options = {**self.options, "propagate": settings.propagate, "hessian_dtype": settings.hessian_dtype}
+        report.options = {**self.options, "order": settings.order, "propagate": settings.propagate, "hessian_dtype": settings.hessian_dtype}
         if self.method.statistic is None:
             run.note(f"{self.method.name} uses no calibration data")
         if self.method.work is not None:
@@ -147,12 +152,35 @@ class OneShot(Stage):
                 run.note(message)
                 if run.settings.progress:
                     tqdm.write(message)
+        if self.method.gradients is not None:
+            self.check_gradient_memory(run)
         if incompatible:
             run.note(f"{len(incompatible)} layer(s) left dense: input size not a multiple of M={target.m}")
         if len(selected) < len(blocks):
             run.note(f"only blocks {settings.blocks} pruned ({len(selected)} of {len(blocks)}); the others stay dense")
 
+    def check_gradient_memory(self, run: Run) -> None:
+        """A statistic built from gradients is held for every pruned layer at once: say how much memory it takes, and
+        refuse before any work when the device cannot hold it beside the model."""
+        gradients = self.method.gradients
+        if self.options[gradients.ranking_option] and run.settings.allocate.allocation != "uniform":
+            raise PruningError(f"{method_flag(gradients.ranking_option)} 1 ranks all layers' weights together: it cannot also follow "
+                               f"--allocation {run.settings.allocate.allocation}'s per-block sparsities")
+        needed = sum(gradients.memory_bytes(layer_weight(layer).numel(), self.options, self.hessian_dtype) for layer in run.plan.pruned_layers().values())
+        weights = sum(layer_weight(layer).numel() for layer in run.plan.pruned_layers().values())
+        message = (f"{self.method.name}'s statistics of the {len(run.plan.pruned_layers())} pruned layers take {needed / 2**30:.2f} GiB "
+                   f"({needed / max(weights, 1):.0f} bytes per pruned weight)")
+        available = available_memory(run.device)
+        if available is not None and needed > available:
+            hint = ", or --hessian-dtype float32" if self.hessian_dtype == torch.float64 else ""
+            raise PruningError(f"{message}, but only {available / 2**30:.2f} GiB are free on {run.device}: prune fewer --blocks or use "
+                               f"smaller blocks of the method{hint}")
+        run.note(message)
+
     def execute(self, run: Run) -> None:
+        if self.method.gradients is not None:
+            run.report.layers, run.report.prune_breakdown = self.prune_by_gradients(run), dict(self.breakdown)
+            return
         calls, run.calls = (run.calls if self.needs_block_inputs else None), None
         plan = run.plan
         report = run.report
@@ -299,3 +327,55 @@ class OneShot(Stage):
             reports.append(LayerReport(name=full[name], shape=tuple(pruned.shape), sparsity=zero_fraction(pruned), pattern_valid=valid,
                                        loss=result.loss, seconds=seconds * pruned.shape[0] / rows, notes=notes))
         return reports
+
+    def prune_by_gradients(self, run: Run) -> list[LayerReport]:
+        """Every pruned layer at once, from statistics built on per-sample gradients of the task loss of the whole
+        model: for each pruning epoch, the statistics of all layers are built from one backward pass per sample, then
+        each layer is pruned to that epoch's sparsity (rising on the cubic schedule to the target over the epochs;
+        ranked within each layer, or across all of them), its remaining weights updated by the method."""
+        gradients, plan, device = self.method.gradients, run.plan, run.device
+        layers = plan.pruned_layers()
+        epochs, ranked_globally = int(self.options[gradients.epochs_option]), bool(self.options[gradients.ranking_option])
+        targets = {name: plan.targets[int(name[len(plan.blocks_name) + 1 :].split(".")[0])] for name in layers}
+        self.breakdown = {"statistics": 0.0, "method": 0.0, "propagate": 0.0}
+        losses, seconds = dict.fromkeys(layers, 0.0), dict.fromkeys(layers, 0.0)
+        with on_device(run.model, device, run.compute_dtype):
+            for epoch in range(1, epochs + 1):
+                with timed(self.breakdown, "statistics", device):
+                    statistics = {name: gradients.start(layer_weight(layer), self.options, self.hessian_dtype) for name, layer in layers.items()}
+                    samples = tqdm(run.gradient_samples, desc=f"{self.method.name} gradients, epoch {epoch}/{epochs}", unit="sample",
+                                   disable=not run.settings.progress)
+                    for _ in per_sample_gradients(run.model, {name: layer.weight for name, layer in layers.items()}, samples, device):
+                        for name, layer in layers.items():
+                            gradients.add(statistics[name], layer_gradient(layer), len(run.gradient_samples))
+                scheduled = {name: target if target.is_nm else Target(cubic_sparsity(epoch, epochs, target.sparsity)) for name, target in targets.items()}
+                masks: dict = {}
+                if ranked_globally:
+                    masks = masks_lowest_across({name: gradients.saliency(layer_weight(layer), statistics[name]) for name, layer in layers.items()},
+                                                next(iter(scheduled.values())).sparsity)
+                for name, layer in layers.items():
+                    synchronize(device)
+                    started = time.perf_counter()
+                    result = self.method.prune(layer_weight(layer), statistics.pop(name), scheduled[name], mask=masks.get(name))
+                    set_layer_weight(layer, result.weight.to(layer_weight(layer).dtype))
+                    synchronize(device)
+                    seconds[name] += time.perf_counter() - started
+                    losses[name] += result.loss
+                    self.breakdown["method"] += time.perf_counter() - started
+        reports = []
+        for name, layer in all_layers(plan).items():
+            if name not in layers:
+                reports.append(skipped_layer(name, layer, f"input size not a multiple of M={self.target.m}; left dense"
+                                             if name in plan.skipped else "block not selected; left dense"))
+                continue
+            pruned, target = layer_weight(layer), targets[name]
+            valid = nm_valid(pruned, target.n, target.m) if target.is_nm else None
+            notes = [f"{epochs} pruning epochs" if epochs > 1 else "one pruning epoch"] + (["ranked across layers"] if ranked_globally else [])
+            reports.append(LayerReport(name=name, shape=tuple(pruned.shape), sparsity=zero_fraction(pruned), pattern_valid=valid, loss=losses[name],
+                                       seconds=seconds[name], notes=notes))
+        return reports
+
+
+def all_layers(plan: LayerPlan) -> dict[str, nn.Module]:
+    """Every prunable layer of every block, by full name."""
+    return {f"{plan.blocks_name}.{index}.{name}": layer for index, block in enumerate(plan.blocks) for name, layer in prunable_layers(block).items()}

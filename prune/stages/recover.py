@@ -184,14 +184,7 @@ class Recover(Stage):
                                    "--recover-batch or a shorter --recover-seqlen)")
             self.batches = language_model_batches(ids, settings.seqlen, settings.batch, run.settings.seed)
         elif run.loaded.kind == TOKEN_CLASSIFICATION and folder is not None:
-            sentences = run.conll_split("train")
-            if sentences is None:
-                raise PruningError(f"--recover: {folder} holds no CoNLL train file (train.txt or eng.train) to train on")
-            labels = [run.model.config.id2label[index] for index in range(len(run.model.config.id2label))]
-            unknown = {tag for sentence in sentences for tag in sentence.tags} - set(labels)
-            if unknown:
-                raise PruningError(f"--recover: the model's labels ({', '.join(labels)}) lack tags of the train file in {folder}: "
-                                   f"{', '.join(sorted(unknown))}")
+            sentences, labels = run.labelled_sentences("--recover")
             try:
                 self.batches = labelled_batches(run.loaded.tokenizer, sentences, labels, settings.batch, seed=run.settings.seed)
             except NerDataError as error:
