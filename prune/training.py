@@ -35,11 +35,12 @@ class TrainingTimes:
 
 def train(model: nn.Module, batches: Iterable[dict], steps: int, optimizers: Sequence, schedulers: Sequence, device: torch.device, *,
           clip_norm: float | None = None, after_step: Callable[[int, float], None] | None = None, progress: bool = True,
-          description: str = "training") -> TrainingTimes:
-    """Minimise the task loss `model(**batch).loss` (batches carry their `labels`) for `steps` batches: per step one
-    forward and backward pass, the gradient norm clipped to `clip_norm` when given, one step of every optimizer, then
-    `after_step(step, loss)` (logging, evaluation) and one step of every scheduler. The model is in training mode
-    meanwhile and in evaluation mode afterwards. A loss that is not finite stops training with PruningError."""
+          description: str = "training", penalty: Callable[[], torch.Tensor] | None = None) -> TrainingTimes:
+    """Minimise the task loss `model(**batch).loss` (batches carry their `labels`), plus `penalty()` when given (a
+    regulariser), for `steps` batches: per step one forward and backward pass, the gradient norm clipped to
+    `clip_norm` when given, one step of every optimizer, then `after_step(step, task loss)` (logging, evaluation) and
+    one step of every scheduler. The model is in training mode meanwhile and in evaluation mode afterwards. A loss
+    that is not finite stops training with PruningError."""
     times = TrainingTimes()
     model.train()
     try:
@@ -49,7 +50,7 @@ def train(model: nn.Module, batches: Iterable[dict], steps: int, optimizers: Seq
             loss = model(**batch).loss
             if not torch.isfinite(loss):
                 raise PruningError(f"training diverged at step {step} (loss {loss.item()})")
-            loss.backward()
+            (loss + penalty() if penalty is not None else loss).backward()
             if clip_norm is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
             synchronize(device)

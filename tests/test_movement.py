@@ -62,3 +62,53 @@ def test_bad_schedules_and_sparsities_are_refused() -> None:
         movement.cubic_sparsity(0, 10, 0.5, warmup=6, cooldown=4)
     with pytest.raises(PruningError, match="sparsity"):
         movement.hard_mask(torch.randn(3, 3), 1.0)
+
+
+def classifier_and_batches(tokenizer, seed: int = 0):
+    """A tiny random BERT token classifier for the synthetic sentences' labels, and endless labelled batches of them."""
+    from calibration.sentences import labelled_batches
+    from tests.conftest import tiny_model
+    from tests.test_ner_pipeline import synthetic_sentences
+
+    sentences = synthetic_sentences(tokenizer, 64, seed)
+    names = sorted({tag for sentence in sentences for tag in sentence.tags})
+    model = tiny_model("bert", len(tokenizer), seed=seed)
+    model.classifier = torch.nn.Linear(model.config.hidden_size, len(names))
+    model.config.num_labels = model.num_labels = len(names)
+    return model, labelled_batches(tokenizer, sentences, names, 8, seed=seed)
+
+
+def test_hard_movement_pruning_reaches_the_target_in_every_layer_and_leaves_a_plain_model(tokenizer) -> None:
+    from prune.models import all_prunable_layers, layer_weight
+    from prune.movement import MovementSettings, movement_prune
+
+    model, batches = classifier_and_batches(tokenizer)
+    dense = {name: layer_weight(layer).clone() for name, layer in all_prunable_layers(model).items()}
+    result = movement_prune(model, batches, MovementSettings(sparsity=0.6, steps=12, lr=1e-3, progress=False), torch.device("cpu"))
+    assert len(result.losses) == 12 and result.sparsity == pytest.approx(0.6, abs=1e-3)
+    for name, layer in all_prunable_layers(model).items():
+        assert not hasattr(layer, "parametrizations") and isinstance(layer.weight, torch.nn.Parameter)
+        assert result.layers[name] == pytest.approx(0.6, abs=1e-3)
+        assert not torch.equal(layer_weight(layer) != 0, dense[name] != 0) or result.layers[name] == 0  # a mask was applied
+    assert all(name.endswith(("weight", "bias")) for name, _ in model.named_parameters())  # no scores left behind
+
+
+def test_soft_movement_sparsity_grows_with_the_penalty(tokenizer) -> None:
+    from prune.movement import MovementSettings, movement_prune
+
+    sparsities = []
+    for penalty in (0.0, 3.0):
+        model, batches = classifier_and_batches(tokenizer)
+        settings = MovementSettings(variant="soft", steps=15, score_lr=0.05, penalty=penalty, threshold=-0.1, warmup=0.0, cooldown=0.0,
+                                    progress=False)
+        sparsities.append(movement_prune(model, batches, settings, torch.device("cpu")).sparsity)
+    assert sparsities[1] > sparsities[0] + 0.2, sparsities
+
+
+def test_movement_settings_refuse_what_cannot_work() -> None:
+    from prune.movement import MovementSettings
+
+    for settings, message in ((MovementSettings(variant="medium"), "hard or soft"), (MovementSettings(threshold=0.1), "below the scores' start"),
+                              (MovementSettings(warmup=0.6, cooldown=0.5), "shares of the steps"), (MovementSettings(steps=0), "at least one step")):
+        with pytest.raises(PruningError, match=message):
+            settings.check()
