@@ -21,10 +21,13 @@ class Perplexity:
 
 
 def next_token_loss(logits: Tensor, input_ids: Tensor) -> tuple[float, int]:
-    """The summed cross-entropy of predicting each token from the ones before it, and how many tokens were predicted."""
-    predicted = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    loss = nn.functional.cross_entropy(predicted, input_ids[:, 1:].reshape(-1).to(logits.device), reduction="sum")
-    return loss.item(), input_ids[:, 1:].numel()
+    """The summed cross-entropy of predicting each token from the ones before it, and how many tokens were predicted.
+    One window at a time: a window's logits but the last are a contiguous slice, so no copy of the batch's logits
+    (a vocabulary-wide tensor per token) is made, and the log-softmax holds one window's worth."""
+    total = 0.0
+    for window_logits, window_ids in zip(logits, input_ids, strict=True):
+        total += nn.functional.cross_entropy(window_logits[:-1].float(), window_ids[1:].to(logits.device), reduction="sum").item()
+    return total, input_ids[:, 1:].numel()
 
 
 def from_losses(total_loss: float, count: int, windows: Tensor) -> Perplexity:
