@@ -68,16 +68,20 @@ def length_batches(sentences: Sequence[EncodedSentence], batch_size: int) -> lis
 
 
 def sentence_batches(tokenizer, sentences: Sequence[Sentence], nsamples: int, *, seed: int = 0, batch_size: int = 32,
-                     max_length: int = 256) -> list[dict]:
-    """`nsamples` sentences drawn at random (without replacement) and padded in batches of similar length, without labels.
+                     max_length: int = 256, label_names: Sequence[str] | None = None) -> list[dict]:
+    """`nsamples` sentences drawn at random (without replacement) and padded in batches of similar length, without
+    labels unless `label_names` (the model's, by label id) are given.
 
-    Each batch is a dict of model inputs (`input_ids`, `attention_mask`, and `token_type_ids` when the tokenizer makes them).
+    Each batch is a dict of model inputs (`input_ids`, `attention_mask`, and `token_type_ids` when the tokenizer makes
+    them, and `labels`).
     """
     if not 1 <= nsamples <= len(sentences):
         raise NerDataError(f"cannot draw {nsamples} of {len(sentences)} sentences")
     chosen = random.Random(seed).sample(list(sentences), nsamples)
-    encoded = encode_sentences(tokenizer, chosen, {"O": 0}, max_length)
-    return [pad_batch(tokenizer, [encoded[index] for index in indices], with_labels=False) for indices in length_batches(encoded, batch_size)]
+    label_ids = {"O": 0} if label_names is None else {name: index for index, name in enumerate(label_names)}
+    encoded = encode_sentences(tokenizer, chosen, label_ids, max_length)
+    return [pad_batch(tokenizer, [encoded[index] for index in indices], with_labels=label_names is not None)
+            for indices in length_batches(encoded, batch_size)]
 
 
 def labelled_batches(tokenizer, sentences: Sequence[Sentence], label_names: Sequence[str], batch_size: int, *, seed: int = 0,

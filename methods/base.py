@@ -106,14 +106,15 @@ class MethodOption:
 class GradientStatistic:
     """How a method built on per-sample gradients of the task loss gets each layer's statistic from them, given its
     resolved options. The caller runs the model, one backward pass per sample, and hands every layer's gradient
-    (shaped like its (out, in) weight) to `add`; it may repeat this for several pruning epochs, the sparsity rising
+    (shaped like its (out, in) weight, flattened), `batch` at a time, to `add`; it may repeat this for several pruning epochs, the sparsity rising
     on the cubic schedule, the statistics rebuilt on the weights pruned so far."""
 
     count_option: str  # the option that holds m, the gradients per pruning epoch
     epochs_option: str  # the option that holds the number of pruning epochs
     ranking_option: str  # the option that, when true, ranks all layers' weights together instead of each layer alone
     start: Callable[..., Tensor]  # (weight, options, dtype) -> the empty statistic of a layer
-    add: Callable[[Tensor, Tensor, int], None]  # (statistic, one gradient, m): adds it in place
+    add: Callable[[Tensor, Tensor, int], None]  # (statistic, k gradients (k, entries), m): adds them in place
+    batch: int  # k: gradients the caller gathers (per layer) before each `add`
     memory_bytes: Callable[..., int]  # (entries of a weight, options, dtype) -> bytes of its statistic
     saliency: Callable[[Tensor, Tensor], Tensor]  # (weight, statistic) -> each weight's score (the lowest go first)
 

@@ -29,6 +29,7 @@ from methods.base import (
 DEFAULT_BLOCK = 50  # B: consecutive weights of the flattened layer per Fisher block (the paper's 50)
 DEFAULT_GRADS = 1024  # m: per-sample gradients the Fisher is built from
 DEFAULT_DAMP = 1e-7  # λ: F₀ = λI, so F₀⁻¹ = (1/λ) I
+GRADIENT_BATCH = 16  # gradients per Woodbury step of the blocks (the inverse is read once per step: memory-bound)
 
 
 def block_count(size: int, block_size: int) -> int:
@@ -68,8 +69,19 @@ def add_gradient(inverse: Tensor, gradient: Tensor, count: int) -> None:
     inverse.baddbmm_(projected.unsqueeze(-1), (projected / denominator.unsqueeze(-1)).unsqueeze(1), alpha=-1.0)
 
 
+def add_gradients(inverse: Tensor, gradients: Tensor, count: int) -> None:
+    """k Woodbury steps of every block at once, in place: F ← F + (1/m) G Gᵀ for the k gradients G (k, size), by
+    F⁻¹ ← F⁻¹ − F⁻¹G (m I + Gᵀ F⁻¹ G)⁻¹ Gᵀ F⁻¹ per block. In exact arithmetic the same as k calls of `add_gradient`,
+    reading the (memory-bound) inverse once instead of k times."""
+    block_size, k = inverse.shape[-1], gradients.shape[0]
+    g = torch.stack([blocked(gradient.to(inverse.dtype), block_size) for gradient in gradients], dim=-1)  # (S, B, k)
+    projected = torch.bmm(inverse, g)  # F⁻¹ G per block, (S, B, k)
+    inner = torch.baddbmm(count * torch.eye(k, dtype=inverse.dtype, device=inverse.device), g.transpose(1, 2), projected)  # m I + Gᵀ F⁻¹ G
+    inverse.baddbmm_(projected, torch.linalg.solve(inner, projected.transpose(1, 2)), alpha=-1.0)
+
+
 def fisher_inverse(gradients: Tensor, block_size: int = DEFAULT_BLOCK, damp: float = DEFAULT_DAMP) -> Tensor:
-    """Block-diagonal inverse of F = λI + (1/m) Σ g gᵀ from `gradients` (m, size): (S, B, B)."""
+    """Block-diagonal inverse of F = λI + (1/m) Σ g gᵀ from `gradients` (m, size): (S, B, B), one Woodbury step per gradient."""
     count, size = gradients.shape
     inverse = initial_inverse(size, block_size, damp, device=gradients.device, dtype=gradients.dtype)
     for gradient in gradients:
@@ -148,7 +160,8 @@ GRADIENTS = GradientStatistic(
     epochs_option="obert_epochs",
     ranking_option="obert_global",
     start=lambda weight, options, dtype: initial_inverse(weight.numel(), options["obert_block"], options["obert_damp"], device=weight.device, dtype=dtype),
-    add=add_gradient,
+    add=add_gradients,
+    batch=GRADIENT_BATCH,
     memory_bytes=lambda size, options, dtype: inverse_memory_bytes(size, options["obert_block"], dtype),
     saliency=saliency,
 )

@@ -44,6 +44,16 @@ def test_woodbury_blocks_equal_the_explicit_inverse_of_each_fisher_block(size: i
         assert inverse[-1, : block_size - padding, block_size - padding :].abs().max() == 0
 
 
+@pytest.mark.parametrize(("size", "block_size", "k"), [(30, 7, 1), (30, 7, 4), (48, 16, 10), (12, 12, 20)])
+def test_rank_k_steps_equal_the_one_gradient_steps(size: int, block_size: int, k: int) -> None:
+    gradients = gradients_for(40, size, seed=k)
+    one_by_one = obert.fisher_inverse(gradients, block_size, 0.05)
+    batched = obert.initial_inverse(size, block_size, 0.05, dtype=torch.float64)
+    for start in range(0, 40, k):
+        obert.add_gradients(batched, gradients[start : start + k], 40)
+    torch.testing.assert_close(batched, one_by_one, rtol=1e-9, atol=1e-9)
+
+
 def test_the_default_damping_in_float64_and_in_float32_at_the_scale_of_real_gradients() -> None:
     """λ = 1e-7 (F₀⁻¹ = 10⁷ I): float64 matches the explicit inverse even for gradients of order 1; float32 loses
     digits once ‖g‖²/λ dwarfs m (43 % off at order 1, measured), but not at per-sample gradient scales of 1e-3."""

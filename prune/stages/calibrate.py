@@ -7,9 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from calibration.sentences import IGNORED_LABEL, encode_sentences, pad_batch, sentence_batches
+from calibration.sentences import IGNORED_LABEL, sentence_batches
 from calibration.windows import sample_windows, window_count
 from methods import PruningError
 from prune.models import CAUSAL_LM, TOKEN_CLASSIFICATION
@@ -117,9 +115,7 @@ class Calibrate(Stage):
             sentences, labels = run.labelled_sentences(flag)
             if count > len(sentences):
                 raise PruningError(f"{flag} {count} is more than the {len(sentences)} sentences of the train file in {settings.conll_folder()}")
-            order = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(run.settings.seed))[:count].tolist()
-            encoded = encode_sentences(run.loaded.tokenizer, [sentences[index] for index in order], {name: index for index, name in enumerate(labels)})
-            return [pad_batch(run.loaded.tokenizer, [sentence]) for sentence in encoded]
+            return sentence_batches(run.loaded.tokenizer, sentences, count, seed=run.settings.seed, batch_size=1, label_names=labels)
         if run.loaded.kind != CAUSAL_LM:
             raise PruningError(f"{flag} needs labelled task data: a causal LM's calibration text, or a token classifier's --calibration conll:DIR; "
                                f"this model is a {run.loaded.kind} calibrated on text")

@@ -166,8 +166,9 @@ class OneShot(Stage):
         if self.options[gradients.ranking_option] and run.settings.allocate.allocation != "uniform":
             raise PruningError(f"{method_flag(gradients.ranking_option)} 1 ranks all layers' weights together: it cannot also follow "
                                f"--allocation {run.settings.allocate.allocation}'s per-block sparsities")
-        needed = sum(gradients.memory_bytes(layer_weight(layer).numel(), self.options, self.hessian_dtype) for layer in run.plan.pruned_layers().values())
         weights = sum(layer_weight(layer).numel() for layer in run.plan.pruned_layers().values())
+        needed = sum(gradients.memory_bytes(layer_weight(layer).numel(), self.options, self.hessian_dtype) for layer in run.plan.pruned_layers().values())
+        needed += gradients.batch * weights * 4  # the gathered float32 gradients
         message = (f"{self.method.name}'s statistics of the {len(run.plan.pruned_layers())} pruned layers take {needed / 2**30:.2f} GiB "
                    f"({needed / max(weights, 1):.0f} bytes per pruned weight)")
         available = available_memory(run.device)
@@ -345,9 +346,14 @@ class OneShot(Stage):
                     statistics = {name: gradients.start(layer_weight(layer), self.options, self.hessian_dtype) for name, layer in layers.items()}
                     samples = tqdm(run.gradient_samples, desc=f"{self.method.name} gradients, epoch {epoch}/{epochs}", unit="sample",
                                    disable=not run.settings.progress)
-                    for _ in per_sample_gradients(run.model, {name: layer.weight for name, layer in layers.items()}, samples, device):
+                    gathered: dict[str, list] = {name: [] for name in layers}
+                    for index, _ in enumerate(per_sample_gradients(run.model, {name: layer.weight for name, layer in layers.items()}, samples, device)):
+                        last = index + 1 == len(run.gradient_samples)
                         for name, layer in layers.items():
-                            gradients.add(statistics[name], layer_gradient(layer), len(run.gradient_samples))
+                            gathered[name].append(layer_gradient(layer).reshape(-1).clone())
+                            if len(gathered[name]) == gradients.batch or last:
+                                gradients.add(statistics[name], torch.stack(gathered.pop(name)), len(run.gradient_samples))
+                                gathered[name] = []
                 scheduled = {name: target if target.is_nm else Target(cubic_sparsity(epoch, epochs, target.sparsity)) for name, target in targets.items()}
                 masks: dict = {}
                 if ranked_globally:
