@@ -23,18 +23,23 @@ import click
 import torch
 
 from calibration.conll import NerDataError, load_conll2003
-from calibration.sentences import sentence_batches
+from calibration.sentences import labelled_batches, sentence_batches
 from eval.ner import evaluate_ner
 from methods import PruningError, get_method
 from prune.devices import resolve_device
 from prune.models import MINILM, ModelError
+from prune.movement import MovementSettings, movement_prune
 from prune.output import OutputError
 from prune.pipeline import PruneSettings, run_pipeline
 from prune.plots import headless_pyplot, save
+from prune.stages.recover import RecoverSettings, recover
 from prune.training import FinetuneSettings, fresh_copy, load_or_finetune
 
 RESUME_KEYS = ("model", "classifier", "test_sentences", "nsamples", "owl", "seed")  # what must match for runs to be kept
-QUICK = {"sparsities": "0.5,0.7", "nsamples": 64, "sample_sizes": "16,64", "test_limit": 500, "train_limit": 2000, "epochs": 1}
+QUICK = {"sparsities": "0.5,0.7", "nsamples": 64, "sample_sizes": "16,64", "test_limit": 500, "train_limit": 2000, "epochs": 1,
+         "obert_grads": 64, "train_steps": 20}
+# Methods that train on the task (not one-shot): oBERT pruned gradually then fine-tuned, movement pruning while fine-tuning.
+TRAINED = ("obert-gradual", "movement-hard", "movement-soft")
 
 
 @dataclass
@@ -59,9 +64,11 @@ def parse_list(text: str, kind=str) -> list:
 
 def table_markdown(study: Study, methods: list[str], sparsities: list[float], allocations: list[str], nsamples: int) -> str:
     """The seed's Table 1 layout: Sparsity | Method | F1 uniform | F1 OWL | Time s, the time of the uniform run (calibration
-    forwards + statistics + method + propagation), and in a last column the part spent in the method itself."""
-    lines = ["| Sparsity | Method | F1 (uniform) | F1 (OWL) | Time (s) | of which method (s) |", "|---|---|---|---|---|---|",
-             f"| 0% | Dense | {study.dense['f1']:.3f} | {study.dense['f1']:.3f} | - | - |"]
+    forwards + statistics + method + propagation, and any training), the part spent in the method itself, and the part
+    spent training (fine-tuning after gradual oBERT; movement pruning is all training). A method whose sparsity is not
+    set directly (soft movement) says what it reached."""
+    lines = ["| Sparsity | Method | F1 (uniform) | F1 (OWL) | Time (s) | of which method (s) | of which training (s) |", "|---|---|---|---|---|---|---|",
+             f"| 0% | Dense | {study.dense['f1']:.3f} | {study.dense['f1']:.3f} | - | - | - |"]
     for sparsity in sparsities:
         for method in methods:
             cells = []
@@ -69,8 +76,10 @@ def table_markdown(study: Study, methods: list[str], sparsities: list[float], al
                 run = study.find(method, sparsity, allocation, nsamples) if allocation in allocations else None
                 cells.append(f"{run['f1']:.3f}" if run else "-")
             timed = study.find(method, sparsity, "uniform", nsamples) or study.find(method, sparsity, "owl", nsamples)
-            cells.extend([f"{timed['prune_seconds']:.1f}", f"{timed['method_seconds']:.1f}"] if timed else ["-", "-"])
-            lines.append(f"| {sparsity:.0%} | {method} | " + " | ".join(cells) + " |")
+            cells.extend([f"{timed['prune_seconds'] + timed.get('train_seconds', 0.0):.1f}", f"{timed['method_seconds']:.1f}",
+                          f"{timed.get('train_seconds', 0.0):.1f}"] if timed else ["-", "-", "-"])
+            name = method if not timed or abs(timed["achieved_sparsity"] - sparsity) < 0.02 else f"{method} (reached {timed['achieved_sparsity']:.0%})"
+            lines.append(f"| {sparsity:.0%} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -113,7 +122,8 @@ def write_results(output: Path, study: Study, table: str | None) -> None:
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100})
 @click.option("--data", default=None, help="A folder of CoNLL files (train/dev/test), 'hub' for the hub dataset. Default: ../shared/data/conll2003.")
 @click.option("--model", default=MINILM, help="The encoder to fine-tune (an embedded name, a local folder or a hub name).")
-@click.option("--methods", default="magnitude,obs,sparsegpt,wanda", help="Comma-separated pruning methods.")
+@click.option("--methods", default="magnitude,obs,sparsegpt,wanda,obert," + ",".join(TRAINED),
+              help="Comma-separated methods: one-shot ones, and " + ", ".join(TRAINED) + " (trained on the task).")
 @click.option("--sparsities", default="0.5,0.6,0.7,0.8", help="Comma-separated sparsities.")
 @click.option("--allocations", default="uniform,owl", help="uniform and/or owl.")
 @click.option("--nsamples", type=int, default=4096, help="Calibration sentences from the train split (seed 003: 4096).")
@@ -130,24 +140,34 @@ def write_results(output: Path, study: Study, table: str | None) -> None:
 @click.option("--train-limit", type=int, default=None, help="Fine-tune on the first n training sentences only.")
 @click.option("--finetune-only", is_flag=True, help="Fine-tune (or load the cached model), print its dev and test F1, and stop.")
 @click.option("--resume", is_flag=True, help="Keep the runs already in --output/results.json (same setup) and measure only the missing ones.")
+@click.option("--obert-grads", type=int, default=1024, help="oBERT: per-sample gradients (labelled train sentences) its Fisher is built from.")
+@click.option("--obert-block", type=int, default=50, help="oBERT: weights per Fisher block.")
+@click.option("--gradual-epochs", type=int, default=3, help="oBERT gradual: pruning epochs (cubic schedule) before the fine-tuning.")
+@click.option("--train-steps", type=int, default=600, help="Training steps of the trained methods (fine-tuning after gradual oBERT; movement pruning).")
+@click.option("--train-lr", type=float, default=5e-5, help="Learning rate of the trained methods' weights.")
+@click.option("--train-batch", type=int, default=16, help="Sentences per step of the trained methods.")
+@click.option("--soft-penalty", type=float, default=1e-4, help="Soft movement pruning: λ of the penalty λ Σσ(S) (its sparsity follows from it).")
 @click.option("--quick", is_flag=True, help=f"A few minutes' smoke run: {QUICK}.")
 @click.option("--seed", type=int, default=0, help="Seed of fine-tuning and of the choice of calibration sentences.")
 @click.option("--device", default="auto", help="auto, cpu or cuda.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Where fine-tuned models are kept (default: ~/.cache/obs-prune).")
 @click.option("--output", type=click.Path(path_type=Path), default=Path("benchmarks/results/conll_bert"), help="Folder of table.md, results.json, sample_size.png.")
 def main(data, model, methods, sparsities, allocations, nsamples, sample_sizes, sample_methods, sample_sparsities, owl_rule, owl_m,
-         owl_lambda, calibration_batch, test_limit, epochs, lr, train_limit, finetune_only, resume, quick, seed, device, cache_dir, output) -> None:
-    """Fine-tune a token classifier on CoNLL-2003, prune it one-shot with every method, and compare test F1 and time."""
+         owl_lambda, calibration_batch, test_limit, epochs, lr, train_limit, finetune_only, resume, obert_grads, obert_block, gradual_epochs,
+         train_steps, train_lr, train_batch, soft_penalty, quick, seed, device, cache_dir, output) -> None:
+    """Fine-tune a token classifier on CoNLL-2003, prune it with every method, and compare test F1 and time."""
     if quick:
         sparsities, nsamples, sample_sizes = QUICK["sparsities"], QUICK["nsamples"], QUICK["sample_sizes"]
         test_limit = test_limit or QUICK["test_limit"]
         train_limit = train_limit or QUICK["train_limit"]
-        epochs = QUICK["epochs"]
+        epochs, obert_grads, train_steps = QUICK["epochs"], QUICK["obert_grads"], QUICK["train_steps"]
+    training = {"obert_grads": obert_grads, "obert_block": obert_block, "gradual_epochs": gradual_epochs, "train_steps": train_steps,
+                "train_lr": train_lr, "train_batch": train_batch, "soft_penalty": soft_penalty}
     try:
         study = run_study(data, model, parse_list(methods), parse_list(sparsities, float), parse_list(allocations), nsamples,
                           parse_list(sample_sizes, int), parse_list(sample_methods), parse_list(sample_sparsities, float),
                           owl_rule, owl_m, owl_lambda, calibration_batch, test_limit, FinetuneSettings(epochs=epochs, lr=lr, seed=seed, train_limit=train_limit),
-                          finetune_only, resume, seed, device, cache_dir, output)
+                          finetune_only, resume, seed, device, cache_dir, output, training)
     except (NerDataError, PruningError, ModelError, OutputError) as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(2)
@@ -156,7 +176,8 @@ def main(data, model, methods, sparsities, allocations, nsamples, sample_sizes, 
 
 
 def run_study(data, model, methods, sparsities, allocations, nsamples, sample_sizes, sample_methods, sample_sparsities, owl_rule, owl_m,
-              owl_lambda, calibration_batch, test_limit, finetune, finetune_only, resume, seed, device_name, cache_dir, output) -> Study | None:
+              owl_lambda, calibration_batch, test_limit, finetune, finetune_only, resume, seed, device_name, cache_dir, output,
+              training: dict) -> Study | None:
     started = time.perf_counter()
     for allocation in allocations:
         if allocation not in ("uniform", "owl"):
@@ -164,8 +185,11 @@ def run_study(data, model, methods, sparsities, allocations, nsamples, sample_si
     for sparsity in {*sparsities, *sample_sparsities}:
         if not 0 < sparsity < 1:
             raise PruningError(f"sparsities must be in (0, 1), got {sparsity:g}")
-    for method in {*methods, *sample_methods}:
+    for method in {*methods, *sample_methods} - set(TRAINED):
         get_method(method)  # an unknown method fails here, before any work
+    for name in ("obert_grads", "obert_block", "gradual_epochs", "train_steps", "train_batch"):
+        if training[name] < 1:
+            raise PruningError(f"--{name.replace('_', '-')} must be at least 1, got {training[name]}")
     device = resolve_device(device_name)
     splits = load_conll2003(data)
     test = splits["test"][:test_limit] if test_limit else splits["test"]
@@ -175,7 +199,7 @@ def run_study(data, model, methods, sparsities, allocations, nsamples, sample_si
     dense = evaluate_ner(loaded.model, loaded.tokenizer, test, tuned.labels, device)
     click.echo(f"dense test F1 {dense.f1:.4f} (precision {dense.precision:.4f}, recall {dense.recall:.4f}, {len(test)} sentences)")
     setup = {"model": model, "classifier": loaded.source, "finetune": tuned.as_dict(), "test_sentences": len(test), "nsamples": nsamples,
-             "owl": {"rule": owl_rule, "m": owl_m, "lambda": owl_lambda}, "device": str(device), "seed": seed,
+             "owl": {"rule": owl_rule, "m": owl_m, "lambda": owl_lambda}, "training": training, "device": str(device), "seed": seed,
              "threads": torch.get_num_threads(), "cpus": os.cpu_count()}
     study = Study(setup=setup, dense={"f1": dense.f1, "precision": dense.precision, "recall": dense.recall})
     earlier = 0.0  # seconds spent by the runs resumed from
@@ -194,23 +218,45 @@ def run_study(data, model, methods, sparsities, allocations, nsamples, sample_si
         if (known := study.find(method, sparsity, allocation, size)) is not None:
             return known
         copy = fresh_copy(loaded)
-        batches = sentence_batches(loaded.tokenizer, splits["train"], size, seed=seed, batch_size=calibration_batch)
-        settings = PruneSettings(method=method, sparsity=sparsity, allocation=allocation, owl_rule=owl_rule, owl_m=owl_m,
-                                 owl_lambda=owl_lambda, device=device_name, seed=seed, progress=False)
-        report = run_pipeline(copy, settings, calibration_batches=batches)
+        run = {"method": method, "sparsity": sparsity, "allocation": allocation, "nsamples": size}
+        if method.startswith("movement-"):
+            result = movement_prune(copy.model, task_batches(), MovementSettings(variant=method.removeprefix("movement-"), sparsity=sparsity,
+                                    steps=training["train_steps"], lr=training["train_lr"], penalty=training["soft_penalty"], seed=seed,
+                                    progress=False), device)
+            run.update(prune_seconds=0.0, method_seconds=0.0, train_seconds=result.seconds, achieved_sparsity=result.sparsity, allocation_blocks=None)
+        else:
+            gradients = method in ("obert", "obert-gradual")
+            options = {"obert_grads": training["obert_grads"], "obert_block": training["obert_block"],
+                       "obert_epochs": training["gradual_epochs"] if method == "obert-gradual" else 1} if gradients else {}
+            batches = sentence_batches(loaded.tokenizer, splits["train"], training["obert_grads"] if gradients else size, seed=seed,
+                                       batch_size=calibration_batch, label_names=tuned.labels if gradients else None)
+            settings = PruneSettings(method="obert" if gradients else method, sparsity=sparsity, allocation=allocation, owl_rule=owl_rule,
+                                     owl_m=owl_m, owl_lambda=owl_lambda, device=device_name, seed=seed, progress=False, **options)
+            report = run_pipeline(copy, settings, calibration_batches=batches)
+            run.update(prune_seconds=sum(report.seconds.get(stage, 0.0) for stage in ("calibrate", "allocate", "prune")),
+                       method_seconds=report.prune_breakdown["method"], achieved_sparsity=report.sparsity,
+                       allocation_blocks=[block["sparsity"] for block in report.allocation["blocks"]] if report.allocation else None)
+            if method == "obert-gradual":  # then fine-tune the kept weights, the pruned ones pinned at zero (seed 003 §7.6)
+                tuned_after = recover(copy.model, task_batches(), RecoverSettings(optimizer="adamw", steps=training["train_steps"],
+                                      lr=training["train_lr"], batch=training["train_batch"]), device, seed=seed, progress=False)
+                run["train_seconds"] = tuned_after.seconds
         scores = evaluate_ner(copy.model, loaded.tokenizer, test, tuned.labels, device)
-        run = {"method": method, "sparsity": sparsity, "allocation": allocation, "nsamples": size, "f1": scores.f1,
-               "precision": scores.precision, "recall": scores.recall, "prune_seconds": sum(report.seconds.get(stage, 0.0) for stage in ("calibrate", "allocate", "prune")),
-               "method_seconds": report.prune_breakdown["method"], "achieved_sparsity": report.sparsity,
-               "allocation_blocks": [block["sparsity"] for block in report.allocation["blocks"]] if report.allocation else None}
+        run.update(f1=scores.f1, precision=scores.precision, recall=scores.recall)
         study.runs.append(run)
-        click.echo(f"{method:>9} {sparsity:.0%} {allocation:>7} n={size:<5} F1 {scores.f1:.4f}  prune {run['prune_seconds']:.1f} s")
+        click.echo(f"{method:>13} {sparsity:.0%} {allocation:>7} n={size:<5} F1 {scores.f1:.4f}  prune {run['prune_seconds']:.1f} s"
+                   + (f"  training {run['train_seconds']:.1f} s" if "train_seconds" in run else ""))
         return run
+
+    def task_batches():
+        """Endless labelled batches of the train split (the task the trained methods learn)."""
+        train_sentences = splits["train"][: finetune.train_limit] if finetune.train_limit else splits["train"]
+        return labelled_batches(loaded.tokenizer, train_sentences, tuned.labels, training["train_batch"], seed=seed)
 
     for sparsity in sparsities:
         for method in methods:
             for allocation in allocations:
-                measure(method, sparsity, allocation, nsamples)
+                if method not in TRAINED or allocation == "uniform":  # the trained methods set each layer's sparsity themselves
+                    measure(method, sparsity, allocation, nsamples)
         study.seconds = earlier + time.perf_counter() - started
         write_results(output, study, table_markdown(study, methods, sparsities, allocations, nsamples))
     for method in sample_methods:  # one method at a time, so that a long method (OBS) last leaves the others complete
