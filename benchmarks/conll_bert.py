@@ -6,7 +6,7 @@ methods x sparsities x {uniform, OWL} (the seed's Table 1), and F1 against calib
 at high sparsity (its Figure 1). Writes table.md, results.json and sample_size.png to --output.
 
     python benchmarks/conll_bert.py                      # the full study (about an hour or more on 2 CPU cores)
-    python benchmarks/conll_bert.py --quick              # a few minutes: 2 sparsities, 64 sentences, 500 test sentences
+    python benchmarks/conll_bert.py --quick              # under 3 minutes: every method once at 50 %, small sizes
     python benchmarks/conll_bert.py --finetune-only      # fine-tune (or find the cached model) and print its F1
 """
 
@@ -35,9 +35,12 @@ from prune.plots import headless_pyplot, save
 from prune.stages.recover import RecoverSettings, recover
 from prune.training import FinetuneSettings, fresh_copy, load_or_finetune
 
-RESUME_KEYS = ("model", "classifier", "test_sentences", "nsamples", "owl", "seed")  # what must match for runs to be kept
-QUICK = {"sparsities": "0.5,0.7", "nsamples": 64, "sample_sizes": "16,64", "test_limit": 500, "train_limit": 2000, "epochs": 1,
-         "obert_grads": 64, "train_steps": 20}
+RESUME_KEYS = ("model", "classifier", "test_sentences", "nsamples", "owl", "training", "seed")  # what must match for runs to be kept
+# --quick: every method once, at 50 %, uniform, on small sizes; exact OBS on block 0 only (on all six blocks one run takes
+# ~140 s here); within 3 minutes on 2 CPU cores, fine-tuning included.
+QUICK = {"sparsities": "0.5", "allocations": "uniform", "nsamples": 32, "sample_sizes": "16,32", "sample_methods": "sparsegpt",
+         "sample_sparsities": "0.5", "test_limit": 200, "train_limit": 1000, "epochs": 1, "obert_grads": 32, "gradual_epochs": 2,
+         "train_steps": 10, "obs_blocks": "0"}
 # Methods that train on the task (not one-shot): oBERT pruned gradually then fine-tuned, movement pruning while fine-tuning.
 TRAINED = ("obert-gradual", "movement-hard", "movement-soft")
 
@@ -79,6 +82,8 @@ def table_markdown(study: Study, methods: list[str], sparsities: list[float], al
             cells.extend([f"{timed['prune_seconds'] + timed.get('train_seconds', 0.0):.1f}", f"{timed['method_seconds']:.1f}",
                           f"{timed.get('train_seconds', 0.0):.1f}"] if timed else ["-", "-", "-"])
             name = method if not timed or abs(timed["achieved_sparsity"] - sparsity) < 0.02 else f"{method} (reached {timed['achieved_sparsity']:.0%})"
+            if timed and timed.get("blocks"):
+                name += f" (blocks {timed['blocks']} only)"
             lines.append(f"| {sparsity:.0%} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -147,22 +152,25 @@ def write_results(output: Path, study: Study, table: str | None) -> None:
 @click.option("--train-lr", type=float, default=5e-5, help="Learning rate of the trained methods' weights.")
 @click.option("--train-batch", type=int, default=16, help="Sentences per step of the trained methods.")
 @click.option("--soft-penalty", type=float, default=1e-4, help="Soft movement pruning: λ of the penalty λ Σσ(S) (its sparsity follows from it).")
-@click.option("--quick", is_flag=True, help=f"A few minutes' smoke run: {QUICK}.")
+@click.option("--obs-blocks", default=None, help="Prune only these blocks with exact OBS (e.g. 0 or 0-2; the others stay dense): it is slow.")
+@click.option("--quick", is_flag=True, help=f"A smoke run within 3 minutes: {QUICK}.")
 @click.option("--seed", type=int, default=0, help="Seed of fine-tuning and of the choice of calibration sentences.")
 @click.option("--device", default="auto", help="auto, cpu or cuda.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Where fine-tuned models are kept (default: ~/.cache/obs-prune).")
 @click.option("--output", type=click.Path(path_type=Path), default=Path("benchmarks/results/conll_bert"), help="Folder of table.md, results.json, sample_size.png.")
 def main(data, model, methods, sparsities, allocations, nsamples, sample_sizes, sample_methods, sample_sparsities, owl_rule, owl_m,
          owl_lambda, calibration_batch, test_limit, epochs, lr, train_limit, finetune_only, resume, obert_grads, obert_block, gradual_epochs,
-         train_steps, train_lr, train_batch, soft_penalty, quick, seed, device, cache_dir, output) -> None:
+         train_steps, train_lr, train_batch, soft_penalty, obs_blocks, quick, seed, device, cache_dir, output) -> None:
     """Fine-tune a token classifier on CoNLL-2003, prune it with every method, and compare test F1 and time."""
     if quick:
-        sparsities, nsamples, sample_sizes = QUICK["sparsities"], QUICK["nsamples"], QUICK["sample_sizes"]
+        sparsities, allocations, nsamples, sample_sizes = QUICK["sparsities"], QUICK["allocations"], QUICK["nsamples"], QUICK["sample_sizes"]
+        sample_methods, sample_sparsities = QUICK["sample_methods"], QUICK["sample_sparsities"]
         test_limit = test_limit or QUICK["test_limit"]
         train_limit = train_limit or QUICK["train_limit"]
-        epochs, obert_grads, train_steps = QUICK["epochs"], QUICK["obert_grads"], QUICK["train_steps"]
+        epochs, obert_grads, gradual_epochs, train_steps = QUICK["epochs"], QUICK["obert_grads"], QUICK["gradual_epochs"], QUICK["train_steps"]
+        obs_blocks = obs_blocks or QUICK["obs_blocks"]
     training = {"obert_grads": obert_grads, "obert_block": obert_block, "gradual_epochs": gradual_epochs, "train_steps": train_steps,
-                "train_lr": train_lr, "train_batch": train_batch, "soft_penalty": soft_penalty}
+                "train_lr": train_lr, "train_batch": train_batch, "soft_penalty": soft_penalty, "obs_blocks": obs_blocks}
     try:
         study = run_study(data, model, parse_list(methods), parse_list(sparsities, float), parse_list(allocations), nsamples,
                           parse_list(sample_sizes, int), parse_list(sample_methods), parse_list(sample_sparsities, float),
@@ -218,7 +226,8 @@ def run_study(data, model, methods, sparsities, allocations, nsamples, sample_si
         if (known := study.find(method, sparsity, allocation, size)) is not None:
             return known
         copy = fresh_copy(loaded)
-        run = {"method": method, "sparsity": sparsity, "allocation": allocation, "nsamples": size}
+        run = {"method": method, "sparsity": sparsity, "allocation": allocation, "nsamples": size,
+               "blocks": training["obs_blocks"] if method == "obs" else None}
         if method.startswith("movement-"):
             result = movement_prune(copy.model, task_batches(), MovementSettings(variant=method.removeprefix("movement-"), sparsity=sparsity,
                                     steps=training["train_steps"], lr=training["train_lr"], penalty=training["soft_penalty"], seed=seed,
@@ -231,7 +240,8 @@ def run_study(data, model, methods, sparsities, allocations, nsamples, sample_si
             batches = sentence_batches(loaded.tokenizer, splits["train"], training["obert_grads"] if gradients else size, seed=seed,
                                        batch_size=calibration_batch, label_names=tuned.labels if gradients else None)
             settings = PruneSettings(method="obert" if gradients else method, sparsity=sparsity, allocation=allocation, owl_rule=owl_rule,
-                                     owl_m=owl_m, owl_lambda=owl_lambda, device=device_name, seed=seed, progress=False, **options)
+                                     owl_m=owl_m, owl_lambda=owl_lambda, device=device_name, seed=seed, progress=False,
+                                     blocks=training["obs_blocks"] if method == "obs" else None, **options)
             report = run_pipeline(copy, settings, calibration_batches=batches)
             run.update(prune_seconds=sum(report.seconds.get(stage, 0.0) for stage in ("calibrate", "allocate", "prune")),
                        method_seconds=report.prune_breakdown["method"], achieved_sparsity=report.sparsity,

@@ -172,12 +172,9 @@ def test_benchmark_quick_mode_writes_the_table_json_and_figure(model_folders, sp
     result = CliRunner().invoke(load_benchmark().main, arguments)
     assert result.exit_code == 0, result.output
     study = json.loads((output / "results.json").read_text())
-    grid = {(run["method"], run["sparsity"], run["allocation"]) for run in study["runs"] if run["nsamples"] == 64 and run["sparsity"] in (0.5, 0.7)}
     one_shot, trained = ("magnitude", "obs", "sparsegpt", "wanda", "obert"), ("obert-gradual", "movement-hard", "movement-soft")
-    assert grid == {(method, sparsity, allocation) for method in one_shot for sparsity in (0.5, 0.7) for allocation in ("uniform", "owl")} | {
-        (method, sparsity, "uniform") for method in trained for sparsity in (0.5, 0.7)}
-    sizes = {(run["method"], run["sparsity"], run["nsamples"]) for run in study["runs"] if run["allocation"] == "uniform"}
-    assert {("obs", 0.7, 16), ("sparsegpt", 0.8, 16), ("obs", 0.8, 64)} <= sizes
+    grid = {(run["method"], run["sparsity"], run["allocation"], run["nsamples"]) for run in study["runs"]}
+    assert grid == {(method, 0.5, "uniform", 32) for method in one_shot + trained} | {("sparsegpt", 0.5, "uniform", 16)}  # every method once
     for run in study["runs"]:
         assert 0 <= run["f1"] <= 1 and run["prune_seconds"] >= 0
         if run["method"] != "movement-soft":  # soft movement's sparsity follows from its penalty
@@ -185,7 +182,7 @@ def test_benchmark_quick_mode_writes_the_table_json_and_figure(model_folders, sp
         assert (run.get("train_seconds", 0) > 0) == (run["method"] in trained)
     table = (output / "table.md").read_text()
     assert table.splitlines()[0] == "| Sparsity | Method | F1 (uniform) | F1 (OWL) | Time (s) | of which method (s) | of which training (s) |"
-    assert len(table.splitlines()) == 3 + 2 * 8
+    assert len(table.splitlines()) == 3 + 8 and "| obs (blocks 0 only) |" in table
     assert (output / "sample_size.png").stat().st_size > 1000
     assert "whole benchmark" in result.output
 
