@@ -39,7 +39,7 @@ def planned_runs(methods: list[str], targets: list[str], allocations: list[str],
     for target in targets:
         for method in methods:
             for allocation in allocations:
-                if allocation == "owl" and ":" in target:
+                if allocation.startswith("owl") and ":" in target:
                     continue
                 for order in orders if method != "magnitude" else ["-"]:
                     runs.append((method, target, allocation, order))
@@ -137,7 +137,8 @@ def run_one(method: str, target: str | None, allocation: str, order: str, option
         settings = PruneSettings(
             method=method,
             **target_options(target),
-            allocation=allocation,
+            allocation=allocation.split(":")[0],
+            **({"owl_rule": allocation.split(":")[1]} if ":" in allocation else {}),
             **({"order": order} if order != "-" else {}),
             blocks=options["blocks"],
             nsamples=options["nsamples"],
@@ -181,7 +182,8 @@ def run_one(method: str, target: str | None, allocation: str, order: str, option
 @click.option("--device", default="auto", show_default=True)
 @click.option("--methods", default="magnitude,wanda,sparsegpt", show_default=True, help="Comma-separated methods (dense always runs).")
 @click.option("--targets", default="50%,2:4", show_default=True, help="Comma-separated targets: 50%, 60%, 2:4, 4:8 ...")
-@click.option("--allocations", default="uniform", show_default=True, help="uniform, owl, or both (OWL only for unstructured targets).")
+@click.option("--allocations", default="uniform", show_default=True,
+              help="uniform, owl or owl:RULE (lambda, lambda-clipped, seed), comma-separated (OWL only for unstructured targets).")
 @click.option("--orders", default="one-pass,two-pass", show_default=True, help="Block orders to compare (methods with statistics).")
 @click.option("--blocks", default=None, help="Prune only these blocks (e.g. 0-9), for methods too slow for the whole model.")
 @click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the results as JSON.")

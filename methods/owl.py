@@ -11,8 +11,9 @@ from methods import wanda
 from methods.base import COLUMN_NORMS, PruningError
 
 SEED_RULE = "seed"
-LAMBDA_RULE = "lambda"
-RULES = (SEED_RULE, LAMBDA_RULE)
+LAMBDA_RULE = "lambda"  # the OWL paper's code
+CLIPPED_RULE = "lambda-clipped"  # this toolkit's earlier reading of it: clipped to S ± λ, re-centred by bisection
+RULES = (LAMBDA_RULE, CLIPPED_RULE, SEED_RULE)
 STATISTIC = COLUMN_NORMS  # outliers are counted among the Wanda scores |W|·‖X‖
 DEFAULT_M = 5.0  # a score is an outlier above M x the block's mean (the OWL paper's)
 DEFAULT_LAMBDA = 0.08  # block sparsities span S ± λ (the OWL paper's)
@@ -56,10 +57,27 @@ def allocate_seed(ratios: Sequence[float], parameters: Sequence[int], sparsity: 
 
 
 def allocate_lambda(ratios: Sequence[float], parameters: Sequence[int], sparsity: float, lam: float = DEFAULT_LAMBDA) -> list[float]:
-    """The OWL paper's rule: D scaled to [0, 2λ], centred, block sparsity clipped to [S − λ, S + λ].
+    """The OWL paper's code: D scaled linearly to [0, 2λ], then shifted so that its mean is 0; block ℓ keeps a
+    fraction (1 − S) + (scaled_ℓ − mean) of its weights, i.e. S_ℓ = S − (scaled_ℓ − mean). No clipping: with skewed
+    ratios a block can move by up to 2λ (D = [0, 0, 0, 1] gives S + λ/2 three times and S − 3λ/2). The mean is
+    parameter-weighted (the code's plain mean for blocks of equal size), so the model's sparsity is S."""
+    check_lambda(sparsity, lam)
+    outliers = torch.tensor(ratios, dtype=torch.float64)
+    weights = torch.tensor(parameters, dtype=torch.float64)
+    spread = outliers.max() - outliers.min()
+    if lam == 0 or spread == 0:
+        return [sparsity] * len(ratios)
+    scaled = (outliers - outliers.min()) / spread * 2 * lam
+    allocation = sparsity - (scaled - weighted_mean(scaled, weights))
+    if allocation.min() < 0 or allocation.max() >= 1:
+        raise PruningError(f"OWL (lambda rule) would give a block sparsity of {allocation.min().item():.3f} .. {allocation.max().item():.3f}, "
+                           "outside [0, 1); lower λ")
+    return allocation.tolist()
 
-    The centre is found by bisection so that the parameter-weighted mean sparsity equals S after clipping.
-    """
+
+def allocate_clipped(ratios: Sequence[float], parameters: Sequence[int], sparsity: float, lam: float = DEFAULT_LAMBDA) -> list[float]:
+    """A variant of the OWL rule: D scaled to [0, 2λ], centred, block sparsity clipped to [S − λ, S + λ], the centre
+    found by bisection so that the parameter-weighted mean sparsity equals S after clipping."""
     check_lambda(sparsity, lam)
     outliers = torch.tensor(ratios, dtype=torch.float64)
     weights = torch.tensor(parameters, dtype=torch.float64)
@@ -82,9 +100,12 @@ def allocate_lambda(ratios: Sequence[float], parameters: Sequence[int], sparsity
 
 
 def allocate(rule: str, ratios: Sequence[float], parameters: Sequence[int], sparsity: float, lam: float = DEFAULT_LAMBDA) -> list[float]:
-    """Per-block sparsities whose parameter-weighted mean is `sparsity`, by the seed or the lambda rule."""
+    """Per-block sparsities whose parameter-weighted mean is `sparsity`, by the OWL code's lambda rule, its clipped
+    variant, or the seed's rule."""
     if rule == SEED_RULE:
         return allocate_seed(ratios, parameters, sparsity)
     if rule == LAMBDA_RULE:
         return allocate_lambda(ratios, parameters, sparsity, lam)
-    raise PruningError(f"unknown OWL rule {rule!r}: choose {' or '.join(RULES)}")
+    if rule == CLIPPED_RULE:
+        return allocate_clipped(ratios, parameters, sparsity, lam)
+    raise PruningError(f"unknown OWL rule {rule!r}: choose {', '.join(RULES)}")

@@ -50,17 +50,42 @@ def test_more_outliers_lower_sparsity(data, sparsity, rule) -> None:
 
 @settings(max_examples=50, deadline=None)
 @given(data=ratios_and_sizes, sparsity=st.floats(0.2, 0.8), lam=st.floats(0.01, 0.1))
-def test_lambda_rule_stays_within_s_plus_minus_lambda(data, sparsity, lam) -> None:
+def test_clipped_rule_stays_within_s_plus_minus_lambda(data, sparsity, lam) -> None:
     ratios, sizes = data
-    allocation = owl.allocate_lambda(ratios, sizes, sparsity, min(lam, sparsity, 1 - sparsity))
     lam = min(lam, sparsity, 1 - sparsity)
+    allocation = owl.allocate_clipped(ratios, sizes, sparsity, lam)
     assert all(sparsity - lam - 1e-12 <= s <= sparsity + lam + 1e-12 for s in allocation)
 
 
-def test_lambda_rule_reaches_both_ends_when_outliers_vary() -> None:
-    allocation = owl.allocate_lambda([0.01, 0.02, 0.03, 0.04, 0.05], [10] * 5, 0.6, 0.08)
-    assert allocation[0] == pytest.approx(0.68) and allocation[-1] == pytest.approx(0.52)
-    assert owl.allocate_lambda([0.03] * 4, [5, 6, 7, 8], 0.6, 0.08) == [0.6] * 4  # no variation: uniform
+@settings(max_examples=50, deadline=None)
+@given(ratios=st.lists(st.floats(0.0, 0.2), min_size=2, max_size=12), sparsity=st.floats(0.2, 0.8), lam=st.floats(0.01, 0.1))
+def test_lambda_rule_is_the_owl_code(ratios, sparsity, lam) -> None:
+    """The OWL repository's allocation, transcribed: all_layer_ratio = (D − min) · (1 / (max − min) · λ · 2);
+    all_layer_ratio = all_layer_ratio − mean + (1 − S); block sparsity = 1 − all_layer_ratio (blocks of equal size)."""
+    lam = min(lam, sparsity, 1 - sparsity)
+    if max(ratios) == min(ratios):
+        return
+    ratio = [(d - min(ratios)) * (1 / (max(ratios) - min(ratios)) * lam * 2) for d in ratios]
+    mean = sum(ratio) / len(ratio)
+    expected = [1 - (r - mean + (1 - sparsity)) for r in ratio]
+    assert owl.allocate_lambda(ratios, [7] * len(ratios), sparsity, lam) == pytest.approx(expected, abs=1e-12)
+
+
+def test_lambda_rules_reach_both_ends_when_outliers_vary_evenly() -> None:
+    for allocate in (owl.allocate_lambda, owl.allocate_clipped):
+        allocation = allocate([0.01, 0.02, 0.03, 0.04, 0.05], [10] * 5, 0.6, 0.08)
+        assert allocation == pytest.approx([0.68, 0.64, 0.60, 0.56, 0.52])
+        assert allocate([0.03] * 4, [5, 6, 7, 8], 0.6, 0.08) == [0.6] * 4  # no variation: uniform
+
+
+def test_the_two_lambda_rules_differ_on_skewed_ratios() -> None:
+    """D = [0, 0, 0, 1], S = 0.5, λ = 0.08, by hand. The OWL code: scaled [0, 0, 0, 0.16], mean 0.04, so
+    S − (scaled − 0.04) = [0.54, 0.54, 0.54, 0.38]. Clipped: the last block stops at S − λ = 0.42, so the others
+    take 3 s + 0.42 = 2 → s = 1.58 / 3."""
+    assert owl.allocate_lambda([0, 0, 0, 1], [1] * 4, 0.5, 0.08) == pytest.approx([0.54, 0.54, 0.54, 0.38])
+    assert owl.allocate_clipped([0, 0, 0, 1], [1] * 4, 0.5, 0.08) == pytest.approx([1.58 / 3] * 3 + [0.42])
+    with pytest.raises(PruningError, match="outside"):
+        owl.allocate_lambda([0, 0, 0, 1], [1] * 4, 0.1, 0.1)  # 0.1 − 0.15 < 0
 
 
 def test_seed_rule_is_proportional_to_one_minus_d() -> None:
