@@ -56,18 +56,26 @@ def allocate_seed(ratios: Sequence[float], parameters: Sequence[int], sparsity: 
     return allocation.tolist()
 
 
-def allocate_lambda(ratios: Sequence[float], parameters: Sequence[int], sparsity: float, lam: float = DEFAULT_LAMBDA) -> list[float]:
-    """The OWL paper's code: D scaled linearly to [0, 2λ], then shifted so that its mean is 0; block ℓ keeps a
-    fraction (1 − S) + (scaled_ℓ − mean) of its weights, i.e. S_ℓ = S − (scaled_ℓ − mean). No clipping: with skewed
-    ratios a block can move by up to 2λ (D = [0, 0, 0, 1] gives S + λ/2 three times and S − 3λ/2). The mean is
-    parameter-weighted (the code's plain mean for blocks of equal size), so the model's sparsity is S."""
+def scaled_ratios(ratios: Sequence[float], parameters: Sequence[int], sparsity: float, lam: float) -> tuple[Tensor | None, Tensor]:
+    """What both lambda rules start from: D scaled linearly to [0, 2λ] (None when λ = 0 or D does not vary: the
+    allocation is then uniform), and the blocks' parameter counts as weights."""
     check_lambda(sparsity, lam)
     outliers = torch.tensor(ratios, dtype=torch.float64)
     weights = torch.tensor(parameters, dtype=torch.float64)
     spread = outliers.max() - outliers.min()
     if lam == 0 or spread == 0:
+        return None, weights
+    return (outliers - outliers.min()) / spread * 2 * lam, weights
+
+
+def allocate_lambda(ratios: Sequence[float], parameters: Sequence[int], sparsity: float, lam: float = DEFAULT_LAMBDA) -> list[float]:
+    """The OWL paper's code: D scaled linearly to [0, 2λ], then shifted so that its mean is 0; block ℓ keeps a
+    fraction (1 − S) + (scaled_ℓ − mean) of its weights, i.e. S_ℓ = S − (scaled_ℓ − mean). No clipping: with skewed
+    ratios a block can move by up to 2λ (D = [0, 0, 0, 1] gives S + λ/2 three times and S − 3λ/2). The mean is
+    parameter-weighted (the code's plain mean for blocks of equal size), so the model's sparsity is S."""
+    scaled, weights = scaled_ratios(ratios, parameters, sparsity, lam)
+    if scaled is None:
         return [sparsity] * len(ratios)
-    scaled = (outliers - outliers.min()) / spread * 2 * lam
     allocation = sparsity - (scaled - weighted_mean(scaled, weights))
     if allocation.min() < 0 or allocation.max() >= 1:
         raise PruningError(f"OWL (lambda rule) would give a block sparsity of {allocation.min().item():.3f} .. {allocation.max().item():.3f}, "
@@ -78,13 +86,9 @@ def allocate_lambda(ratios: Sequence[float], parameters: Sequence[int], sparsity
 def allocate_clipped(ratios: Sequence[float], parameters: Sequence[int], sparsity: float, lam: float = DEFAULT_LAMBDA) -> list[float]:
     """A variant of the OWL rule: D scaled to [0, 2λ], centred, block sparsity clipped to [S − λ, S + λ], the centre
     found by bisection so that the parameter-weighted mean sparsity equals S after clipping."""
-    check_lambda(sparsity, lam)
-    outliers = torch.tensor(ratios, dtype=torch.float64)
-    weights = torch.tensor(parameters, dtype=torch.float64)
-    spread = outliers.max() - outliers.min()
-    if lam == 0 or spread == 0:
+    scaled, weights = scaled_ratios(ratios, parameters, sparsity, lam)
+    if scaled is None:
         return [sparsity] * len(ratios)
-    scaled = (outliers - outliers.min()) / spread * 2 * lam
 
     def allocation(shift: float) -> Tensor:
         return (sparsity + shift - scaled).clamp(sparsity - lam, sparsity + lam)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,17 @@ def run(argv: list[str], capsys) -> tuple[int, str, str]:
         code = exit_.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+@contextlib.contextmanager
+def forward_passes() -> Iterator[list[str]]:
+    """The class names of every module that runs a forward pass inside the block, in order."""
+    forwards: list[str] = []
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda module, args: forwards.append(type(module).__name__))
+    try:
+        yield forwards
+    finally:
+        handle.remove()
 
 
 def assert_one_line_error(code: int, err: str, fragment: str) -> None:
@@ -152,13 +165,9 @@ def test_every_input_is_checked_before_the_first_forward_pass(model_folders, tex
         (["--sparsity", "0.5", "--calibration", str(text_file), "--eval-seqlen", "4096"], "longer than the model's"),
         (["--sparsity", "0.5", "--calibration", str(text_file), "--eval-data", str(binary)], "not a text file"),
     ]
-    forwards = []
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda module, args: forwards.append(type(module).__name__))
-    try:
+    with forward_passes() as forwards:
         for arguments, fragment in cases:
             code, _, err = run([*llama, *arguments], capsys)
             assert_one_line_error(code, err, fragment)
             assert not forwards, (arguments, forwards[:3])
-    finally:
-        handle.remove()
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()

@@ -13,7 +13,7 @@ from calibration.windows import sample_windows
 from methods import PruningError
 from prune import load_model, prune_model
 from prune.models import all_prunable_layers, layer_weight
-from tests.test_cli import FAST, assert_one_line_error, run
+from tests.test_cli import FAST, assert_one_line_error, forward_passes, run
 from tests.test_ner_pipeline import write_conll
 
 SMALL = {"seqlen": 16, "eval_data": None, "progress": False}
@@ -109,9 +109,7 @@ def test_obert_refuses_what_cannot_work_before_any_forward_pass(model_folders, t
         (["--sparsity", "0.5", "--obert-block", "0"], "block size must be at least 1"),
         (["--model", str(model_folders["bert"]), "--sparsity", "0.5"], "needs labelled task data"),
     ]
-    forwards = []
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda module, args: forwards.append(type(module).__name__))
-    try:
+    with forward_passes() as forwards:
         for arguments, fragment in cases:
             code, _, err = run([*llama, *arguments], capsys)
             assert_one_line_error(code, err, fragment)
@@ -120,8 +118,6 @@ def test_obert_refuses_what_cannot_work_before_any_forward_pass(model_folders, t
         code, _, err = run([*llama, "--sparsity", "0.5"], capsys)
         assert_one_line_error(code, err, "GiB are free")
         assert not forwards
-    finally:
-        handle.remove()
     assert not (tmp_path / "out").exists()
     with pytest.raises(PruningError, match="more than the 2 samples"):
         prune_model(str(model_folders["llama"]), method="obert", sparsity=0.5, obert_grads=3, eval_data=None, progress=False,
