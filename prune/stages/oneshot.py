@@ -21,7 +21,15 @@ from methods import DEFAULT_METHOD, METHODS, Method, PruningError, Target, get_m
 from methods.base import masks_lowest_across
 from methods.schedules import cubic_sparsity
 from prune.devices import available_memory, on_device, synchronize, timed
-from prune.models import input_features, layer_gradient, layer_weight, prunable_layers, set_layer_weight, transformer_blocks
+from prune.models import (
+    all_prunable_layers,
+    input_features,
+    layer_gradient,
+    layer_weight,
+    prunable_layers,
+    set_layer_weight,
+    transformer_blocks,
+)
 from prune.report import LayerReport
 from prune.run import LayerPlan, Run, Stage
 from prune.settings import about, check_fields, option
@@ -180,7 +188,8 @@ class OneShot(Stage):
 
     def execute(self, run: Run) -> None:
         if self.method.gradients is not None:
-            run.report.layers, run.report.prune_breakdown = self.prune_by_gradients(run), dict(self.breakdown)
+            run.report.prune_breakdown = {"statistics": 0.0, "method": 0.0, "propagate": 0.0}
+            run.report.layers = self.prune_by_gradients(run)
             return
         calls, run.calls = (run.calls if self.needs_block_inputs else None), None
         plan = run.plan
@@ -334,42 +343,30 @@ class OneShot(Stage):
         model: for each pruning epoch, the statistics of all layers are built from one backward pass per sample, then
         each layer is pruned to that epoch's sparsity (rising on the cubic schedule to the target over the epochs;
         ranked within each layer, or across all of them), its remaining weights updated by the method."""
-        gradients, plan, device = self.method.gradients, run.plan, run.device
+        gradients, plan, device, breakdown = self.method.gradients, run.plan, run.device, run.report.prune_breakdown
         layers = plan.pruned_layers()
         epochs, ranked_globally = int(self.options[gradients.epochs_option]), bool(self.options[gradients.ranking_option])
         targets = {name: plan.targets[int(name[len(plan.blocks_name) + 1 :].split(".")[0])] for name in layers}
-        self.breakdown = {"statistics": 0.0, "method": 0.0, "propagate": 0.0}
         losses, seconds = dict.fromkeys(layers, 0.0), dict.fromkeys(layers, 0.0)
         with on_device(run.model, device, run.compute_dtype):
             for epoch in range(1, epochs + 1):
-                with timed(self.breakdown, "statistics", device):
-                    statistics = {name: gradients.start(layer_weight(layer), self.options, self.hessian_dtype) for name, layer in layers.items()}
-                    samples = tqdm(run.gradient_samples, desc=f"{self.method.name} gradients, epoch {epoch}/{epochs}", unit="sample",
-                                   disable=not run.settings.progress)
-                    gathered: dict[str, list] = {name: [] for name in layers}
-                    for index, _ in enumerate(per_sample_gradients(run.model, {name: layer.weight for name, layer in layers.items()}, samples, device)):
-                        last = index + 1 == len(run.gradient_samples)
-                        for name, layer in layers.items():
-                            gathered[name].append(layer_gradient(layer).reshape(-1).clone())
-                            if len(gathered[name]) == gradients.batch or last:
-                                gradients.add(statistics[name], torch.stack(gathered.pop(name)), len(run.gradient_samples))
-                                gathered[name] = []
+                with timed(breakdown, "statistics", device):
+                    statistics = self.gradient_statistics(run, layers, f"epoch {epoch}/{epochs}")
                 scheduled = {name: target if target.is_nm else Target(cubic_sparsity(epoch, epochs, target.sparsity)) for name, target in targets.items()}
                 masks: dict = {}
                 if ranked_globally:
                     masks = masks_lowest_across({name: gradients.saliency(layer_weight(layer), statistics[name]) for name, layer in layers.items()},
                                                 next(iter(scheduled.values())).sparsity)
                 for name, layer in layers.items():
-                    synchronize(device)
-                    started = time.perf_counter()
-                    result = self.method.prune(layer_weight(layer), statistics.pop(name), scheduled[name], mask=masks.get(name))
-                    set_layer_weight(layer, result.weight.to(layer_weight(layer).dtype))
-                    synchronize(device)
-                    seconds[name] += time.perf_counter() - started
+                    layer_seconds: dict = {}
+                    with timed(layer_seconds, "method", device):
+                        result = self.method.prune(layer_weight(layer), statistics.pop(name), scheduled[name], mask=masks.get(name))
+                        set_layer_weight(layer, result.weight.to(layer_weight(layer).dtype))
+                    seconds[name] += layer_seconds["method"]
+                    breakdown["method"] += layer_seconds["method"]
                     losses[name] += result.loss
-                    self.breakdown["method"] += time.perf_counter() - started
         reports = []
-        for name, layer in all_layers(plan).items():
+        for name, layer in all_prunable_layers(run.model).items():
             if name not in layers:
                 reports.append(skipped_layer(name, layer, f"input size not a multiple of M={self.target.m}; left dense"
                                              if name in plan.skipped else "block not selected; left dense"))
@@ -381,7 +378,17 @@ class OneShot(Stage):
                                        seconds=seconds[name], notes=notes))
         return reports
 
-
-def all_layers(plan: LayerPlan) -> dict[str, nn.Module]:
-    """Every prunable layer of every block, by full name."""
-    return {f"{plan.blocks_name}.{index}.{name}": layer for index, block in enumerate(plan.blocks) for name, layer in prunable_layers(block).items()}
+    def gradient_statistics(self, run: Run, layers: dict[str, nn.Module], label: str) -> dict:
+        """Each layer's statistic from one backward pass per gradient sample, its gradients handed to the method
+        `batch` at a time."""
+        gradients, count = self.method.gradients, len(run.gradient_samples)
+        statistics = {name: gradients.start(layer_weight(layer), self.options, self.hessian_dtype) for name, layer in layers.items()}
+        gathered: dict[str, list] = {name: [] for name in layers}
+        samples = tqdm(run.gradient_samples, desc=f"{self.method.name} gradients, {label}", unit="sample", disable=not run.settings.progress)
+        for index, _ in enumerate(per_sample_gradients(run.model, {name: layer.weight for name, layer in layers.items()}, samples, run.device)):
+            for name, layer in layers.items():
+                gathered[name].append(layer_gradient(layer).reshape(-1))
+                if len(gathered[name]) == gradients.batch or index + 1 == count:
+                    gradients.add(statistics[name], torch.stack(gathered[name]), count)
+                    gathered[name].clear()
+        return statistics
