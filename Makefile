@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # so that it finishes in a few minutes on 2 CPU cores.
 DEMO_ARGS ?= --method sparsegpt --sparsity 0.5 --nsamples 32 --seqlen 256 --eval-windows 32
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo test lint clean gpu-check gpu-bundle
 
 $(STAMP): setup.cfg pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,15 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# On a CUDA machine: the cuda tests, SmolLM2 on the GPU, 2:4 kernel speed (benchmarks/gpu_check.py). On a CPU it
+# says that the GPU checks did not run and exits 0.
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py check $(GPU_CHECK_ARGS)
+
+# What a GPU machine without a network needs for the check (see the README's "GPU check").
+gpu-bundle: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py bundle .gpu-bundle
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from calibration.corpora import wiki_sample
+from calibration.corpora import local_corpus, wiki_sample
 
 ARCHITECTURES = ("llama", "gpt2", "opt", "bert")
 HIDDEN = 64
@@ -28,8 +29,10 @@ FFN = 128
 
 @pytest.fixture(scope="session")
 def wiki_text() -> str:
-    """About 200 kB of the embedded Wikipedia sample."""
-    return wiki_sample().text[:200_000]
+    """About 200 kB of the embedded Wikipedia sample; read from $PRUNE_WIKI_SAMPLE when it is set (a folder that
+    `benchmarks/gpu_check.py bundle` exported, for a GPU machine without gensim)."""
+    exported = os.environ.get("PRUNE_WIKI_SAMPLE")
+    return (local_corpus(Path(exported)) if exported else wiki_sample()).text[:200_000]
 
 
 @pytest.fixture(scope="session")
