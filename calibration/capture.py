@@ -252,6 +252,7 @@ def run_in_lockstep(block: nn.Module, calls: list[BlockCall], leaders: dict[str,
 
     # the barrier runs before any other hook of the layer (e.g. one that casts its weights for the forward pass)
     handles = [layer.register_forward_pre_hook(hook_for(name), prepend=True) for name, layer in leaders.items()]
+    runners: dict[int, greenlet] = {}
     try:
         runners = {index: greenlet(functools.partial(run, index)) for index in range(len(calls))}
         while runners:
@@ -262,3 +263,8 @@ def run_in_lockstep(block: nn.Module, calls: list[BlockCall], leaders: dict[str,
     finally:
         for handle in handles:
             handle.remove()
+        # after an error, end the calls still waiting here, inside this function's no_grad: ended later by the garbage
+        # collector, they would leave their no_grad (grad mode off) at some random point of the caller's program
+        for runner in runners.values():
+            if not runner.dead:
+                runner.throw()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from transformers.pytorch_utils import Conv1D
@@ -304,3 +306,20 @@ def test_one_pass_equals_true_sequential_pruning_done_by_hand(model_folders, tex
                 assert torch.equal(layer_weight(prunable_layers(result)[name]) != 0, mask), (architecture, name)
                 layer_weight(layers[name]).mul_(mask)
             remaining = [name for name in remaining if name not in group]
+
+
+def test_an_error_inside_a_one_pass_block_leaves_grad_mode_as_it_was(model_folders, text_file, monkeypatch) -> None:
+    from prune.stages.oneshot import OneShot
+
+    original = OneShot.prune_group
+
+    def failing(self, run, index, *args, **kwargs):
+        if index == 1:
+            raise RuntimeError("the power went out")
+        return original(self, run, index, *args, **kwargs)
+
+    monkeypatch.setattr(OneShot, "prune_group", failing)
+    with pytest.raises(RuntimeError, match="power"):
+        prune_model(str(model_folders["llama"]), method="sparsegpt", sparsity=0.5, calibration=str(text_file), order="one-pass", **SMALL)
+    gc.collect()  # calls left waiting inside the block would end here, and with them their no_grad
+    assert torch.is_grad_enabled()
