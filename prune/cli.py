@@ -4,11 +4,13 @@ options the methods declare), so that each default, range and help text is writt
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
+import yaml
 from click.core import ParameterSource
 from transformers.utils import logging as transformers_logging
 
@@ -36,6 +38,8 @@ def settings_option(field: dataclasses.Field) -> click.Option:
     default = meta["cli_default"] if has_cli_default(field) else None if meta["switch"] else field.default
     if isinstance(field.default, bool) and meta["type"] is None:
         return click.Option([meta["flag"], key_of(field)], is_flag=True, default=default, help=meta["help"])
+    if meta["multiple"]:
+        return click.Option([meta["flag"], key_of(field)], type=meta["type"] or str, multiple=True, metavar=meta["metavar"], help=meta["help"])
     kind = click.Choice(meta["choices"]) if meta["choices"] is not None else (meta["type"] or type(field.default))
     return click.Option([meta["flag"], key_of(field)], type=kind, default=default, show_default=default is not None, metavar=meta["metavar"],
                         help=meta["help"])
@@ -58,6 +62,9 @@ def command_parameters() -> list[click.Parameter]:
     for stage in sorted(STAGE_SETTINGS, key=lambda stage: stage != "oneshot"):
         sections += [*map(settings_option, option_fields(STAGE_SETTINGS[stage])), *extras.get(stage, [])]
     return [
+        click.Option(["--config"], type=click.Path(exists=True, dir_okay=False, path_type=Path), is_eager=True, expose_value=False,
+                     callback=apply_config, help="A recipe (YAML or JSON: option names to values; a map from regex to sparsity for "
+                     "sparsity_override), or a run's report.json to run it again. Options given on the command line override it."),
         click.Option(["--model"], default=SMOLLM2, show_default=True, help=f"An embedded model, a local folder, or a hub name. Embedded: {MODEL_HELP}."),
         *sections,
         click.Option(["--cache-dir"], type=click.Path(path_type=Path), default=None,
@@ -66,16 +73,64 @@ def command_parameters() -> list[click.Parameter]:
     ]
 
 
+def evaluation_field() -> dataclasses.Field:
+    """The evaluation data's field: the one option whose command default (evaluate) differs from the API's (None)."""
+    return next(field for field in option_fields(STAGE_SETTINGS["evaluate"]) if has_cli_default(field))
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The options of a recipe (a YAML or JSON mapping from option names to values), or of a run's report.json (its
+    resolved settings and its model), by option name."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as error:
+        raise click.ClickException(f"--config {path}: cannot be read: {str(error).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise click.ClickException(f"--config {path}: expected a mapping of option names to values")
+    if isinstance(data.get("settings"), dict) and isinstance(data.get("model"), dict):  # a report.json
+        data = {**data["settings"], "model": data["model"].get("name")}
+    return {str(key).replace("-", "_"): value for key, value in data.items()}
+
+
+def apply_config(context: click.Context, parameter: click.Parameter, path: Path | None) -> None:
+    """--config: its values become the defaults of the other options (click's default map), so that the flags given
+    on the command line override them. Each value is checked against its option here, before anything runs."""
+    if path is None:
+        return
+    options = {option.name: option for option in context.command.params if option.name != parameter.name}
+    defaults: dict[str, Any] = {}
+    for key, value in read_config(path).items():
+        if key not in options:
+            raise click.ClickException(f"--config {path}: unknown key {key!r} (keys are the command's options, e.g. sparsity, eval_windows)")
+        if value is None:  # unset; for the evaluation data, unset means no evaluation
+            if key == key_of(evaluation_field()):
+                defaults["no_eval"] = True
+            continue
+        option = options[key]
+        if option.multiple and isinstance(value, dict):  # a map from regex to sparsity
+            value = [f"{pattern}={sparsity}" for pattern, sparsity in value.items()]
+        elif option.multiple and not isinstance(value, list):
+            value = [value]
+        if getattr(option, "is_flag", False) and not isinstance(value, bool):
+            raise click.ClickException(f"--config {path}: key {key!r}: expected true or false, got {value!r}")
+        try:
+            defaults[key] = option.type_cast_value(context, value)
+        except click.BadParameter as error:
+            raise click.ClickException(f"--config {path}: key {key!r}: {error.message}") from None
+    context.default_map = {**(context.default_map or {}), **defaults}
+
+
 def settings_from(options: dict[str, Any], given: set[str]) -> PruneSettings:
     """PruneSettings from the options the user gave (the settings' own defaults fill the rest)."""
     chosen = {key: value for key, value in options.items() if key in given and key not in COMMAND_OPTIONS}
-    evaluation_field = next(field for field in option_fields(STAGE_SETTINGS["evaluate"]) if has_cli_default(field))
+    evaluation = evaluation_field()
     if options["no_eval"]:
-        if key_of(evaluation_field) in given:
-            raise PruningError(f"{evaluation_field.metadata['flag']} and --no-eval contradict each other")
-        chosen[key_of(evaluation_field)] = None
-    elif key_of(evaluation_field) not in given:
-        chosen[key_of(evaluation_field)] = evaluation_field.metadata["cli_default"]
+        if key_of(evaluation) in given:
+            raise PruningError(f"{evaluation.metadata['flag']} and --no-eval contradict each other")
+        chosen[key_of(evaluation)] = None
+    elif key_of(evaluation) not in given:
+        chosen[key_of(evaluation)] = evaluation.metadata["cli_default"]
     return PruneSettings(**chosen, progress=not options["quiet"])
 
 

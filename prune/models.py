@@ -191,6 +191,20 @@ def load_model(name: str, *, cache_dir: Path | None = None, kind: str | None = N
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source, kind=kind, notes=notes)
 
 
+def prunable_layer_names(name: str, *, cache_dir: Path | None = None) -> list[str]:
+    """The full names of the model's prunable layers, from its config alone (built on the meta device: no weight is
+    read)."""
+    from accelerate import init_empty_weights
+
+    _, config = resolve_source(name, cache_dir)
+    try:
+        with init_empty_weights():
+            model = AUTO_CLASSES[model_kind(config)].from_config(config)
+    except Exception as error:
+        raise ModelError(f"could not build model {name!r} from its config: {first_line(error)}") from None
+    return list(all_prunable_layers(model))
+
+
 def resolve_source(name: str, cache_dir: Path | None) -> tuple[str, object]:
     """Where `name` is (a folder, or the hub name) and its config."""
     if name in EMBEDDED_MODELS:

@@ -21,7 +21,7 @@ from torch import nn
 from methods import PruningError, Target
 from methods.registry import get_method, method_options
 from prune.devices import resolve_device
-from prune.models import DTYPES, LoadedModel, load_model, transformer_blocks
+from prune.models import DTYPES, LoadedModel, load_model, prunable_layer_names, transformer_blocks
 from prune.output import check_output_dir, complete_streamed, put_in_place, save_pruned
 from prune.report import Report
 from prune.resume import NOT_FINGERPRINTED, ResumeState, model_fingerprint, tensor_digest
@@ -161,7 +161,7 @@ class PruneSettings:
         for stage in SWITCHES:
             if getattr(self, stage) is None:
                 options[stage] = None
-        return options
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in options.items()}  # as JSON holds them
 
 
 def option_routes() -> dict[str, tuple[str, str]]:
@@ -200,7 +200,11 @@ class Pipeline:
         return state
 
     def load(self, name: str, *, cache_dir: Path | None = None) -> tuple[LoadedModel, float]:
-        """Load the model as these settings want it (in their dtype; streamed or whole); with the seconds it took."""
+        """Load the model as these settings want it (in their dtype; streamed or whole); with the seconds it took.
+        Layer-name rules (--targets, --ignore, --sparsity-override) are checked against the model's layers first."""
+        rules = self.settings.oneshot.layer_rules()
+        if rules and (problem := rules.unmatched(prunable_layer_names(name, cache_dir=cache_dir))) is not None:
+            raise PruningError(problem)
         started = time.perf_counter()
         loaded = load_model(name, cache_dir=cache_dir, dtype=self.settings.dtype, stream=self.settings.streams())
         return loaded, time.perf_counter() - started

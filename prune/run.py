@@ -32,11 +32,19 @@ class LayerPlan:
     blocks_name: str
     blocks: nn.ModuleList
     targets: list[Target | None]  # per block; None: the block stays dense
-    skipped: set[str] = field(default_factory=set)  # full names of layers left dense (their input size cannot hold N:M)
+    skipped: dict[str, str] = field(default_factory=dict)  # full name -> why the layer stays dense (--targets, --ignore, N:M input size)
+    overrides: dict[str, Target] = field(default_factory=dict)  # full name -> the layer's own target (--sparsity-override)
 
     @property
     def selected(self) -> list[int]:
         return [index for index, target in enumerate(self.targets) if target is not None]
+
+    def target_of(self, name: str) -> Target | None:
+        """What the layer `name` (full name) becomes: its override, else its block's target; None when it stays dense."""
+        block = self.targets[int(name[len(self.blocks_name) + 1 :].split(".")[0])]
+        if block is None or name in self.skipped:
+            return None
+        return self.overrides.get(name, block)
 
     def pruned_layers(self) -> dict[str, nn.Module]:
         """Full name -> layer, for every layer the one-shot stage prunes."""

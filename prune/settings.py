@@ -18,16 +18,17 @@ _NO_CLI_DEFAULT = object()
 
 
 def option(default: Any, flag: str, help: str, *, type: type | None = None, choices: tuple | None = None, minimum: float | None = None,
-           positive: bool = False, metavar: str | None = None, cli_default: Any = _NO_CLI_DEFAULT, switch: bool = False) -> Any:
+           positive: bool = False, metavar: str | None = None, cli_default: Any = _NO_CLI_DEFAULT, switch: bool = False,
+           multiple: bool = False) -> Any:
     """A settings field that is the command-line option `flag`.
 
     `minimum`: values below it are refused; `positive`: values <= 0 are refused; `choices`: the allowed values.
     `cli_default`: where the command's default differs from the API's (e.g. the command evaluates by default).
     `switch`: the field turns its (optional) stage on: without it the stage does not run, and the stage's other
-    options may not be given.
+    options may not be given. `multiple`: the option may be given several times; the field holds a tuple of values.
     """
     metadata = {"flag": flag, "help": help, "type": type, "choices": choices, "minimum": minimum, "positive": positive,
-                "metavar": metavar, "cli_default": cli_default, "switch": switch}
+                "metavar": metavar, "cli_default": cli_default, "switch": switch, "multiple": multiple}
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -59,7 +60,7 @@ def check_fields(settings: Any) -> None:
     """Refuse any option value outside its declared choices or range (None means 'not set' and passes)."""
     for field in option_fields(type(settings)):
         value, meta = getattr(settings, field.name), field.metadata
-        if value is None:
+        if value is None or meta["multiple"]:
             continue
         if meta["choices"] is not None and value not in meta["choices"]:
             raise PruningError(f"{meta['flag']} must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")

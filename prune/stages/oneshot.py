@@ -45,6 +45,78 @@ def method_flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+REGEX_PREFIX = "re:"  # how llm-compressor recipes mark a regular expression in `targets` and `ignore`
+
+
+def layer_pattern(text: str, flag: str) -> re.Pattern:
+    """A regular expression searched in full layer names (model.layers.3.mlp.down_proj); a leading 're:' is dropped."""
+    try:
+        return re.compile(text.removeprefix(REGEX_PREFIX))
+    except re.error as error:
+        raise PruningError(f"{flag} {text!r} is not a regular expression: {error}") from None
+
+
+def parsed_override(text: str) -> tuple[str, float]:
+    """'REGEX=SPARSITY' -> (REGEX, SPARSITY), the sparsity in [0, 1)."""
+    pattern, equals, value = text.rpartition("=")
+    if not equals or not pattern:
+        raise PruningError(f"--sparsity-override {text!r}: expected REGEX=SPARSITY")
+    try:
+        sparsity = float(value)
+    except ValueError:
+        raise PruningError(f"--sparsity-override {text!r}: {value!r} is not a number") from None
+    if not 0 <= sparsity < 1:
+        raise PruningError(f"--sparsity-override {text!r}: the sparsity must be in [0, 1)")
+    return pattern, sparsity
+
+
+@dataclass(frozen=True)
+class LayerRules:
+    """Which layers of the selected blocks are pruned, and to what sparsity, by name: --targets, --ignore,
+    --sparsity-override (a layer that --targets does not match, or that --ignore matches, stays dense; the first
+    override that matches a pruned layer replaces its block's sparsity)."""
+
+    targets: tuple[tuple[str, re.Pattern], ...] = ()
+    ignore: tuple[tuple[str, re.Pattern], ...] = ()
+    overrides: tuple[tuple[str, re.Pattern, float], ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.targets or self.ignore or self.overrides)
+
+    def dense_reason(self, name: str) -> str | None:
+        """Why the layer `name` stays dense, or None when it is pruned."""
+        if self.targets and not any(pattern.search(name) for _, pattern in self.targets):
+            return "not matched by --targets; left dense"
+        ignored = next((text for text, pattern in self.ignore if pattern.search(name)), None)
+        return None if ignored is None else f"matched --ignore {ignored!r}; left dense"
+
+    def sparsity_of(self, name: str) -> float | None:
+        """The sparsity of the first override that matches `name`, if any."""
+        return next((sparsity for _, pattern, sparsity in self.overrides if pattern.search(name)), None)
+
+    def unmatched(self, names: list[str]) -> str | None:
+        """The complaint about the first rule that matches none of `names` (a misspelt regex would silently do nothing)."""
+        rules = [("--targets", text, pattern) for text, pattern in self.targets] + [("--ignore", text, pattern) for text, pattern in self.ignore]
+        rules += [("--sparsity-override", f"{text}={sparsity:g}", pattern) for text, pattern, sparsity in self.overrides]
+        for flag, text, pattern in rules:
+            if not any(pattern.search(name) for name in names):
+                example = names[0] if names else "(none)"
+                return f"{flag} {text!r} matches no layer of the model (its layers are named like {example})"
+        return None
+
+
+def as_tuple(value) -> tuple[str, ...]:
+    """A repeatable option's value as given to the Python API (one string, a sequence, or for overrides a map
+    regex -> sparsity) as the command's tuple of strings."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, dict):
+        return tuple(f"{pattern}={sparsity}" for pattern, sparsity in value.items())
+    return tuple(str(item) for item in value)
+
+
 @dataclass
 class OneShotSettings:
     """What each layer becomes and how."""
@@ -61,10 +133,28 @@ class OneShotSettings:
                                 metavar="0-9,12")
     skip_incompatible: bool = option(False, "--skip-incompatible", "Leave dense the layers whose input size is not a multiple of M, "
                                      "instead of refusing.")
+    targets: tuple[str, ...] = option((), "--targets", "Prune only the layers whose full name (model.layers.3.mlp.down_proj) a regular "
+                                      "expression matches (searched; repeatable; a leading 're:' as in llm-compressor recipes is allowed). "
+                                      "Default: every Linear/Conv1D of the transformer blocks.", multiple=True, metavar="REGEX")
+    ignore: tuple[str, ...] = option((), "--ignore", "Leave dense the layers whose full name a regular expression matches (repeatable; "
+                                     "reported as ignored).", multiple=True, metavar="REGEX")
+    sparsity_override: tuple[str, ...] = option((), "--sparsity-override", "REGEX=SPARSITY: prune the layers whose name matches to SPARSITY "
+                                                "instead of their block's sparsity (uniform, or OWL's); the first matching override wins "
+                                                "(repeatable; in a recipe, a map from regex to sparsity). Unstructured targets only.",
+                                                multiple=True, metavar="REGEX=S")
     order: str = option("one-pass", "--order", "one-pass: each layer's statistics are collected on the inputs it sees once the layers before it "
                         "in its block are pruned, in one forward pass per block that also gives the next block's inputs (more memory: every "
                         "calibration batch's state inside the block); two-pass: statistics on the dense block, then a second pass through "
                         "the pruned block.", choices=ORDERS)
+
+    def __post_init__(self) -> None:
+        self.targets, self.ignore, self.sparsity_override = map(as_tuple, (self.targets, self.ignore, self.sparsity_override))
+
+    def layer_rules(self) -> LayerRules:
+        """The --targets / --ignore / --sparsity-override rules, compiled (refused when malformed)."""
+        overrides = tuple((pattern, layer_pattern(pattern, "--sparsity-override"), sparsity) for pattern, sparsity in map(parsed_override, self.sparsity_override))
+        return LayerRules(tuple((text, layer_pattern(text, "--targets")) for text in self.targets),
+                          tuple((text, layer_pattern(text, "--ignore")) for text in self.ignore), overrides)
 
     def target(self) -> Target:
         flags = [flag for flag, value in (("--sparsity", self.sparsity), ("--pattern", self.pattern)) if value is not None]
@@ -78,6 +168,8 @@ class OneShotSettings:
             raise PruningError("--propagate dense feeds the next block the dense block's outputs, which a one-pass block never computes: "
                                "use --order two-pass")
         target = self.target()
+        if self.layer_rules().overrides and target.is_nm:
+            raise PruningError(f"--sparsity-override gives layers unstructured sparsities: it cannot be combined with --pattern {target.pattern}")
         method = get_method(self.method)
         unsupported = sorted(set(self.method_options) - {option.name for option in method.options})
         if unsupported:
@@ -139,14 +231,27 @@ class OneShot(Stage):
         settings, target, report = self.settings, self.target, run.report
         blocks_name, blocks = transformer_blocks(run.model)
         selected = parse_blocks(settings.blocks, len(blocks))
-        incompatible = incompatible_layers(blocks, blocks_name, target, selected)
+        rules = settings.layer_rules()
+        names = list(all_prunable_layers(run.model))
+        if (problem := rules.unmatched(names)) is not None:
+            raise PruningError(problem)
+        in_selected = [f"{blocks_name}.{index}.{name}" for index in selected for name in prunable_layers(blocks[index])]
+        skipped = {name: reason for name in in_selected if (reason := rules.dense_reason(name)) is not None}
+        incompatible = [name for name in incompatible_layers(blocks, blocks_name, target, selected) if name not in skipped]
         if incompatible and not settings.skip_incompatible:
             raise PruningError(
                 f"{len(incompatible)} layer(s) cannot hold pattern {target.pattern}: {incompatible[0]} has "
                 f"{input_features(run.model.get_submodule(incompatible[0]))} inputs, not a multiple of {target.m} "
                 "(--skip-incompatible leaves such layers dense)"
             )
-        run.plan = LayerPlan(blocks_name, blocks, [target if index in selected else None for index in range(len(blocks))], set(incompatible))
+        skipped.update({name: f"input size not a multiple of M={target.m}; left dense" for name in incompatible})
+        overrides = {name: Target(sparsity) for name in in_selected if name not in skipped and (sparsity := rules.sparsity_of(name)) is not None}
+        run.plan = LayerPlan(blocks_name, blocks, [target if index in selected else None for index in range(len(blocks))], skipped, overrides)
+        by_rules = len(skipped) - len(incompatible)
+        if by_rules:
+            run.note(f"{by_rules} layer(s) left dense by --targets / --ignore")
+        if overrides:
+            run.note(f"{len(overrides)} layer(s) pruned to their --sparsity-override instead of their block's sparsity")
         report.method = self.method.name
         report.target = {"sparsity": target.sparsity, "pattern": target.pattern}
         report.model["blocks"] = f"{blocks_name} ({len(blocks)})"
@@ -154,7 +259,7 @@ class OneShot(Stage):
         if self.method.statistic is None:
             run.note(f"{self.method.name} uses no calibration data")
         if self.method.work is not None:
-            work = sum(self.method.work(*layer_weight(layer).shape, target) for layer in run.plan.pruned_layers().values())
+            work = sum(self.method.work(*layer_weight(layer).shape, run.plan.target_of(name)) for name, layer in run.plan.pruned_layers().items())
             if work > LARGE_WORK_FLOP:
                 message = f"{self.method.name} will do about {work / 1e12:.1f} TFLOP of work; on a CPU this takes a long time"
                 run.note(message)
@@ -174,6 +279,9 @@ class OneShot(Stage):
         if self.options[gradients.ranking_option] and run.settings.allocate.allocation != "uniform":
             raise PruningError(f"{method_flag(gradients.ranking_option)} 1 ranks all layers' weights together: it cannot also follow "
                                f"--allocation {run.settings.allocate.allocation}'s per-block sparsities")
+        if self.options[gradients.ranking_option] and run.plan.overrides:
+            raise PruningError(f"{method_flag(gradients.ranking_option)} 1 ranks all layers' weights together: it cannot also follow "
+                               "--sparsity-override's per-layer sparsities")
         weights = sum(layer_weight(layer).numel() for layer in run.plan.pruned_layers().values())
         needed = sum(gradients.memory_bytes(layer_weight(layer).numel(), self.options, self.hessian_dtype) for layer in run.plan.pruned_layers().values())
         needed += gradients.batch * weights * 4  # the gathered float32 gradients
@@ -245,28 +353,27 @@ class OneShot(Stage):
         with run.block(index, changed=True) as block:
             layers = prunable_layers(block)
             if calls is not None and self.settings.order == "one-pass":
-                reports = self.one_pass(run, index, block, layers, calls, target)
+                reports = self.one_pass(run, index, block, layers, calls)
             else:
-                reports = self.two_passes(run, index, block, layers, calls, target, propagate)
+                reports = self.two_passes(run, index, block, layers, calls, propagate)
         return [reports.get(name) or skipped_layer(f"{plan.blocks_name}.{index}.{name}", layer, "never called during calibration; left dense")
                 for name, layer in layers.items()]
 
-    def two_passes(self, run: Run, index: int, block: nn.Module, layers: dict[str, nn.Module], calls: list | None, target: Target,
-                   propagate: bool) -> dict[str, LayerReport]:
+    def two_passes(self, run: Run, index: int, block: nn.Module, layers: dict[str, nn.Module], calls: list | None, propagate: bool) -> dict[str, LayerReport]:
         """Statistics of every layer on the dense block's inputs (one pass), every layer pruned, then (a second pass) the
         pruned block's outputs become the next block's inputs (the dense block's with --propagate dense)."""
         device, breakdown, reports = run.device, run.report.prune_breakdown, {}
         if calls is None:  # a method without statistics
             with timed(breakdown, "method", device):
                 for name in layers:
-                    self.prune_group(run, index, layers, name, [name], None, target, reports)
+                    self.prune_group(run, index, layers, name, [name], None, reports)
             return reports
         advanced = propagate and self.settings.propagate == "dense"  # whether the statistics pass also advances `calls`
         with timed(breakdown, "statistics", device), LayerInputStatistics(layers, self.method.statistic, device, self.hessian_dtype) as statistics:
             run_calls(block, calls, statistics, advance=advanced)
         with timed(breakdown, "method", device):
             for leader, members in statistics.groups().items():
-                self.prune_group(run, index, layers, leader, members, statistics.statistics(leader), target, reports)
+                self.prune_group(run, index, layers, leader, members, statistics.statistics(leader), reports)
                 for name in members:
                     statistics.done(name)  # this input's last layer is pruned: its statistic is freed before the next sweep
         del statistics
@@ -275,7 +382,7 @@ class OneShot(Stage):
                 run_calls(block, calls, advance=True)
         return reports
 
-    def one_pass(self, run: Run, index: int, block: nn.Module, layers: dict[str, nn.Module], calls: list, target: Target) -> dict[str, LayerReport]:
+    def one_pass(self, run: Run, index: int, block: nn.Module, layers: dict[str, nn.Module], calls: list) -> dict[str, LayerReport]:
         """One forward pass through the block, all calls in lock step: each group of layers fed the same input is
         pruned as soon as every call's input to it is accumulated, so later layers' statistics are collected on the
         outputs of the already pruned ones, and the pass ends with the pruned block's outputs in `calls`."""
@@ -286,7 +393,7 @@ class OneShot(Stage):
 
         def complete(leader: str, statistic) -> None:
             with timed(method_seconds, "method", device):
-                self.prune_group(run, index, layers, leader, self.groups[leader], statistic, target, reports)
+                self.prune_group(run, index, layers, leader, self.groups[leader], statistic, reports)
 
         started = time.perf_counter()
         run_in_lockstep(block, calls, {leader: layers[leader] for leader in self.groups},
@@ -296,22 +403,23 @@ class OneShot(Stage):
         breakdown["statistics"] += time.perf_counter() - started - method_seconds.get("method", 0.0)
         return reports
 
-    def prune_group(self, run: Run, index: int, layers: dict[str, nn.Module], leader: str, members: list[str], statistic, target: Target,
+    def prune_group(self, run: Run, index: int, layers: dict[str, nn.Module], leader: str, members: list[str], statistic,
                     reports: dict[str, LayerReport]) -> None:
-        """Prune the layers fed one input (q/k/v, gate/up) from their one statistic; layers whose input size cannot hold
-        the pattern stay dense. Their reports go into `reports`."""
+        """Prune the layers fed one input (q/k/v, gate/up) from their one statistic, each to its target in the plan;
+        the layers the plan leaves dense stay so. Their reports go into `reports`."""
         plan = run.plan
         full = {name: f"{plan.blocks_name}.{index}.{name}" for name in members}
+        by_target: dict[Target, list[str]] = {}
         for name in members:
             if full[name] in plan.skipped:
-                reports[name] = skipped_layer(full[name], layers[name], f"input size not a multiple of M={target.m}; left dense")
-        pruned = [name for name in members if name not in reports]
-        if not pruned:
-            return
-        results = self.prune_layers({name: layers[name] for name in pruned}, full, statistic, target, run.device, run.dtype)
-        for name, report in zip(pruned, results, strict=True):
-            report.statistics_from = f"{plan.blocks_name}.{index}.{leader}" if statistic is not None else None
-            reports[name] = report
+                reports[name] = skipped_layer(full[name], layers[name], plan.skipped[full[name]])
+            else:
+                by_target.setdefault(plan.target_of(full[name]), []).append(name)
+        for layer_target, pruned in by_target.items():  # layers with a --sparsity-override are pruned apart from the others
+            results = self.prune_layers({name: layers[name] for name in pruned}, full, statistic, layer_target, run.device, run.dtype)
+            for name, report in zip(pruned, results, strict=True):
+                report.statistics_from = f"{plan.blocks_name}.{index}.{leader}" if statistic is not None else None
+                reports[name] = report
 
     def prune_layers(self, layers: dict[str, nn.Module], full: dict[str, str], statistic, target: Target, device: torch.device,
                      stored: torch.dtype) -> list[LayerReport]:
@@ -346,7 +454,7 @@ class OneShot(Stage):
         gradients, plan, device, breakdown = self.method.gradients, run.plan, run.device, run.report.prune_breakdown
         layers = plan.pruned_layers()
         epochs, ranked_globally = int(self.options[gradients.epochs_option]), bool(self.options[gradients.ranking_option])
-        targets = {name: plan.targets[int(name[len(plan.blocks_name) + 1 :].split(".")[0])] for name in layers}
+        targets = {name: plan.target_of(name) for name in layers}
         losses, seconds = dict.fromkeys(layers, 0.0), dict.fromkeys(layers, 0.0)
         with on_device(run.model, device, run.compute_dtype):
             for epoch in range(1, epochs + 1):
@@ -368,8 +476,7 @@ class OneShot(Stage):
         reports = []
         for name, layer in all_prunable_layers(run.model).items():
             if name not in layers:
-                reports.append(skipped_layer(name, layer, f"input size not a multiple of M={self.target.m}; left dense"
-                                             if name in plan.skipped else "block not selected; left dense"))
+                reports.append(skipped_layer(name, layer, plan.skipped.get(name, "block not selected; left dense")))
                 continue
             pruned, target = layer_weight(layer), targets[name]
             valid = nm_valid(pruned, target.n, target.m) if target.is_nm else None
