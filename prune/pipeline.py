@@ -121,6 +121,8 @@ class PruneSettings:
             return "--recover"
         if self.calibrate.conll_folder() is not None and self.evaluate.data is not None:
             return "entity F1 (--calibration conll:DIR)"
+        if self.evaluate.tasks:
+            return "--eval-tasks (lm-eval runs the whole model)"
         if get_method(self.oneshot.method).gradients is not None:
             return f"--method {self.oneshot.method} (its gradients of the task loss)"
         return None

@@ -39,6 +39,7 @@ class Report:
     allocation: dict | None = None  # OWL: rule, owl_m, owl_lambda, and per block its outlier ratio, sparsity, parameters
     entity_f1: dict | None = None  # token classifiers calibrated on CoNLL: {"data", "sentences", "dense": {...}, "pruned": {...}}
     perplexity: dict | None = None  # {"dense": {...}, "pruned": {...}, "recovered": {...}} with value, seqlen, windows
+    tasks: dict | None = None  # lm-eval: {"tasks", "limit", "path", "unavailable", "dense": {task: {"acc", "acc_norm", ...}}, "pruned": ...}
     refine: dict | None = None  # the MaskPro refinement: steps, residual curve, changed groups, held-out losses, time split
     recover: dict | None = None  # the recovery fine-tune: optimizer, steps, loss curve, seconds, perplexity before/after
     peak_memory_mb: float = 0.0  # peak resident memory of the process
@@ -60,6 +61,21 @@ class Report:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+    def task_lines(self) -> list[str]:
+        """One line per lm-eval task: its accuracies at each point of the run."""
+        tasks = self.tasks
+        limit = f", at most {tasks['limit']} examples each" if tasks["limit"] is not None else ""
+        lines = [f"zero-shot tasks ({tasks['harness']}{limit}):"]
+        labels = [label for label in ("dense", "pruned", "refined", "recovered") if tasks.get(label)]
+        for task in tasks["tasks"]:
+            rows = [(label, tasks[label].get(task, {})) for label in labels]
+            parts = [f"{metric} " + ", ".join(f"{label} {row[metric]:.4f}" for label, row in rows if metric in row)
+                     for metric in ("acc", "acc_norm") if any(metric in row for _, row in rows)]
+            samples = next((row["samples"] for _, row in rows if row.get("samples") is not None), None)
+            lines.append(f"  {task} ({samples} examples): " + "; ".join(parts))
+        lines.extend(f"  {task}: not evaluated ({reason})" for task, reason in tasks["unavailable"].items())
+        return lines
 
     def table(self) -> str:
         """A readable per-layer table with the summary under it."""
@@ -87,6 +103,8 @@ class Report:
             scores = self.entity_f1
             figures = ", ".join(f"{label} {scores[label]['f1']:.4f}" for label in ("dense", "pruned", "refined", "recovered") if label in scores)
             lines.append(f"entity F1 ({scores['data']} test split, {scores['sentences']} sentences): {figures}")
+        if self.tasks:
+            lines.extend(self.task_lines())
         if self.refine:
             refined = self.refine
             curve = refined["curve"]

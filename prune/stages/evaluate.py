@@ -1,10 +1,12 @@
-"""The evaluators: perplexity of a causal LM on held-out text, entity F1 of a token classifier on a CoNLL test file.
+"""The evaluators: perplexity of a causal LM on held-out text, entity F1 of a token classifier on a CoNLL test file,
+zero-shot accuracy on lm-evaluation-harness tasks.
 They share one face (prune.run.Evaluator): prepare their data before any forward pass, then measure the model at
 each point of the run, under a label ('dense', 'pruned', 'refined', 'recovered')."""
 
 from __future__ import annotations
 
 import hashlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,10 +15,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from calibration.capture import run_calls
-from calibration.corpora import HUB_CORPORA, WIKI_SAMPLE
+from calibration.corpora import HUB_CORPORA, WIKI_SAMPLE, hub_connection_problem
 from calibration.windows import evaluation_windows, window_count
 from eval.ner import evaluate_ner
 from eval.perplexity import Perplexity, from_losses, next_token_loss
+from eval.tasks import TaskError, evaluate_tasks, resolve_tasks
 from methods import PruningError
 from prune.devices import on_device
 from prune.models import CAUSAL_LM, TOKEN_CLASSIFICATION
@@ -36,12 +39,27 @@ class EvaluationSettings:
                               cli_default=WIKI_SAMPLE)
     seqlen: int | None = option(None, "--eval-seqlen", "Tokens per evaluation window (default: --seqlen).", type=int, minimum=2)
     windows: int | None = option(None, "--eval-windows", "Evaluate at most this many windows (default: all).", type=int, minimum=1)
-    batch_size: int = option(4, "--eval-batch-size", "Evaluation windows per forward pass.", minimum=1)
+    batch_size: int = option(4, "--eval-batch-size", "Evaluation windows (perplexity) or requests (--eval-tasks) per forward pass.", minimum=1)
+    tasks: tuple[str, ...] = option((), "--eval-tasks", "Zero-shot tasks of lm-evaluation-harness (comma-separated or repeated, e.g. "
+                                    "arc_easy,hellaswag): accuracy before and after each stage, beside --eval-data's figures (and also "
+                                    "with --no-eval).", multiple=True, metavar="TASKS")
+    tasks_path: str | None = option(None, "--eval-tasks-path", "A folder of lm-eval task definitions (YAML; lm-eval's include path): local "
+                                    "tasks with local data run offline.", type=str, metavar="DIR")
+    limit: int | None = option(None, "--eval-limit", "At most this many examples per task (default: all).", type=int, minimum=1)
+
+    def __post_init__(self) -> None:
+        given = (self.tasks,) if isinstance(self.tasks, str) else self.tasks or ()
+        self.tasks = tuple(name.strip() for item in given for name in str(item).split(",") if name.strip())
 
     def check(self) -> None:
         check_fields(self)
         if self.data is not None and self.data not in NAMED_TEXTS and not Path(self.data).expanduser().exists():
             raise PruningError(f"--eval-data: no such file or folder: {self.data}")
+        for flag, value in (("--eval-tasks-path", self.tasks_path), ("--eval-limit", self.limit)):
+            if value is not None and not self.tasks:
+                raise PruningError(f"{flag} applies only with --eval-tasks")
+        if self.tasks_path is not None and not Path(self.tasks_path).expanduser().is_dir():
+            raise PruningError(f"--eval-tasks-path: no such folder: {self.tasks_path}")
 
 
 class PerplexityEvaluator:
@@ -97,6 +115,44 @@ class EntityF1Evaluator:
         return {"f1": scores.f1, "precision": scores.precision, "recall": scores.recall}
 
 
+class TasksEvaluator:
+    """Zero-shot accuracy on lm-evaluation-harness tasks, of the model held in memory (lm-eval's HFLM wraps it)."""
+
+    key = "tasks"
+    text = None
+
+    def __init__(self, settings: EvaluationSettings) -> None:
+        self.settings = settings
+        self.path = Path(settings.tasks_path).expanduser() if settings.tasks_path is not None else None
+
+    def prepare(self, run: Run) -> None:
+        if run.loaded.kind != CAUSAL_LM:
+            raise PruningError(f"--eval-tasks runs lm-eval's language-model tasks: it needs a causal LM, and this model is a {run.loaded.kind}")
+        tokenizer = run.loaded.tokenizer
+        if tokenizer.bos_token_id is None and tokenizer.eos_token_id is None:
+            raise PruningError("--eval-tasks: lm-eval needs a tokenizer with a BOS or EOS token (its prefix for a scored continuation), and "
+                               "this model's has neither")
+        try:
+            self.suite = resolve_tasks(list(self.settings.tasks), self.path, hub_connection_problem)
+        except TaskError as error:
+            hint = " (--eval-tasks-path adds a folder of task definitions)" if self.path is None and str(error).startswith("unknown") else ""
+            raise PruningError(f"--eval-tasks: {error}{hint}") from None
+        for name, reason in self.suite.unavailable.items():
+            message = f"--eval-tasks {name} is not evaluated: {reason}"
+            run.note(message)
+            print(f"prune: warning: {message}", file=sys.stderr)
+        run.report.tasks = {"harness": "lm-evaluation-harness, zero-shot", "tasks": list(self.suite.names), "limit": self.settings.limit,
+                            "path": str(self.path) if self.path is not None else None, "unavailable": dict(self.suite.unavailable)}
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(repr((self.suite.names, self.settings.limit, str(self.path))).encode()).hexdigest()
+
+    def measure(self, run: Run, label: str) -> dict:
+        with on_device(run.model, run.device, run.compute_dtype):
+            return evaluate_tasks(run.model, run.loaded.tokenizer, self.suite, limit=self.settings.limit, batch_size=self.settings.batch_size,
+                                  seed=run.settings.seed)
+
+
 @torch.no_grad()
 def sequential_perplexity(run: Run, windows: Tensor, batch_size: int, label: str = "perplexity") -> Perplexity:
     """Perplexity computed block by block, each block's weights present only while it runs: the windows' inputs to
@@ -118,6 +174,12 @@ def sequential_perplexity(run: Run, windows: Tensor, batch_size: int, label: str
 
 def evaluators(run: Run) -> list[Evaluator]:
     """The evaluators that apply to this model and these settings (with a note when asked-for perplexity cannot be)."""
+    settings = run.settings.evaluate
+    return [*data_evaluators(run), *([TasksEvaluator(settings)] if settings.tasks else [])]
+
+
+def data_evaluators(run: Run) -> list[Evaluator]:
+    """Perplexity or entity F1 on --eval-data, when they apply."""
     settings, kind = run.settings.evaluate, run.loaded.kind
     if settings.data is None:
         return []
