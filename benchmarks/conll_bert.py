@@ -31,7 +31,7 @@ from prune.models import MINILM, ModelError
 from prune.movement import MovementSettings, movement_prune
 from prune.output import OutputError
 from prune.pipeline import PruneSettings, run_pipeline
-from prune.plots import headless_pyplot, save
+from prune.plots import new_figure, save
 from prune.stages.recover import RecoverSettings, recover
 from prune.training import FinetuneSettings, fresh_copy, load_or_finetune
 
@@ -90,8 +90,8 @@ def table_markdown(study: Study, methods: list[str], sparsities: list[float], al
 
 def plot_sample_sizes(study: Study, methods: list[str], sparsities: list[float], sizes: list[int], path: Path) -> None:
     """F1 against the number of calibration sentences, one line per method and sparsity (seed 003, Figure 1)."""
-    pyplot = headless_pyplot()
-    figure, axes = pyplot.subplots(figsize=(6, 4))
+    figure = new_figure(6, 4)
+    axes = figure.subplots()
     for method in methods:
         for sparsity in sparsities:
             points = [(size, run["f1"]) for size in sizes if (run := study.find(method, sparsity, "uniform", size))]
@@ -103,7 +103,7 @@ def plot_sample_sizes(study: Study, methods: list[str], sparsities: list[float],
     axes.set_ylabel("test entity F1")
     axes.set_title(f"{study.setup['model']} on CoNLL-2003: F1 vs calibration size")
     axes.legend(fontsize=8)
-    replace_file(path, lambda partial: save(pyplot, figure, partial))
+    replace_file(path, lambda partial: save(figure, partial))
 
 
 def replace_file(path: Path, write) -> None:

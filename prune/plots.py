@@ -5,20 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def headless_pyplot():
-    """matplotlib's pyplot on the Agg backend (no display needed)."""
-    import matplotlib
+def new_figure(width: float, height: float):
+    """A matplotlib Figure that is not attached to pyplot: drawing and saving it neither needs a display nor changes
+    the backend of the caller (a notebook keeps its inline plots)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    return pyplot
+    return Figure(figsize=(width, height))
 
 
-def save(pyplot, figure, path: Path) -> None:
+def save(figure, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-    pyplot.close(figure)
 
 
 def with_perplexities(title: str, stage: dict) -> str:
@@ -30,9 +27,9 @@ def with_perplexities(title: str, stage: dict) -> str:
 
 def plot_allocation(allocation: dict, target_sparsity: float, path: Path) -> None:
     """Per-block sparsity (bars) and OWL outlier ratio (line) as a PNG."""
-    pyplot = headless_pyplot()
     blocks = [entry["block"] for entry in allocation["blocks"]]
-    figure, sparsity_axis = pyplot.subplots(figsize=(max(6, len(blocks) * 0.3), 4))
+    figure = new_figure(max(6, len(blocks) * 0.3), 4)
+    sparsity_axis = figure.subplots()
     sparsity_axis.bar(blocks, [entry["sparsity"] for entry in allocation["blocks"]], color="tab:blue", alpha=0.7, label="block sparsity")
     sparsity_axis.axhline(target_sparsity, color="tab:blue", linestyle="--", linewidth=1, label=f"target {target_sparsity:.0%}")
     sparsity_axis.set_xlabel("block")
@@ -43,14 +40,14 @@ def plot_allocation(allocation: dict, target_sparsity: float, path: Path) -> Non
     rule = allocation["rule"] + (f", λ = {allocation['owl_lambda']:g}" if allocation.get("owl_lambda") is not None else "")
     sparsity_axis.set_title(f"OWL allocation ({rule})")
     figure.legend(loc="upper right")
-    save(pyplot, figure, path)
+    save(figure, path)
 
 
 def plot_recover(recover: dict, path: Path) -> None:
     """Training loss (and learning rate) against step of the recovery fine-tune, as a PNG."""
-    pyplot = headless_pyplot()
     steps = [point["step"] for point in recover["curve"]]
-    figure, loss_axis = pyplot.subplots(figsize=(6, 4))
+    figure = new_figure(6, 4)
+    loss_axis = figure.subplots()
     loss_axis.plot(steps, [point["loss"] for point in recover["curve"]], color="tab:blue", marker=".", label="training loss")
     loss_axis.set_xlabel("step")
     loss_axis.set_ylabel("training loss", color="tab:blue")
@@ -58,14 +55,14 @@ def plot_recover(recover: dict, path: Path) -> None:
     rate_axis.plot(steps, [point["lr"] for point in recover["curve"]], color="tab:gray", linestyle=":", label="learning rate")
     rate_axis.set_ylabel("learning rate", color="tab:gray")
     loss_axis.set_title(with_perplexities(f"recovery with {recover['optimizer']} ({recover['steps']} steps)", recover))
-    save(pyplot, figure, path)
+    save(figure, path)
 
 
 def plot_refine(refine: dict, path: Path) -> None:
     """The loss residual L(m) − L(m₀) (and the tracker δ) against step of the MaskPro refinement, as a PNG."""
-    pyplot = headless_pyplot()
     steps = [point["step"] for point in refine["curve"]]
-    figure, axis = pyplot.subplots(figsize=(6, 4))
+    figure = new_figure(6, 4)
+    axis = figure.subplots()
     axis.plot(steps, [point["residual"] for point in refine["curve"]], color="tab:blue", marker=".", label="L(m) − L(m₀), mean since last point")
     axis.plot(steps, [point["tracker"] for point in refine["curve"]], color="tab:orange", linestyle="--", label="tracker δ")
     axis.axhline(0.0, color="tab:gray", linewidth=0.8)
@@ -73,4 +70,4 @@ def plot_refine(refine: dict, path: Path) -> None:
     axis.set_ylabel("loss residual")
     axis.set_title(with_perplexities(f"MaskPro refinement ({refine['steps']} steps)", refine))
     axis.legend()
-    save(pyplot, figure, path)
+    save(figure, path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import matplotlib
 import pytest
 import torch
 from hypothesis import given, settings
@@ -121,7 +122,13 @@ def test_owl_refuses_n_m_and_plots_the_allocation(model_folders, text_file, tmp_
     with pytest.raises(SystemExit) as exit_:
         main([*common, "--pattern", "2:4", "--allocation", "owl"])
     assert exit_.value.code == 2 and "does not apply to pattern 2:4" in capsys.readouterr().err
-    main([*common, "--sparsity", "0.5", "--allocation", "owl", "--owl-rule", "seed", "--output", str(tmp_path / "out")])
+    backend = matplotlib.get_backend()
+    matplotlib.use("svg")  # a backend of the caller's (a notebook's inline one, say): writing the figure leaves it alone
+    try:
+        main([*common, "--sparsity", "0.5", "--allocation", "owl", "--owl-rule", "seed", "--output", str(tmp_path / "out")])
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(backend)
     assert (tmp_path / "out" / "allocation.png").stat().st_size > 1000
     assert "OWL allocation (seed rule" in capsys.readouterr().out
 
