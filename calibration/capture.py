@@ -155,6 +155,12 @@ class LayerInputStatistics:
 
         return hook
 
+    def merge(self, sum_across: Callable[[Tensor], Tensor]) -> None:
+        """Combine every accumulator with the same ones of the other processes of a run (in the order the layers were
+        first called, which is the same in every process)."""
+        for accumulator in self.accumulators.values():
+            accumulator.merge(sum_across)
+
     def statistics(self, name: str) -> Tensor | None:
         """The accumulated statistic for a layer, or None when the layer was never called."""
         leader = self.leader.get(name)
@@ -218,11 +224,11 @@ def input_groups(block: nn.Module, layers: dict[str, nn.Module], call: BlockCall
 
 @torch.no_grad()
 def run_in_lockstep(block: nn.Module, calls: list[BlockCall], leaders: dict[str, nn.Module], make_accumulator: Callable,
-                    complete: Callable[[str, Tensor], None]) -> None:
+                    complete: Callable[[str, object], None]) -> None:
     """Run every call through `block` once, all calls advancing together, and make `calls` the block's outputs.
 
     At the entry of each layer in `leaders`, every call stops until all calls' inputs to it are accumulated (in call
-    order, into `make_accumulator(features)`); then `complete(leader, statistic)` runs (it prunes that layer and the
+    order, into `make_accumulator(features)`); then `complete(leader, accumulator)` runs (it prunes that layer and the
     layers sharing its input), and the calls carry on through it. So each layer's statistic is collected on the
     inputs it sees once the layers before it in the block are pruned (the 'true sequential' order), and one forward
     pass both feeds the statistics and gives the pruned block's outputs. Each call's forward pass runs in a greenlet
@@ -242,7 +248,7 @@ def run_in_lockstep(block: nn.Module, calls: list[BlockCall], leaders: dict[str,
                 accumulators[name] = make_accumulator(args[0].shape[-1])
             accumulators[name].add(args[0], calls[index].token_mask)
             if index == last:
-                complete(name, accumulators.pop(name).result())
+                complete(name, accumulators.pop(name))
             scheduler.switch()  # wait here until every call reached this layer and it was pruned
 
         return hook

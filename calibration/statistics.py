@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -44,6 +46,15 @@ class HessianAccumulator:
         self.tokens = total
         self.mirrored = False
 
+    def merge(self, sum_across: Callable[[Tensor], Tensor]) -> None:
+        """Combine with the same accumulator of the other processes of a run (`sum_across` sums a tensor over them in
+        place): H becomes the running mean over all their tokens, H = Σ_r n_r H_r / Σ_r n_r."""
+        tokens = sum_across(torch.tensor([float(self.tokens)], dtype=torch.float64, device=self.hessian.device))
+        self.hessian.mul_(self.tokens)
+        sum_across(self.hessian)
+        self.tokens = int(tokens.item())
+        self.hessian.div_(max(self.tokens, 1))
+
     def result(self) -> Tensor:
         if not self.mirrored:  # the upper triangle copied below the diagonal: H is exactly symmetric
             for start, end in self.panels:
@@ -69,6 +80,15 @@ class ColumnNormAccumulator:
         total = self.tokens + count
         self.mean_square.mul_(self.tokens / total).add_(rows.pow(2).sum(0), alpha=1.0 / total)
         self.tokens = total
+
+    def merge(self, sum_across: Callable[[Tensor], Tensor]) -> None:
+        """Combine with the same accumulator of the other processes of a run (`sum_across` sums a tensor over them in
+        place): the running mean over all their tokens."""
+        tokens = sum_across(torch.tensor([float(self.tokens)], dtype=torch.float64, device=self.mean_square.device))
+        self.mean_square.mul_(self.tokens)
+        sum_across(self.mean_square)
+        self.tokens = int(tokens.item())
+        self.mean_square.div_(max(self.tokens, 1))
 
     def result(self) -> Tensor:
         return self.mean_square.sqrt()

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import torch.distributed
 import yaml
 from click.core import ParameterSource
 from transformers.utils import logging as transformers_logging
@@ -18,7 +19,8 @@ from calibration.conll import NerDataError
 from calibration.corpora import CorpusError
 from methods import PruningError
 from methods.registry import method_options
-from prune.devices import return_freed_memory
+from prune.devices import resolve_device, return_freed_memory
+from prune.distributed import Ranks, join_process_group
 from prune.models import EMBEDDED_MODELS, SMOLLM2, ModelError
 from prune.output import OutputError
 from prune.pipeline import STAGE_SETTINGS, Pipeline, PruneSettings
@@ -29,7 +31,7 @@ from prune.weights import StreamingError
 USER_ERRORS = (PruningError, CorpusError, ModelError, OutputError, NerDataError)
 MODEL_HELP = "; ".join(f"{name}: {what}" for name, what in EMBEDDED_MODELS.items())
 # the command's own options, which are not settings of a stage
-COMMAND_OPTIONS = {"model", "no_eval", "cache_dir", "quiet"}
+COMMAND_OPTIONS = {"model", "no_eval", "cache_dir", "quiet", "rank_timeout"}
 
 
 def settings_option(field: dataclasses.Field) -> click.Option:
@@ -70,6 +72,8 @@ def command_parameters() -> list[click.Parameter]:
         click.Option(["--cache-dir"], type=click.Path(path_type=Path), default=None,
                      help="Where converted embedded models are kept (default ~/.cache/obs-prune)."),
         click.Option(["--quiet"], is_flag=True, help="No progress bars."),
+        click.Option(["--rank-timeout"], type=click.FloatRange(min=1), default=600.0, show_default=True,
+                     help="Launched by torchrun: seconds a rank waits for the others before the run stops with an error (a rank that died)."),
     ]
 
 
@@ -131,7 +135,7 @@ def settings_from(options: dict[str, Any], given: set[str]) -> PruneSettings:
         chosen[key_of(evaluation)] = None
     elif key_of(evaluation) not in given:
         chosen[key_of(evaluation)] = evaluation.metadata["cli_default"]
-    return PruneSettings(**chosen, progress=not options["quiet"])
+    return PruneSettings(**chosen, progress=not options["quiet"] and Ranks.current().writer)
 
 
 def run_command(**options: Any) -> None:
@@ -143,12 +147,16 @@ def run_command(**options: Any) -> None:
     given = {name for name in options if context.get_parameter_source(name) is not ParameterSource.DEFAULT}
     if options["quiet"]:
         transformers_logging.disable_progress_bar()
+    ranks = join_process_group(options["rank_timeout"], use_cuda=resolve_device(options["device"]).type == "cuda")  # under torchrun
     pipeline = Pipeline(settings_from(options, given))  # every setting is checked before the model is loaded
     loaded, seconds = pipeline.load(options["model"], cache_dir=options["cache_dir"])
     report = pipeline.run(loaded, load_seconds=seconds)
-    click.echo(report.table())
-    if pipeline.settings.output is not None:
-        click.echo(f"saved the pruned model, tokenizer and report.json to {pipeline.settings.output}")
+    if ranks.writer:
+        click.echo(report.table())
+        if pipeline.settings.output is not None:
+            click.echo(f"saved the pruned model, tokenizer and report.json to {pipeline.settings.output}")
+    if ranks.several:
+        torch.distributed.destroy_process_group()
 
 
 command = click.Command(
@@ -170,6 +178,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except StreamingError as error:  # a full disk: not bad input, but one line all the same
         click.echo(f"prune: error: {error.strerror}", err=True)
+        sys.exit(1)
+    except torch.distributed.DistError as error:  # another rank died or stopped answering within --rank-timeout
+        click.echo(f"prune: error: the ranks lost each other ({str(error).strip().splitlines()[0][:200]}); nothing was written", err=True)
         sys.exit(1)
     except click.Abort:
         click.echo("prune: aborted", err=True)

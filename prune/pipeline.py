@@ -16,11 +16,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch.distributed
 from torch import nn
 
 from methods import PruningError, Target
 from methods.registry import get_method, method_options
 from prune.devices import resolve_device
+from prune.distributed import Ranks
 from prune.models import DTYPES, LoadedModel, load_model, prunable_layer_names, transformer_blocks
 from prune.output import check_output_dir, complete_streamed, put_in_place, save_pruned
 from prune.report import Report
@@ -129,6 +131,8 @@ class PruneSettings:
 
     def streams(self) -> bool:
         """Whether the model is streamed block by block (when its checkpoint allows)."""
+        if Ranks.current().several:
+            return False  # not built for several ranks yet: check() refuses --stream on there
         if self.stream == "auto":
             return self.output is not None and self.whole_model_needed_by() is None
         return self.stream == "on"
@@ -143,6 +147,7 @@ class PruneSettings:
         if self.resume and not (self.output is not None and self.streams()):
             raise PruningError("--resume continues a streamed run into its --output: it needs --output, and no --stream off, --refine, --recover "
                                "or entity F1")
+        self.check_ranks(Ranks.current())
         target = self.oneshot.check()
         self.calibrate.check()
         self.allocate.check(target)
@@ -153,6 +158,17 @@ class PruneSettings:
             self.recover.check()
         resolve_device(self.device)
         return target
+
+    def check_ranks(self, ranks: Ranks) -> None:
+        """Refuse what does not run on several ranks yet (one line naming it)."""
+        if not ranks.several:
+            return
+        unsupported = [("--refine", self.refine is not None), ("--recover", self.recover is not None), ("--stream on", self.stream == "on"),
+                       ("--resume", self.resume), ("--eval-tasks", bool(self.evaluate.tasks)),
+                       (f"--method {self.oneshot.method}", get_method(self.oneshot.method).gradients is not None)]
+        for flag, used in unsupported:
+            if used:
+                raise PruningError(f"{flag} does not run on several ranks yet ({ranks.world} processes here): run it in one process")
 
     def as_options(self) -> dict[str, Any]:
         """Every option of this run by its flat name (the command's flag with underscores), for the report."""
@@ -232,7 +248,7 @@ class Pipeline:
                 run.resume.done()
                 check_output_dir(output, settings.overwrite)
                 put_in_place(staging, output.resolve())
-            elif output is not None:
+            elif output is not None and run.ranks.writer:
                 save_pruned(loaded, run.report, output, overwrite=settings.overwrite)
         finally:
             if staging is not None and output is None:
@@ -256,7 +272,17 @@ class Pipeline:
                 stage.evaluated(run, previous, figures)
                 previous = figures
         run.report.seconds["total"] = sum(run.report.seconds.values())
+        if run.ranks.several:
+            run.report.distributed = ranks_section(run, next((stage for stage in self.stages if isinstance(stage, OneShot)), None))
         run.report.finish()
+
+
+def ranks_section(run: Run, oneshot: OneShot | None) -> dict:
+    """How many ranks ran and what each did."""
+    mine = {"calibration_windows": sum(len(batch["input_ids"]) for batch in run.calibration_batches or [])}
+    groups = oneshot.groups_by_rank if oneshot is not None else {}
+    per_rank = [{"rank": rank, **figures, "layer_groups_pruned": groups.get(rank, 0)} for rank, figures in enumerate(run.ranks.gather_objects(mine))]
+    return {"ranks": run.ranks.world, "backend": torch.distributed.get_backend(), "per_rank": per_rank}
 
 
 def streaming_folder(output: Path | None) -> Path:

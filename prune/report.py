@@ -39,6 +39,7 @@ class Report:
     allocation: dict | None = None  # OWL: rule, owl_m, owl_lambda, and per block its outlier ratio, sparsity, parameters
     entity_f1: dict | None = None  # token classifiers calibrated on CoNLL: {"data", "sentences", "dense": {...}, "pruned": {...}}
     perplexity: dict | None = None  # {"dense": {...}, "pruned": {...}, "recovered": {...}} with value, seqlen, windows
+    distributed: dict | None = None  # several ranks: {"ranks", "backend", "per_rank": [{"rank", "calibration_windows", "layer_groups_pruned"}]}
     tasks: dict | None = None  # lm-eval: {"tasks", "limit", "path", "unavailable", "dense": {task: {"acc", "acc_norm", ...}}, "pruned": ...}
     refine: dict | None = None  # the MaskPro refinement: steps, residual curve, changed groups, held-out losses, time split
     recover: dict | None = None  # the recovery fine-tune: optimizer, steps, loss curve, seconds, perplexity before/after
@@ -105,6 +106,11 @@ class Report:
             lines.append(f"entity F1 ({scores['data']} test split, {scores['sentences']} sentences): {figures}")
         if self.tasks:
             lines.extend(self.task_lines())
+        if self.distributed:
+            ranks = self.distributed
+            work = "; ".join(f"rank {entry['rank']}: {entry['calibration_windows']} calibration windows, {entry['layer_groups_pruned']} layer groups pruned"
+                             for entry in ranks["per_rank"])
+            lines.append(f"{ranks['ranks']} ranks ({ranks['backend']}): {work}")
         if self.refine:
             refined = self.refine
             curve = refined["curve"]

@@ -16,6 +16,7 @@ from calibration.conll import NerDataError, Sentence, conll_split_path, read_con
 from calibration.text import TextSources
 from methods import PruningError, Target
 from prune.devices import cast_while_running, compute_dtype, on_device, timed
+from prune.distributed import Ranks
 from prune.models import LoadedModel, max_positions, prunable_layers
 from prune.report import Report
 from prune.resume import ResumeState
@@ -127,6 +128,7 @@ class Run:
         self.model = loaded.model
         self.settings = settings
         self.device = device
+        self.ranks = Ranks.current()  # the processes pruning this model together (one, outside a process group)
         self.dtype = loaded.dtype  # the weights are stored in this dtype, and written back in it
         self.compute_dtype = compute_dtype(device, self.dtype)  # blocks run in this one
         self.needs_block_inputs = needs_block_inputs

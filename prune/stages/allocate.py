@@ -84,6 +84,7 @@ class Allocate(Stage):
             layers = prunable_layers(plan.blocks[index]) if index in selected else {}
             with run.block(index) as block, LayerInputStatistics(layers, owl.STATISTIC, run.device) as statistics:
                 run_calls(block, run.calls, statistics, advance=index < max(selected))
+                statistics.merge(run.ranks.sum_)  # every rank's calls: the outliers of all calibration windows
                 if index in selected:  # while the block's weights are there (streamed, they are dropped afterwards)
                     called = [name for name in layers if statistics.statistics(name) is not None]
                     ratios.append(owl.block_outlier_ratio([layer_weight(layers[name]) for name in called],

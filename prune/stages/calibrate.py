@@ -89,7 +89,13 @@ class Calibrate(Stage):
                 raise PruningError(f"the calibration text is too short: {len(ids)} tokens give {available} windows of {settings.seqlen} tokens, "
                                    f"--nsamples {settings.nsamples} requested (use a longer corpus, fewer --nsamples or a shorter --seqlen)")
             windows = sample_windows(ids, settings.nsamples, settings.seqlen, run.settings.seed)
-            run.calibration_batches = window_batches(windows, settings.batch_size)
+            run.calibration_batches = window_batches(run.ranks.share(windows), settings.batch_size)  # this rank's windows
+        if run.ranks.several:
+            if given is not None or folder is not None:  # batches of sentences: each rank takes its share of them
+                run.calibration_batches = run.ranks.share(run.calibration_batches)
+            if not run.calibration_batches:
+                raise PruningError(f"the calibration data gives rank {run.ranks.rank} of {run.ranks.world} nothing to run: use more --nsamples "
+                                   "(or smaller --batch-size) than there are ranks")
 
     def execute(self, run: Run) -> None:
         if run.needs_block_inputs:

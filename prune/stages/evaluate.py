@@ -157,18 +157,24 @@ class TasksEvaluator:
 def sequential_perplexity(run: Run, windows: Tensor, batch_size: int, label: str = "perplexity") -> Perplexity:
     """Perplexity computed block by block, each block's weights present only while it runs: the windows' inputs to
     the first block are captured, run through each block in turn, and the model's own forward pass turns the last
-    block's outputs into logits (its blocks replaced by `Replay`). Equals the whole-model forward pass."""
-    batches = [{"input_ids": windows[start : start + batch_size]} for start in range(0, len(windows), batch_size)]
-    calls = run.capture(batches)
-    for index in tqdm(range(len(run.plan.blocks)), desc=label, unit="block", disable=not run.settings.progress, leave=False):
-        with run.block(index) as block:
-            run_calls(block, calls, advance=True)
+    block's outputs into logits (its blocks replaced by `Replay`). Equals the whole-model forward pass. With several
+    ranks, each runs its share of the windows and the losses are summed over the ranks."""
+    mine = windows[run.ranks.rank :: run.ranks.world]
+    batches = [{"input_ids": mine[start : start + batch_size]} for start in range(0, len(mine), batch_size)]
     total_loss, count = 0.0, 0
-    with run.without_blocks(compute=True) as stand_ins:
-        for batch, call in zip(batches, calls, strict=True):
-            stand_ins[-1].output = call.hidden_states
-            loss, tokens = next_token_loss(run.model(input_ids=batch["input_ids"].to(run.device)).logits, batch["input_ids"])
-            total_loss, count = total_loss + loss, count + tokens
+    if batches:
+        calls = run.capture(batches)
+        for index in tqdm(range(len(run.plan.blocks)), desc=label, unit="block", disable=not run.settings.progress, leave=False):
+            with run.block(index) as block:
+                run_calls(block, calls, advance=True)
+        with run.without_blocks(compute=True) as stand_ins:
+            for batch, call in zip(batches, calls, strict=True):
+                stand_ins[-1].output = call.hidden_states
+                loss, tokens = next_token_loss(run.model(input_ids=batch["input_ids"].to(run.device)).logits, batch["input_ids"])
+                total_loss, count = total_loss + loss, count + tokens
+    if run.ranks.several:
+        totals = run.ranks.sum_(torch.tensor([total_loss, count], dtype=torch.float64, device=run.device))
+        total_loss, count = totals[0].item(), int(totals[1].item())
     return from_losses(total_loss, count, windows)
 
 

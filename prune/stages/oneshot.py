@@ -226,6 +226,8 @@ class OneShot(Stage):
         self.needs_block_inputs = self.method.statistic is not None and gradients is None
         self.gradient_samples = None if gradients is None else (method_flag(gradients.count_option), int(self.options[gradients.count_option]))
         self.groups: dict[str, list[str]] | None = None  # one-pass: the layers fed each input, found on the first block
+        self.groups_pruned = 0  # groups of layers pruned so far (with several ranks, group i is pruned by rank i % ranks)
+        self.groups_by_rank: dict[int, int] = {}
 
     def prepare(self, run: Run) -> None:
         settings, target, report = self.settings, self.target, run.report
@@ -371,6 +373,7 @@ class OneShot(Stage):
         advanced = propagate and self.settings.propagate == "dense"  # whether the statistics pass also advances `calls`
         with timed(breakdown, "statistics", device), LayerInputStatistics(layers, self.method.statistic, device, self.hessian_dtype) as statistics:
             run_calls(block, calls, statistics, advance=advanced)
+            statistics.merge(run.ranks.sum_)
         with timed(breakdown, "method", device):
             for leader, members in statistics.groups().items():
                 self.prune_group(run, index, layers, leader, members, statistics.statistics(leader), reports)
@@ -391,7 +394,9 @@ class OneShot(Stage):
             self.groups = input_groups(block, layers, calls[0])
         method_seconds: dict = {}
 
-        def complete(leader: str, statistic) -> None:
+        def complete(leader: str, accumulator) -> None:
+            accumulator.merge(run.ranks.sum_)  # every rank's calls: the statistic of all calibration windows
+            statistic = accumulator.result()
             with timed(method_seconds, "method", device):
                 self.prune_group(run, index, layers, leader, self.groups[leader], statistic, reports)
 
@@ -416,17 +421,30 @@ class OneShot(Stage):
             else:
                 by_target.setdefault(plan.target_of(full[name]), []).append(name)
         for layer_target, pruned in by_target.items():  # layers with a --sparsity-override are pruned apart from the others
-            results = self.prune_layers({name: layers[name] for name in pruned}, full, statistic, layer_target, run.device, run.dtype)
+            results = self.prune_layers(run, {name: layers[name] for name in pruned}, full, statistic, layer_target)
             for name, report in zip(pruned, results, strict=True):
                 report.statistics_from = f"{plan.blocks_name}.{index}.{leader}" if statistic is not None else None
                 reports[name] = report
 
-    def prune_layers(self, layers: dict[str, nn.Module], full: dict[str, str], statistic, target: Target, device: torch.device,
-                     stored: torch.dtype) -> list[LayerReport]:
+    def prune_layers(self, run: Run, layers: dict[str, nn.Module], full: dict[str, str], statistic, target: Target) -> list[LayerReport]:
         """Prune layers that share one statistic in place (together, when the method can) and describe the results.
         The method computes in float32; its result is written back in the dtype the model is stored in at once, so
         that the next block sees the outputs of the model as it will be saved. Layers pruned together share the
         time, by their number of rows."""
+        ranks = run.ranks
+        owner = ranks.owner(self.groups_pruned)  # with several ranks, groups are handed out in turn
+        self.groups_pruned += 1
+        reports = self.pruned_here(layers, full, statistic, target, run.device, run.dtype) if ranks.rank == owner else None
+        if ranks.several:  # every rank gets the owner's pruned weights and their report entries
+            for layer in layers.values():
+                ranks.broadcast_(layer.weight.data, owner)
+            reports = ranks.broadcast_object(reports, owner)
+            self.groups_by_rank[owner] = self.groups_by_rank.get(owner, 0) + 1
+        return reports
+
+    def pruned_here(self, layers: dict[str, nn.Module], full: dict[str, str], statistic, target: Target, device: torch.device,
+                    stored: torch.dtype) -> list[LayerReport]:
+        """Prune the layers in this process (see prune_layers)."""
         synchronize(device)
         started = time.perf_counter()
         results = self.method.run_together([layer_weight(layer) for layer in layers.values()], statistic, target, self.options)
