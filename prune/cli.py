@@ -20,7 +20,7 @@ from calibration.corpora import CorpusError
 from methods import PruningError
 from methods.registry import method_options
 from prune.devices import resolve_device, return_freed_memory
-from prune.distributed import Ranks, join_process_group
+from prune.distributed import Ranks, RanksLost, join_process_group
 from prune.models import EMBEDDED_MODELS, SMOLLM2, ModelError
 from prune.output import OutputError
 from prune.pipeline import STAGE_SETTINGS, Pipeline, PruneSettings
@@ -179,8 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     except StreamingError as error:  # a full disk: not bad input, but one line all the same
         click.echo(f"prune: error: {error.strerror}", err=True)
         sys.exit(1)
-    except torch.distributed.DistError as error:  # another rank died or stopped answering within --rank-timeout
-        click.echo(f"prune: error: the ranks lost each other ({str(error).strip().splitlines()[0][:200]}); nothing was written", err=True)
+    except RanksLost as error:  # another rank died or stopped answering within --rank-timeout
+        click.echo(f"prune: error: the ranks lost each other ({error}); nothing was written", err=True)
         sys.exit(1)
     except click.Abort:
         click.echo("prune: aborted", err=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -20,12 +20,17 @@ from torch import Tensor
 Item = TypeVar("Item")
 
 
+class RanksLost(Exception):
+    """Another rank died, or did not answer within the process group's timeout."""
+
+
 @dataclass(frozen=True)
 class Ranks:
     """This process's place among the processes pruning one model."""
 
     rank: int = 0
     world: int = 1
+    traffic: dict = field(default_factory=dict, compare=False)  # bytes this rank sent through each kind of collective
 
     @classmethod
     def current(cls) -> Ranks:
@@ -54,13 +59,15 @@ class Ranks:
     def sum_(self, tensor: Tensor) -> Tensor:
         """Sum `tensor` over the ranks, in place (every rank gets the sum)."""
         if self.several:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            self.talk(dist.all_reduce, tensor, op=dist.ReduceOp.SUM)
+            self.count("summed", tensor)
         return tensor
 
     def broadcast_(self, tensor: Tensor, source: int) -> Tensor:
         """Give every rank `source`'s values of `tensor`, in place."""
         if self.several:
-            dist.broadcast(tensor, src=source)
+            self.talk(dist.broadcast, tensor, src=source)
+            self.count("broadcast", tensor)
         return tensor
 
     def broadcast_object(self, value: Any, source: int) -> Any:
@@ -68,7 +75,7 @@ class Ranks:
         if not self.several:
             return value
         box = [value]
-        dist.broadcast_object_list(box, src=source)
+        self.talk(dist.broadcast_object_list, box, src=source)
         return box[0]
 
     def gather_objects(self, value: Any) -> list[Any]:
@@ -76,8 +83,19 @@ class Ranks:
         if not self.several:
             return [value]
         values: list[Any] = [None] * self.world
-        dist.all_gather_object(values, value)
+        self.talk(dist.all_gather_object, values, value)
         return values
+
+    def count(self, kind: str, tensor: Tensor) -> None:
+        self.traffic[f"bytes_{kind}"] = self.traffic.get(f"bytes_{kind}", 0) + tensor.numel() * tensor.element_size()
+
+    def talk(self, collective, *args, **kwargs) -> None:
+        """Run a collective operation; a rank that died or timed out (the backends raise RuntimeError) is RanksLost."""
+        try:
+            collective(*args, **kwargs)
+        except RuntimeError as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise RanksLost(f"rank {self.rank} of {self.world} lost the others: {first[:200]}") from None
 
 
 def launched_by_torchrun() -> bool:

@@ -10,6 +10,7 @@ forward pass; then the stages run in turn, and the evaluators measure the model 
 from __future__ import annotations
 
 import dataclasses
+import resource
 import shutil
 import tempfile
 import time
@@ -163,7 +164,7 @@ class PruneSettings:
         """Refuse what does not run on several ranks yet (one line naming it)."""
         if not ranks.several:
             return
-        unsupported = [("--refine", self.refine is not None), ("--recover", self.recover is not None), ("--stream on", self.stream == "on"),
+        unsupported = [("--refine", self.refine is not None), ("--stream on", self.stream == "on"),
                        ("--resume", self.resume), ("--eval-tasks", bool(self.evaluate.tasks)),
                        (f"--method {self.oneshot.method}", get_method(self.oneshot.method).gradients is not None)]
         for flag, used in unsupported:
@@ -279,7 +280,8 @@ class Pipeline:
 
 def ranks_section(run: Run, oneshot: OneShot | None) -> dict:
     """How many ranks ran and what each did."""
-    mine = {"calibration_windows": sum(len(batch["input_ids"]) for batch in run.calibration_batches or [])}
+    mine = {"calibration_windows": sum(len(batch["input_ids"]) for batch in run.calibration_batches or []), **run.ranks.traffic,
+            "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     groups = oneshot.groups_by_rank if oneshot is not None else {}
     per_rank = [{"rank": rank, **figures, "layer_groups_pruned": groups.get(rank, 0)} for rank, figures in enumerate(run.ranks.gather_objects(mine))]
     return {"ranks": run.ranks.world, "backend": torch.distributed.get_backend(), "per_rank": per_rank}

@@ -108,7 +108,8 @@ class Report:
             lines.extend(self.task_lines())
         if self.distributed:
             ranks = self.distributed
-            work = "; ".join(f"rank {entry['rank']}: {entry['calibration_windows']} calibration windows, {entry['layer_groups_pruned']} layer groups pruned"
+            work = "; ".join(f"rank {entry['rank']}: {entry['calibration_windows']} calibration windows, {entry['layer_groups_pruned']} layer groups "
+                             f"pruned, {entry.get('bytes_summed', 0) / 2**20:.1f} MB summed, {entry.get('bytes_broadcast', 0) / 2**20:.1f} MB broadcast"
                              for entry in ranks["per_rank"])
             lines.append(f"{ranks['ranks']} ranks ({ranks['backend']}): {work}")
         if self.refine:

@@ -32,6 +32,8 @@ RUNS = [
     ("bert", {"method": "sparsegpt", "sparsity": 0.5}),
     ("bert", {"method": "wanda", "sparsity": 0.5}),
 ]
+RECOVERY = {"method": "sparsegpt", "pattern": "2:4", "recover": "magma", "recover_steps": 4, "recover_lr": 1e-3, "recover_seqlen": 32,
+            "recover_log_every": 2}
 MASK_AGREEMENT = 0.999  # the Hessians are summed in another order: a few near-ties may flip
 LOSS_RTOL = 1e-4
 
@@ -58,6 +60,9 @@ def rank_main(rank: int, world: int, port: int, folders: dict[str, str], text_fi
             model, report = prune_model(folders[architecture], calibration=text_file, **options, **evaluation, **SIZES)
             if rank == 0:
                 torch.save(outcome(model, report), Path(results) / f"{index}.pt")
+        # recovery: a batch of 1 window on each of the 2 ranks, against one process with batches of 2
+        model, report = prune_model(folders["llama"], calibration=text_file, eval_data=text_file, eval_windows=4, recover_batch=1, **RECOVERY, **SIZES)
+        torch.save(outcome(model, report), Path(results) / f"recovery-{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -103,6 +108,19 @@ def test_two_ranks_prune_as_one_process_does(two_ranks, model_folders, text_file
         assert all(entry["layer_groups_pruned"] > 0 for entry in ranks["per_rank"])
 
 
+def test_recovery_on_two_ranks_is_one_process_with_their_batches_together(two_ranks, model_folders, text_file) -> None:
+    alone = outcome(*prune_model(str(model_folders["llama"]), calibration=str(text_file), eval_data=str(text_file), eval_windows=4, recover_batch=2,
+                                 **RECOVERY, **SIZES))
+    ranks = [torch.load(two_ranks / f"recovery-{rank}.pt", weights_only=False) for rank in range(2)]
+    for name, weight in alone["weights"].items():
+        assert torch.equal(ranks[0]["weights"][name], ranks[1]["weights"][name])  # DDP: every rank holds the same model
+        assert torch.equal(ranks[0]["weights"][name] != 0, weight != 0) and nm_valid(weight, 2, 4)  # the same masks, kept
+        torch.testing.assert_close(ranks[0]["weights"][name], weight, rtol=1e-3, atol=1e-5)  # gradients summed in another order
+    recovered = ranks[0]["report"]["recover"]
+    assert recovered["zeros_kept"] and [point["step"] for point in recovered["curve"]] == [2, 4]
+    assert [point["loss"] for point in recovered["curve"]] == pytest.approx([point["loss"] for point in alone["report"]["recover"]["curve"]], rel=1e-4)
+
+
 def test_torchrun_runs_the_command_and_rank_0_writes_the_output(model_folders, text_file, tmp_path) -> None:
     output = tmp_path / "out"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "prune",
@@ -115,8 +133,8 @@ def test_torchrun_runs_the_command_and_rank_0_writes_the_output(model_folders, t
     assert report["distributed"]["ranks"] == 2 and [entry["calibration_windows"] for entry in report["distributed"]["per_rank"]] == [4, 4]
 
 
-@pytest.mark.parametrize(("options", "flag"), [({"refine": "maskpro", "pattern": "2:4"}, "--refine"), ({"recover": "adamw"}, "--recover"),
-                                               ({"stream": "on"}, "--stream on"), ({"method": "obert"}, "--method obert")])
+@pytest.mark.parametrize(("options", "flag"), [({"refine": "maskpro", "pattern": "2:4"}, "--refine"), ({"stream": "on"}, "--stream on"),
+                                               ({"method": "obert"}, "--method obert")])
 def test_what_is_not_built_for_several_ranks_is_refused_in_one_line(model_folders, text_file, tmp_path, options, flag) -> None:
     settings = {"method": "sparsegpt", "sparsity": 0.5, **options}
     if "pattern" in settings:
@@ -142,3 +160,53 @@ def refusal_main(rank: int, world: int, port: int, folder: str, text_file: str, 
     finally:
         dist.destroy_process_group()
     (Path(results) / f"{rank}.txt").write_text(message)
+
+
+def dying_rank_main(rank: int, world: int, port: int, argv: list[str], results: str) -> None:
+    """One rank of the command; rank 1 dies in the middle of block 1."""
+    import contextlib
+    import io
+    import time
+
+    from prune.cli import main
+    from prune.stages.oneshot import OneShot
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    if rank == 1:
+        original = OneShot.prune_group
+
+        def dying(self, run, index, *args, **kwargs):
+            if index == 1:
+                os._exit(3)
+            return original(self, run, index, *args, **kwargs)
+
+        OneShot.prune_group = dying
+    errors = io.StringIO()
+    started = time.perf_counter()
+    try:
+        with contextlib.redirect_stderr(errors):
+            main(argv)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    (Path(results) / f"{rank}.json").write_text(json.dumps({"code": code, "stderr": errors.getvalue(), "seconds": time.perf_counter() - started}))
+
+
+def test_a_rank_that_dies_stops_the_others_with_one_line_and_nothing_written(model_folders, text_file, tmp_path) -> None:
+    output = tmp_path / "out"
+    argv = ["--model", str(model_folders["llama"]), "--method", "sparsegpt", "--sparsity", "0.5", "--calibration", str(text_file), "--no-eval",
+            "--nsamples", "8", "--seqlen", "32", "--quiet", "--rank-timeout", "60", "--output", str(output)]
+    results = tmp_path / "results"
+    results.mkdir()
+    port, spawn = free_port(), multiprocessing.get_context("spawn")
+    processes = [spawn.Process(target=dying_rank_main, args=(rank, 2, port, argv, str(results))) for rank in range(2)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=180)
+    assert [process.exitcode for process in processes] == [0, 3]  # rank 0 ended by itself (its exit code is in its file)
+    survivor = json.loads((results / "0.json").read_text())
+    assert survivor["code"] == 1 and survivor["seconds"] < 60
+    lines = [line for line in survivor["stderr"].splitlines() if line.strip()]
+    assert lines[-1].startswith("prune: error: the ranks lost each other") and "Traceback" not in survivor["stderr"], survivor["stderr"]
+    assert not output.exists() and not any(tmp_path.glob(".out*"))

@@ -4,6 +4,7 @@ on the labelled sentences of its CoNLL train file."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from calibration.conll import NerDataError
@@ -19,6 +21,7 @@ from calibration.windows import language_model_batches, window_count
 from methods import PruningError
 from methods.magma import DEFAULT_P, DEFAULT_TAU, GRANULARITIES, Magma
 from prune.devices import on_device
+from prune.distributed import Ranks
 from prune.models import CAUSAL_LM, TOKEN_CLASSIFICATION, all_prunable_layers
 from prune.run import Run, Stage
 from prune.settings import check_fields, option
@@ -117,9 +120,12 @@ def make_optimizers(model: nn.Module, settings: RecoverSettings, seed: int = 0) 
 
 
 def recover(model: nn.Module, batches: Iterator[dict], settings: RecoverSettings, device: torch.device, *, seed: int = 0,
-            progress: bool = True) -> RecoverResult:
+            progress: bool = True, ranks: Ranks | None = None) -> RecoverResult:
     """Fine-tune `model` for `settings.steps` steps on `batches` (dicts the model takes, with `labels`),
-    keeping its pruned weights at zero. The model is trained on `device` and put back where it was."""
+    keeping its pruned weights at zero. The model is trained on `device` and put back where it was. With several
+    `ranks`, each trains on its own `batches` through torch's DistributedDataParallel (the gradients averaged over
+    the ranks), and the masked optimizer draws the same blocks on every rank, so every rank keeps the same model."""
+    ranks = ranks or Ranks()
     settings.check()
     home = next(model.parameters()).device
     flags = {id(p): p.requires_grad for p in model.parameters()}
@@ -141,6 +147,8 @@ def recover(model: nn.Module, batches: Iterator[dict], settings: RecoverSettings
             yield batch
 
     def after_step(step: int, loss: float) -> None:
+        if ranks.several:  # the mean over the ranks' batches
+            loss = ranks.sum_(torch.tensor([loss], dtype=torch.float64, device=device)).item() / ranks.world
         interval_losses.append(loss)
         if settings.optimizer != "adamw":
             updated.append(masked.updated_fraction)
@@ -150,7 +158,8 @@ def recover(model: nn.Module, batches: Iterator[dict], settings: RecoverSettings
 
     started = time.perf_counter()
     try:
-        times = train(model, shapes(batches), settings.steps, optimizers, schedulers, device, after_step=after_step, progress=progress,
+        trained_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if ranks.several else model
+        times = train(trained_model, shapes(batches), settings.steps, optimizers, schedulers, device, after_step=after_step, progress=progress,
                       description=f"recover ({settings.optimizer})")
         result.zeros_kept = all(bool(torch.all(masked.parameters[index][~mask] == 0)) for index, mask in masked.keep_masks.items())
     except PruningError as error:
@@ -194,8 +203,9 @@ class Recover(Stage):
                                f"--calibration conll:DIR; this model is a {run.loaded.kind}" + (" calibrated on text" if folder is None else ""))
 
     def execute(self, run: Run) -> None:
+        batches = itertools.islice(self.batches, run.ranks.rank, None, run.ranks.world)  # with several ranks: every world-th batch each
         with on_device(run.model, run.device, run.compute_dtype):  # trained in the compute dtype, stored back in the model's
-            result = recover(run.model, self.batches, self.settings, run.device, seed=run.settings.seed, progress=run.settings.progress)
+            result = recover(run.model, batches, self.settings, run.device, seed=run.settings.seed, progress=run.settings.progress, ranks=run.ranks)
         run.report.recover = result.as_dict()
         if not result.zeros_kept:
             raise PruningError("internal error: pruned weights moved during recovery")
