@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 
 import torch
@@ -303,12 +303,22 @@ class MaskPro:
             return grad_log_prob_set_ranks(logits, ranks, self.n, self.scratch)
         return grad_log_prob_ranks(logits, ranks, self.n)
 
-    def update(self, draws: dict[str, Tensor], residual: float) -> None:
-        """Eq. 12 with residual = L(m) − L(m₀) measured on one batch; then the tracker moves."""
+    def update(self, draws: dict[str, Tensor], residual: float, sum_across: Callable[[Tensor], Tensor] | None = None, processes: int = 1) -> float:
+        """Eq. 12 with residual = L(m) − L(m₀) measured on one batch; then the tracker moves. With `sum_across` (sums a
+        tensor over `processes` processes in place, each with its own draw and batch), the logits move by the mean of
+        their estimates, (1/K) Σ_k (L(m_k) − L(m₀,k) − δ) ∇log p(m_k), and δ by the mean residual. Returns the residual
+        the tracker took."""
         advantage = residual - self.tracker
-        for name, ranks in draws.items():
-            self.logits[name].sub_(self.grad_log_prob(name, ranks), alpha=self.lr * advantage)
+        if sum_across is None:
+            for name, ranks in draws.items():
+                self.logits[name].sub_(self.grad_log_prob(name, ranks), alpha=self.lr * advantage)
+        else:
+            for name, ranks in draws.items():
+                estimate = sum_across(self.grad_log_prob(name, ranks) * advantage)
+                self.logits[name].sub_(estimate, alpha=self.lr / processes)
+            residual = sum_across(torch.tensor([residual], dtype=torch.float64, device=self.scratch.device)).item() / processes
         self.tracker = self.alpha * self.tracker + (1 - self.alpha) * residual
+        return residual
 
     def final_masks(self) -> dict[str, Tensor]:
         """The top-N logits of each group, (out, in) bool per layer."""

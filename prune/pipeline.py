@@ -164,7 +164,7 @@ class PruneSettings:
         """Refuse what does not run on several ranks yet (one line naming it)."""
         if not ranks.several:
             return
-        unsupported = [("--refine", self.refine is not None), ("--stream on", self.stream == "on"),
+        unsupported = [("--stream on", self.stream == "on"),
                        ("--resume", self.resume), ("--eval-tasks", bool(self.evaluate.tasks)),
                        (f"--method {self.oneshot.method}", get_method(self.oneshot.method).gradients is not None)]
         for flag, used in unsupported:

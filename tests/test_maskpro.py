@@ -235,3 +235,21 @@ def test_the_tracker_reduces_the_variance_of_the_update() -> None:
 
     assert total_variance(tracked) < total_variance(residual_only) < total_variance(raw)
     assert math.isfinite(total_variance(tracked))
+
+
+def test_an_update_over_several_processes_moves_by_the_mean_of_their_estimates() -> None:
+    """(1/K) Σ_k (r_k − δ) ∇log p(m_k) for the logits and the mean residual for δ, K = 2; the other process's part is
+    handed in by a stand-in for the all-reduce."""
+    generator = torch.Generator().manual_seed(0)
+    initial = {"layer": torch.rand(8, 16, generator=generator).argsort(1) < 8}
+    first, second = MaskPro(initial, 2, 4, seed=0, lr=0.5), MaskPro(initial, 2, 4, seed=1, lr=0.5)
+    first.tracker = second.tracker = 0.1
+    draws = {"first": first.sample(), "second": second.sample()}
+    residuals = {"first": 0.7, "second": -0.3}
+    gradients = {who: (refiner.grad_log_prob("layer", draws[who]["layer"]).clone()) for who, refiner in (("first", first), ("second", second))}
+    expected_logits = first.logits["layer"] - 0.5 * ((0.7 - 0.1) * gradients["first"] + (-0.3 - 0.1) * gradients["second"]) / 2
+    expected_tracker = first.alpha * 0.1 + (1 - first.alpha) * (0.7 - 0.3) / 2
+    others = [gradients["second"] * (-0.3 - 0.1), torch.tensor([-0.3], dtype=torch.float64)]
+    taken = first.update(draws["first"], residuals["first"], lambda tensor: tensor.add_(others.pop(0).to(tensor.dtype)), processes=2)
+    torch.testing.assert_close(first.logits["layer"], expected_logits)
+    assert taken == pytest.approx(0.2) and first.tracker == pytest.approx(expected_tracker) and not others

@@ -29,6 +29,7 @@ from eval.sparsity import nm_valid, zero_fraction
 from methods import PruningError, Target
 from methods.maskpro import ESTIMATORS, MAX_SET_N, PAPER_ALPHA, PAPER_LOGIT_SCALE, PAPER_LR, MaskPro, grouped
 from prune.devices import on_device, synchronize
+from prune.distributed import Ranks
 from prune.models import CAUSAL_LM, layer_weight
 from prune.run import Run, Stage
 from prune.settings import check_fields, option
@@ -181,21 +182,24 @@ class MaskSwitch:
 
 def refine(model: nn.Module, layers: dict[str, nn.Module], initial: dict[str, Tensor], target: Target, train_windows: Tensor,
            holdout_windows: Tensor, settings: RefineSettings, device: torch.device, *, seed: int = 0, progress: bool = True,
-           checkpoints: Collection[int] = (), on_checkpoint: Callable[[int], None] | None = None) -> RefineResult:
+           checkpoints: Collection[int] = (), on_checkpoint: Callable[[int], None] | None = None, ranks: Ranks | None = None) -> RefineResult:
     """Refine the N:M masks of `layers` (name -> pruned layer) of `model` in place.
 
     Each layer's weight holds the weights that sit under the mask (see `put_weights_under_mask`) and
     `initial[name]` is its one-shot keep mask m₀, (out, in). On return each layer's weight is those weights
     ⊙ the chosen mask. After each step in `checkpoints`, the model is given the current top-N masks and
     `on_checkpoint(step)` is called (e.g. to measure perplexity); that time is not counted in the step times.
+    With several `ranks`, each draws its own masks (its own seed) on its share of the training batches, and the
+    logits move by the mean of their estimates: the same logits on every rank, more draws per step.
     """
+    ranks = ranks or Ranks()
     settings.check(target)
     home = next(model.parameters()).device
     model.to(device)
     initial = {name: mask.to(device) for name, mask in initial.items()}
     estimator = resolved_estimator(settings.estimator, target.n)
     refiner = MaskPro(initial, target.n, target.m, lr=settings.lr, logit_scale=settings.logit_scale, alpha=settings.alpha, estimator=estimator,
-                      seed=seed)
+                      seed=seed * ranks.world + ranks.rank)
     result = RefineResult(settings.method, settings.steps, settings.lr, settings.logit_scale, settings.alpha, estimator, settings.weights,
                           settings.batch, settings.seqlen, len(layers), sum(mask.numel() // target.m for mask in initial.values()))
     # float32 logits, and one byte per weight for each of: the masks in use, m₀, the current draw's ranks
@@ -204,10 +208,11 @@ def refine(model: nn.Module, layers: dict[str, nn.Module], initial: dict[str, Te
     chosen = initial
     model.eval()
     try:
-        policy_steps(model, refiner, switch, initial, [batch.to(device) for batch in fixed_batches(train_windows, settings.batch)], settings,
-                     result, device, seed=seed, progress=progress, checkpoints=checkpoints, on_checkpoint=on_checkpoint)
+        batches = ranks.share([batch.to(device) for batch in fixed_batches(train_windows, settings.batch)])
+        policy_steps(model, refiner, switch, initial, batches, settings, result, device, seed=seed, progress=progress, checkpoints=checkpoints,
+                     on_checkpoint=on_checkpoint, ranks=ranks)
         held_out = [batch.to(device) for batch in fixed_batches(holdout_windows, min(settings.batch, len(holdout_windows)))]
-        chosen = final_mask(model, refiner, switch, initial, held_out, settings.candidates, result)
+        chosen = final_mask(model, refiner, switch, initial, held_out, settings.candidates, result, ranks)
         result.heldout["windows"] = len(holdout_windows)
         changed = sum(int((grouped(chosen[name], target.m) != grouped(initial[name], target.m)).any(-1).sum()) for name in layers)
         result.changed_groups = changed / result.groups if result.groups else 0.0
@@ -219,7 +224,7 @@ def refine(model: nn.Module, layers: dict[str, nn.Module], initial: dict[str, Te
 
 def policy_steps(model: nn.Module, refiner: MaskPro, switch: MaskSwitch, initial: dict[str, Tensor], batches: list[Tensor],
                  settings: RefineSettings, result: RefineResult, device: torch.device, *, seed: int, progress: bool,
-                 checkpoints: Collection[int], on_checkpoint: Callable[[int], None] | None) -> None:
+                 checkpoints: Collection[int], on_checkpoint: Callable[[int], None] | None, ranks: Ranks) -> None:
     """`settings.steps` MaskPro steps (Eq. 12): draw a mask, measure L(m) − L(m₀) on a batch (L(m₀) the first time
     the batch is seen), update the logits. Fills the residual curve and the time split of `result`."""
     baselines: dict[int, float] = {}
@@ -247,7 +252,7 @@ def policy_steps(model: nn.Module, refiner: MaskPro, switch: MaskSwitch, initial
             raise PruningError(f"refinement step {step}: the loss of a sampled mask is not finite ({residual}); the model cannot be refined this way")
         synchronize(device)
         updated = time.perf_counter()
-        refiner.update(draws, residual)
+        residual = refiner.update(draws, residual, ranks.sum_ if ranks.several else None, ranks.world)  # the ranks' mean residual
         synchronize(device)
         finished = time.perf_counter()
         result.seconds_forward += (sampled - began) + (updated - forwarded)
@@ -267,9 +272,11 @@ def policy_steps(model: nn.Module, refiner: MaskPro, switch: MaskSwitch, initial
 
 
 def final_mask(model: nn.Module, refiner: MaskPro, switch: MaskSwitch, initial: dict[str, Tensor], held_out: list[Tensor], candidates: int,
-               result: RefineResult) -> dict[str, Tensor]:
+               result: RefineResult, ranks: Ranks | None = None) -> dict[str, Tensor]:
     """The top-N mask of the learned logits; with `candidates` > 0, the best on the held-out batches of it, m₀ and
-    that many draws from the policy. Every candidate's held-out loss goes into `result.heldout`."""
+    that many draws from the policy (rank 0's draws, with several ranks). Every candidate's held-out loss goes into
+    `result.heldout`."""
+    ranks = ranks or Ranks()
 
     def held_out_loss(masks: dict[str, Tensor]) -> float:
         switch.use(masks)
@@ -277,7 +284,10 @@ def final_mask(model: nn.Module, refiner: MaskPro, switch: MaskSwitch, initial: 
 
     masks = {"one-shot": initial, "top-N": refiner.final_masks()}
     for number in range(candidates):
-        masks[f"draw {number + 1}"] = refiner.masks(refiner.sample())
+        draw = refiner.masks(refiner.sample())
+        if ranks.several:  # every rank compares the same candidates
+            draw = {name: ranks.broadcast_(mask.to(torch.uint8), 0).bool() for name, mask in draw.items()}
+        masks[f"draw {number + 1}"] = draw
     losses = {label: held_out_loss(mask) for label, mask in masks.items()}
     kept = min(losses, key=losses.get) if candidates > 0 else "top-N"
     result.heldout = {"losses": losses, "kept": kept}
@@ -304,6 +314,9 @@ class Refine(Stage):
         if window_count(ids, settings.seqlen) < needed:
             raise PruningError(f"the calibration text is too short for --refine: {len(ids)} tokens give {window_count(ids, settings.seqlen)} "
                                f"windows of {settings.seqlen} tokens (--refine-seqlen), --refine-windows + --refine-holdout = {needed} needed")
+        if settings.windows // settings.batch < run.ranks.world:
+            raise PruningError(f"--refine-windows {settings.windows} make {settings.windows // settings.batch} batches of --refine-batch "
+                               f"{settings.batch}: fewer than the {run.ranks.world} ranks, which need one each")
         self.windows = sample_windows(ids, needed, settings.seqlen, run.settings.seed + 1)
         self.dense = dense_snapshot(run.plan.pruned_layers())  # the dense weights of the layers to prune, which the masks may put back
 
@@ -314,7 +327,7 @@ class Refine(Stage):
         del self.dense
         with on_device(run.model, run.device, run.compute_dtype):
             result = refine(run.model, layers, initial, self.target, self.windows[: settings.windows], self.windows[settings.windows :], settings,
-                            run.device, seed=run.settings.seed, progress=run.settings.progress)
+                            run.device, seed=run.settings.seed, progress=run.settings.progress, ranks=run.ranks)
         run.report.refine = result.as_dict()
         for layer_report in run.report.layers:  # every refined layer must still hold the pattern
             if layer_report.loss is None:
