@@ -132,8 +132,6 @@ class PruneSettings:
 
     def streams(self) -> bool:
         """Whether the model is streamed block by block (when its checkpoint allows)."""
-        if Ranks.current().several:
-            return False  # not built for several ranks yet: check() refuses --stream on there
         if self.stream == "auto":
             return self.output is not None and self.whole_model_needed_by() is None
         return self.stream == "on"
@@ -164,8 +162,7 @@ class PruneSettings:
         """Refuse what does not run on several ranks yet (one line naming it)."""
         if not ranks.several:
             return
-        unsupported = [("--stream on", self.stream == "on"),
-                       ("--resume", self.resume), ("--eval-tasks", bool(self.evaluate.tasks)),
+        unsupported = [("--resume", self.resume), ("--eval-tasks", bool(self.evaluate.tasks)),
                        (f"--method {self.oneshot.method}", get_method(self.oneshot.method).gradients is not None)]
         for flag, used in unsupported:
             if used:
@@ -238,21 +235,25 @@ class Pipeline:
                   needs_block_inputs=any(stage.needs_block_inputs for stage in self.stages),
                   gradient_samples=next((stage.gradient_samples for stage in self.stages if stage.gradient_samples is not None), None))
         output = Path(settings.output).expanduser() if settings.output is not None else None
+        written = output if run.ranks.writer else None  # only rank 0 writes the output; other ranks keep their shards apart
         staging = None
         if run.streamed:
-            staging = streaming_folder(output)
+            staging = streaming_folder(written)
             run.output = ShardWriter(staging, len(transformer_blocks(loaded.model)[1]) + 1)
+        finished = False
         try:
             self.stages_and_evaluations(run, load_seconds)
-            if output is not None and run.streamed:
+            if written is not None and run.streamed:
                 complete_streamed(loaded, run.report, run.output)
                 run.resume.done()
-                check_output_dir(output, settings.overwrite)
-                put_in_place(staging, output.resolve())
-            elif output is not None and run.ranks.writer:
-                save_pruned(loaded, run.report, output, overwrite=settings.overwrite)
+                check_output_dir(written, settings.overwrite)
+                put_in_place(staging, written.resolve())
+            elif written is not None:
+                save_pruned(loaded, run.report, written, overwrite=settings.overwrite)
+            finished = True
         finally:
-            if staging is not None and output is None:
+            # an unfinished streamed run keeps its blocks for --resume, which several ranks cannot do yet
+            if staging is not None and (written is None or (run.ranks.several and not finished)):
                 shutil.rmtree(staging, ignore_errors=True)
         return run.report
 

@@ -36,6 +36,7 @@ RECOVERY = {"method": "sparsegpt", "pattern": "2:4", "recover": "magma", "recove
             "recover_log_every": 2}
 REFINEMENT = {"method": "sparsegpt", "pattern": "2:4", "refine": "maskpro", "refine_steps": 6, "refine_batch": 2, "refine_seqlen": 32,
               "refine_windows": 8, "refine_holdout": 4, "refine_log_every": 3, "refine_candidates": 2}
+STREAMED = {"method": "sparsegpt", "sparsity": 0.5, "stream": "on"}
 MASK_AGREEMENT = 0.999  # the Hessians are summed in another order: a few near-ties may flip
 LOSS_RTOL = 1e-4
 
@@ -67,6 +68,8 @@ def rank_main(rank: int, world: int, port: int, folders: dict[str, str], text_fi
         torch.save(outcome(model, report), Path(results) / f"recovery-{rank}.pt")
         model, report = prune_model(folders["llama"], calibration=text_file, eval_data=text_file, eval_windows=4, **REFINEMENT, **SIZES)
         torch.save(outcome(model, report), Path(results) / f"refinement-{rank}.pt")
+        prune_model(folders["llama"], calibration=text_file, eval_data=text_file, eval_windows=4, output=str(Path(results) / "streamed"), **STREAMED,
+                    **SIZES)
     finally:
         dist.destroy_process_group()
 
@@ -134,6 +137,22 @@ def test_maskpro_on_two_ranks_ends_with_the_same_masks_on_both(two_ranks) -> Non
     assert refined[0]["heldout"] == refined[1]["heldout"]  # the same candidates (rank 0's draws), the same one kept
 
 
+def test_streamed_on_two_ranks_rank_0_writes_what_one_process_writes(two_ranks, model_folders, text_file, tmp_path) -> None:
+    from tests.test_streaming import stored
+
+    _, report = prune_model(str(model_folders["llama"]), calibration=str(text_file), eval_data=str(text_file), eval_windows=4,
+                            output=str(tmp_path / "alone"), **STREAMED, **SIZES)
+    together = json.loads((two_ranks / "streamed" / "report.json").read_text())
+    assert together["model"]["streamed"] and report.model["streamed"] and together["distributed"]["ranks"] == 2
+    alone, shared = stored(tmp_path / "alone"), stored(two_ranks / "streamed")
+    assert set(alone) == set(shared)
+    pruned = [name for name in alone if ".layers." in name and alone[name].dim() == 2]
+    agreement = sum((alone[name] != 0).eq(shared[name] != 0).sum().item() for name in pruned) / sum(alone[name].numel() for name in pruned)
+    assert agreement >= MASK_AGREEMENT
+    assert together["perplexity"]["pruned"]["value"] == pytest.approx(report.perplexity["pruned"]["value"], rel=1e-3)
+    assert not list(two_ranks.glob(".streamed*"))  # rank 0's staging folder was renamed into place
+
+
 def test_torchrun_runs_the_command_and_rank_0_writes_the_output(model_folders, text_file, tmp_path) -> None:
     output = tmp_path / "out"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "prune",
@@ -146,17 +165,18 @@ def test_torchrun_runs_the_command_and_rank_0_writes_the_output(model_folders, t
     assert report["distributed"]["ranks"] == 2 and [entry["calibration_windows"] for entry in report["distributed"]["per_rank"]] == [4, 4]
 
 
-@pytest.mark.parametrize(("options", "flag"), [({"stream": "on"}, "--stream on"), ({"method": "obert"}, "--method obert")])
+@pytest.mark.parametrize(("options", "flag"), [({"stream": "on", "resume": True, "output": "unused"}, "--resume"), ({"method": "obert"}, "--method obert")])
 def test_what_is_not_built_for_several_ranks_is_refused_in_one_line(model_folders, text_file, tmp_path, options, flag) -> None:
     settings = {"method": "sparsegpt", "sparsity": 0.5, **options}
-    if "pattern" in settings:
-        settings.pop("sparsity")
+    if "output" in settings:
+        settings["output"] = str(tmp_path / "unused")
     port = free_port()
     results = tmp_path / "refusals"
     results.mkdir()
     multiprocessing.spawn(refusal_main, args=(2, port, str(model_folders["llama"]), str(text_file), settings, str(results)), nprocs=2, join=True)
     message = (results / "0.txt").read_text()
     assert message.startswith(f"{flag} does not run on several ranks yet (2 processes here)")
+    assert not (tmp_path / "unused").exists()
 
 
 def refusal_main(rank: int, world: int, port: int, folder: str, text_file: str, settings: dict, results: str) -> None:
