@@ -162,7 +162,7 @@ class PruneSettings:
         """Refuse what does not run on several ranks yet (one line naming it)."""
         if not ranks.several:
             return
-        unsupported = [("--resume", self.resume), ("--eval-tasks", bool(self.evaluate.tasks)),
+        unsupported = [("--resume", self.resume),
                        (f"--method {self.oneshot.method}", get_method(self.oneshot.method).gradients is not None)]
         for flag, used in unsupported:
             if used:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import os
+import random
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
     BertConfig,
@@ -82,5 +86,49 @@ def model_folders(tmp_path_factory, tokenizer) -> dict[str, Path]:
         folder = tmp_path_factory.mktemp(f"tiny-{architecture}")
         tiny_model(architecture, len(tokenizer)).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
+        folders[architecture] = folder
+    return folders
+
+
+TASK = "tiny_choice"  # a local multiple-choice task of lm-eval, written by the fixture below
+
+
+def write_task(folder: Path, name: str, questions: list[dict]) -> Path:
+    """A multiple-choice task of lm-eval: its YAML and a JSONL data file of questions, choices and answers."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(question) + "\n" for question in questions))
+    config = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}}, "test_split": "test",
+              "output_type": "multiple_choice", "doc_to_text": "{{question}}", "doc_to_choice": "{{choices}}", "doc_to_target": "{{answer}}",
+              "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                              {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
+              "metadata": {"version": 1.0}}
+    (folder / f"{name}.yaml").write_text(yaml.safe_dump(config))
+    return folder
+
+
+def vocabulary_questions(tokenizer, count: int = 12, seed: int = 0) -> list[dict]:
+    """Questions made of words the test tokenizer knows, each with three choices."""
+    words = sorted(word for word in tokenizer.get_vocab() if word.isalpha() and word.islower() and len(word) > 3)[:300]
+    generator = random.Random(seed)
+    return [{"question": " ".join(generator.sample(words, 6)), "choices": [" " + word for word in generator.sample(words, 3)],
+             "answer": generator.randrange(3)} for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def task_folder(tmp_path_factory, tokenizer) -> Path:
+    return write_task(tmp_path_factory.mktemp("tasks"), TASK, vocabulary_questions(tokenizer))
+
+
+@pytest.fixture(scope="module")
+def lm_folders(tmp_path_factory, tokenizer) -> dict[str, Path]:
+    """Tiny Llama and GPT-2 models whose tokenizer has an end-of-text token, as lm-eval needs."""
+    with_eos = copy.deepcopy(tokenizer)
+    with_eos.add_special_tokens({"eos_token": "</s>"})
+    folders = {}
+    for architecture in ("llama", "gpt2"):
+        folder = tmp_path_factory.mktemp(f"lm-{architecture}")
+        tiny_model(architecture, len(with_eos)).save_pretrained(folder)
+        with_eos.save_pretrained(folder)
         folders[architecture] = folder
     return folders

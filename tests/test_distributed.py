@@ -19,6 +19,7 @@ import torch.multiprocessing as multiprocessing
 from eval.sparsity import nm_valid
 from prune import prune_model
 from prune.models import all_prunable_layers, layer_weight
+from tests.conftest import TASK
 
 SIZES = {"nsamples": 16, "seqlen": 32, "batch_size": 4, "progress": False}
 RUNS = [
@@ -37,6 +38,7 @@ RECOVERY = {"method": "sparsegpt", "pattern": "2:4", "recover": "magma", "recove
 REFINEMENT = {"method": "sparsegpt", "pattern": "2:4", "refine": "maskpro", "refine_steps": 6, "refine_batch": 2, "refine_seqlen": 32,
               "refine_windows": 8, "refine_holdout": 4, "refine_log_every": 3, "refine_candidates": 2}
 STREAMED = {"method": "sparsegpt", "sparsity": 0.5, "stream": "on"}
+TASKS = {"method": "wanda", "sparsity": 0.5}
 MASK_AGREEMENT = 0.999  # the Hessians are summed in another order: a few near-ties may flip
 LOSS_RTOL = 1e-4
 
@@ -70,14 +72,17 @@ def rank_main(rank: int, world: int, port: int, folders: dict[str, str], text_fi
         torch.save(outcome(model, report), Path(results) / f"refinement-{rank}.pt")
         prune_model(folders["llama"], calibration=text_file, eval_data=text_file, eval_windows=4, output=str(Path(results) / "streamed"), **STREAMED,
                     **SIZES)
+        _, report = prune_model(folders["llama-eos"], calibration=text_file, eval_tasks=[TASK], eval_tasks_path=folders["tasks"], **TASKS, **SIZES)
+        torch.save(report.tasks, Path(results) / f"tasks-{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
-def two_ranks(model_folders, text_file, tmp_path_factory) -> Path:
+def two_ranks(model_folders, lm_folders, task_folder, text_file, tmp_path_factory) -> Path:
     results = tmp_path_factory.mktemp("ranks")
     folders = {architecture: str(model_folders[architecture]) for architecture in ("llama", "bert")}
+    folders.update({"llama-eos": str(lm_folders["llama"]), "tasks": str(task_folder)})
     multiprocessing.spawn(rank_main, args=(2, free_port(), folders, str(text_file), str(results)), nprocs=2, join=True)
     return results
 
@@ -151,6 +156,14 @@ def test_streamed_on_two_ranks_rank_0_writes_what_one_process_writes(two_ranks, 
     assert agreement >= MASK_AGREEMENT
     assert together["perplexity"]["pruned"]["value"] == pytest.approx(report.perplexity["pruned"]["value"], rel=1e-3)
     assert not list(two_ranks.glob(".streamed*"))  # rank 0's staging folder was renamed into place
+
+
+def test_lm_eval_tasks_on_two_ranks_are_scored_once_and_known_to_both(two_ranks, lm_folders, task_folder, text_file) -> None:
+    _, alone = prune_model(str(lm_folders["llama"]), calibration=str(text_file), eval_tasks=[TASK], eval_tasks_path=str(task_folder), **TASKS, **SIZES)
+    ranks = [torch.load(two_ranks / f"tasks-{rank}.pt", weights_only=False) for rank in range(2)]
+    assert ranks[0] == ranks[1]
+    for label in ("dense", "pruned"):
+        assert ranks[0][label] == alone.tasks[label]  # Wanda's masks are the same on two ranks as on one: so are the accuracies
 
 
 def test_torchrun_runs_the_command_and_rank_0_writes_the_output(model_folders, text_file, tmp_path) -> None:

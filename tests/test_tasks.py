@@ -3,60 +3,14 @@ after pruning equal to lm-eval's own run on the saved model, hub tasks offline, 
 
 from __future__ import annotations
 
-import copy
 import json
 import random
-from pathlib import Path
 
 import pytest
-import yaml
 
 from prune import prune_model
-from tests.conftest import tiny_model
+from tests.conftest import TASK, write_task
 from tests.test_cli import FAST, assert_one_line_error, run
-
-TASK = "tiny_choice"
-
-
-def write_task(folder: Path, name: str, questions: list[dict]) -> Path:
-    """A multiple-choice task of lm-eval: its YAML and a JSONL data file of questions, choices and answers."""
-    folder.mkdir(parents=True, exist_ok=True)
-    data = folder / f"{name}.jsonl"
-    data.write_text("".join(json.dumps(question) + "\n" for question in questions))
-    config = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}}, "test_split": "test",
-              "output_type": "multiple_choice", "doc_to_text": "{{question}}", "doc_to_choice": "{{choices}}", "doc_to_target": "{{answer}}",
-              "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-                              {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
-              "metadata": {"version": 1.0}}
-    (folder / f"{name}.yaml").write_text(yaml.safe_dump(config))
-    return folder
-
-
-def vocabulary_questions(tokenizer, count: int = 12, seed: int = 0) -> list[dict]:
-    """Questions made of words the test tokenizer knows, each with three choices."""
-    words = sorted(word for word in tokenizer.get_vocab() if word.isalpha() and word.islower() and len(word) > 3)[:300]
-    generator = random.Random(seed)
-    return [{"question": " ".join(generator.sample(words, 6)), "choices": [" " + word for word in generator.sample(words, 3)],
-             "answer": generator.randrange(3)} for _ in range(count)]
-
-
-@pytest.fixture(scope="module")
-def task_folder(tmp_path_factory, tokenizer) -> Path:
-    return write_task(tmp_path_factory.mktemp("tasks"), TASK, vocabulary_questions(tokenizer))
-
-
-@pytest.fixture(scope="module")
-def lm_folders(tmp_path_factory, tokenizer) -> dict[str, Path]:
-    """Tiny Llama and GPT-2 models whose tokenizer has an end-of-text token, as lm-eval needs."""
-    with_eos = copy.deepcopy(tokenizer)
-    with_eos.add_special_tokens({"eos_token": "</s>"})
-    folders = {}
-    for architecture in ("llama", "gpt2"):
-        folder = tmp_path_factory.mktemp(f"lm-{architecture}")
-        tiny_model(architecture, len(with_eos)).save_pretrained(folder)
-        with_eos.save_pretrained(folder)
-        folders[architecture] = folder
-    return folders
 
 
 def test_task_figures_before_and_after_equal_lm_evals_own_run_on_the_saved_model(lm_folders, text_file, task_folder, tmp_path, capsys) -> None:

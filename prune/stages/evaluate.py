@@ -140,7 +140,8 @@ class TasksEvaluator:
         for name, reason in self.suite.unavailable.items():
             message = f"--eval-tasks {name} is not evaluated: {reason}"
             run.note(message)
-            print(f"prune: warning: {message}", file=sys.stderr)
+            if run.ranks.writer:
+                print(f"prune: warning: {message}", file=sys.stderr)
         run.report.tasks = {"harness": "lm-evaluation-harness, zero-shot", "tasks": list(self.suite.names), "limit": self.settings.limit,
                             "path": str(self.path) if self.path is not None else None, "unavailable": dict(self.suite.unavailable)}
 
@@ -148,9 +149,12 @@ class TasksEvaluator:
         return hashlib.sha256(repr((self.suite.names, self.settings.limit, str(self.path))).encode()).hexdigest()
 
     def measure(self, run: Run, label: str) -> dict:
-        with on_device(run.model, run.device, run.compute_dtype):
-            return evaluate_tasks(run.model, run.loaded.tokenizer, self.suite, limit=self.settings.limit, batch_size=self.settings.batch_size,
-                                  seed=run.settings.seed)
+        figures = None
+        if run.ranks.writer:  # lm-eval scores a model object in one process: rank 0 does, and tells the others
+            with on_device(run.model, run.device, run.compute_dtype):
+                figures = evaluate_tasks(run.model, run.loaded.tokenizer, self.suite, limit=self.settings.limit,
+                                         batch_size=self.settings.batch_size, seed=run.settings.seed)
+        return run.ranks.broadcast_object(figures, 0)
 
 
 @torch.no_grad()
