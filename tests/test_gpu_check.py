@@ -66,8 +66,10 @@ def test_the_one_block_bound_counts_weights_two_activation_buffers_and_the_block
 
 
 def test_the_bundle_splits_the_gguf_under_the_transfer_limit_and_exports_the_wiki_sample(tmp_path) -> None:
-    folder = tmp_path / "bundle"
-    finished = subprocess.run([sys.executable, str(SCRIPT), "bundle", str(folder), "--no-wheels"], capture_output=True, text=True, check=False)
+    folder, wikitext = tmp_path / "bundle", tmp_path / "wiki.test.raw"
+    wikitext.write_text(" = Valkyria Chronicles III = \n")  # a stand-in: the real file lives beside the checkout, not in it
+    finished = subprocess.run([sys.executable, str(SCRIPT), "bundle", str(folder), "--no-wheels", "--wikitext", str(wikitext)], capture_output=True,
+                              text=True, check=False)
     assert finished.returncode == 0, finished.stderr
     first, second = folder / "part-1", folder / "part-2"
     for part in (first, second):
@@ -78,5 +80,7 @@ def test_the_bundle_splits_the_gguf_under_the_transfer_limit_and_exports_the_wik
     assert (first / "smollm2.gguf.sha256").read_text().split() == [hashlib.sha256(original).hexdigest(), SMOLLM2_GGUF]
     exported = local_corpus(first / "wiki-sample")
     assert exported.documents == wiki_sample().documents  # the same calibration windows as the embedded sample
-    again = subprocess.run([sys.executable, str(SCRIPT), "bundle", str(folder), "--no-wheels"], capture_output=True, text=True, check=False)
+    assert (first / "wiki.test.raw").read_bytes() == wikitext.read_bytes()
+    again = subprocess.run([sys.executable, str(SCRIPT), "bundle", str(folder), "--no-wheels", "--wikitext", str(wikitext)], capture_output=True,
+                           text=True, check=False)
     assert again.returncode == 2 and "is not empty" in again.stderr  # nothing already there is overwritten
