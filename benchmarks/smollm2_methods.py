@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -126,13 +127,13 @@ def memory_allowed_mb(model, report, nsamples: int, seqlen: int) -> float:
     return (parameters + activations + per_block) / 2**20
 
 
-def run_one(method: str, target: str | None, allocation: str, order: str, options: dict) -> dict:
+def run_one(method: str, target: str | None, allocation: str, order: str, options: dict, seed: int = 0) -> dict:
     """Prune (unless dense) and evaluate in this process; memory is measured from before the model is loaded."""
     device = torch.device(options["device_resolved"])
     import gensim.corpora.wikicorpus  # noqa: F401  library code the wiki-sample reader needs: part of the baseline, like torch
     baseline = memory_mb()["VmRSS"]
     loaded = load_model("smollm2-135m")
-    row = {"method": method, "target": target or "-", "allocation": allocation, "order": order, "prune_seconds": None}
+    row = {"method": method, "target": target or "-", "allocation": allocation, "order": order, "seed": seed, "prune_seconds": None}
     if method != "dense":
         settings = PruneSettings(
             method=method,
@@ -145,6 +146,7 @@ def run_one(method: str, target: str | None, allocation: str, order: str, option
             seqlen=options["seqlen"],
             batch_size=options["batch_size"],
             device=options["device"],
+            seed=seed,
             progress=False,
         )
         reset_peak_memory()
@@ -186,23 +188,28 @@ def run_one(method: str, target: str | None, allocation: str, order: str, option
               help="uniform, owl or owl:RULE (lambda, lambda-clipped, seed), comma-separated (OWL only for unstructured targets).")
 @click.option("--orders", default="one-pass,two-pass", show_default=True, help="Block orders to compare (methods with statistics).")
 @click.option("--blocks", default=None, help="Prune only these blocks (e.g. 0-9), for methods too slow for the whole model.")
+@click.option("--seeds", default="0", show_default=True, help="Calibration seeds, comma-separated: every run is repeated with each, and the "
+              "perplexities are summarised as mean ± standard deviation.")
 @click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the results as JSON.")
 @click.option("--single", default=None, hidden=True, help="Internal: run one METHOD:TARGET in this process and print JSON.")
 def main(wikitext: Path, nsamples: int, seqlen: int, batch_size: int, eval_seqlen: int, eval_windows: int | None, device: str,
-         methods: str, targets: str, allocations: str, orders: str, blocks: str | None, json_out: Path | None, single: str | None) -> None:
+         methods: str, targets: str, allocations: str, orders: str, blocks: str | None, seeds: str, json_out: Path | None, single: str | None) -> None:
     device_resolved = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     options = {"wikitext": str(wikitext), "nsamples": nsamples, "seqlen": seqlen, "batch_size": batch_size, "eval_seqlen": eval_seqlen,
                "eval_windows": eval_windows, "device": device, "device_resolved": device_resolved, "blocks": blocks}
     if single is not None:
-        method, target, allocation, order = single.split("|")
-        click.echo(json.dumps(run_one(method, target or None, allocation, order, options)))
+        method, target, allocation, order, seed = single.split("|")
+        click.echo(json.dumps(run_one(method, target or None, allocation, order, options, int(seed))))
         return
+    seed_list = [int(seed) for seed in seeds.split(",")]
     rate = matmul_rate(torch.device(device_resolved))
     click.echo(f"device {device_resolved}, {torch.get_num_threads()} threads; fp32 matmul rate {rate / 1e9:.1f} GFLOP/s")
     results = []
-    for method, target, allocation, order in planned_runs(methods.split(","), targets.split(","), allocations.split(","), orders.split(",")):
+    plan = [(*run, seed) for run in planned_runs(methods.split(","), targets.split(","), allocations.split(","), orders.split(","))
+            for seed in (seed_list if run[0] != "dense" else seed_list[:1])]
+    for method, target, allocation, order, seed in plan:
         # each run in a fresh process, so that one run's memory does not count against the next
-        arguments = [sys.executable, __file__, "--single", f"{method}|{target or ''}|{allocation}|{order}", "--wikitext", str(wikitext), "--nsamples", str(nsamples),
+        arguments = [sys.executable, __file__, "--single", f"{method}|{target or ''}|{allocation}|{order}|{seed}", "--wikitext", str(wikitext), "--nsamples", str(nsamples),
                      "--seqlen", str(seqlen), "--batch-size", str(batch_size), "--eval-seqlen", str(eval_seqlen), "--device", device]
         if eval_windows is not None:
             arguments += ["--eval-windows", str(eval_windows)]
@@ -215,7 +222,7 @@ def main(wikitext: Path, nsamples: int, seqlen: int, batch_size: int, eval_seqle
         if "work_gflop" in row:
             row["bound_seconds"] = sum(row["work_gflop"].values()) * 1e9 / rate
         results.append(row)
-        click.echo(f"  done {method} {target or ''} {allocation} {order}: perplexity {row['perplexity']:.2f}, prune {row['prune_seconds'] or 0:.1f} s")
+        click.echo(f"  done {method} {target or ''} {allocation} {order} seed {seed}: perplexity {row['perplexity']:.2f}, prune {row['prune_seconds'] or 0:.1f} s")
 
     windows = results[0]["eval_windows"]
     click.echo("")
@@ -254,8 +261,17 @@ def main(wikitext: Path, nsamples: int, seqlen: int, batch_size: int, eval_seqle
         if order == "one-pass" and other is not None:
             click.echo(f"{method} {target} {allocation}: one-pass / two-pass time {row['prune_seconds'] / other['prune_seconds']:.2f} (target <= 0.6 for "
                        f"sparsegpt), perplexity {row['perplexity']:.2f} vs {other['perplexity']:.2f} ({row['perplexity'] / other['perplexity'] - 1:+.1%})")
+    if len(seed_list) > 1:
+        click.echo("")
+        click.echo(f"perplexity over calibration seeds {seeds}: mean ± standard deviation (n)")
+        summary = {}
+        for row in results:
+            summary.setdefault((row["method"], row["target"], row["allocation"], row["order"]), []).append(row["perplexity"])
+        for (method, target, allocation, order), values in summary.items():
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            click.echo(f"  {method:<10} {target:>6} {allocation:>7} {order:>8}  {statistics.mean(values):8.2f} ± {spread:.2f} ({len(values)})")
     if json_out is not None:
-        json_out.write_text(json.dumps({"matmul_gflops": rate / 1e9, "results": results}, indent=2))
+        json_out.write_text(json.dumps({"matmul_gflops": rate / 1e9, "seeds": seed_list, "results": results}, indent=2))
 
 
 if __name__ == "__main__":
