@@ -162,8 +162,7 @@ class PruneSettings:
         """Refuse what does not run on several ranks yet (one line naming it)."""
         if not ranks.several:
             return
-        unsupported = [("--resume", self.resume),
-                       (f"--method {self.oneshot.method}", get_method(self.oneshot.method).gradients is not None)]
+        unsupported = [(f"--method {self.oneshot.method}", get_method(self.oneshot.method).gradients is not None)]
         for flag, used in unsupported:
             if used:
                 raise PruningError(f"{flag} does not run on several ranks yet ({ranks.world} processes here): run it in one process")
@@ -198,14 +197,30 @@ class Pipeline:
     def resume_state(self, run: Run) -> ResumeState:
         """What an earlier part of this streamed run finished (with --resume), or a fresh state; an unfinished run
         that is not resumed is discarded."""
-        checkpoint = run.loaded.checkpoint
+        checkpoint, ranks = run.loaded.checkpoint, run.ranks
+        calibration = tensor_digest([tensor for batch in run.calibration_batches or [] for tensor in batch.values()])
         fingerprint = {
             "settings": {key: value for key, value in self.settings.as_options().items() if key not in NOT_FINGERPRINTED},
             "model": model_fingerprint(Path(run.loaded.source), list(checkpoint.files.values())),
-            "calibration": tensor_digest([tensor for batch in run.calibration_batches or [] for tensor in batch.values()]),
+            "calibration": ranks.gather_objects(calibration) if ranks.several else calibration,  # every rank's share
             "evaluation": [evaluator.fingerprint() for evaluator in run.evaluators],
         }
-        state, note = ResumeState.start(run.output.folder, fingerprint, self.settings.resume)
+        if ranks.several:  # rank 0 keeps the state; the others follow its verdict and read its finished blocks
+            verdict = None
+            if ranks.writer:
+                try:
+                    state, note = ResumeState.start(run.output.folder, fingerprint, self.settings.resume)
+                    verdict = {"folder": str(run.output.folder), "finished": state.finished, "report": state.report, "note": note}
+                except PruningError as error:
+                    verdict = {"error": str(error)}
+            verdict = ranks.broadcast_object(verdict, 0)
+            if "error" in verdict:
+                raise PruningError(verdict["error"])
+            if not ranks.writer:
+                run.output.folder.mkdir(parents=True, exist_ok=True)
+                return ResumeState(Path(verdict["folder"]), fingerprint, verdict["finished"], verdict["report"], writable=False)
+        else:
+            state, note = ResumeState.start(run.output.folder, fingerprint, self.settings.resume)
         if note is not None:
             run.note(note)
         if not state.finished and run.output.folder.exists():  # nothing to carry on from: no earlier shard may stand for a block of this run
@@ -240,7 +255,6 @@ class Pipeline:
         if run.streamed:
             staging = streaming_folder(written)
             run.output = ShardWriter(staging, len(transformer_blocks(loaded.model)[1]) + 1)
-        finished = False
         try:
             self.stages_and_evaluations(run, load_seconds)
             if written is not None and run.streamed:
@@ -250,10 +264,8 @@ class Pipeline:
                 put_in_place(staging, written.resolve())
             elif written is not None:
                 save_pruned(loaded, run.report, written, overwrite=settings.overwrite)
-            finished = True
-        finally:
-            # an unfinished streamed run keeps its blocks for --resume, which several ranks cannot do yet
-            if staging is not None and (written is None or (run.ranks.several and not finished)):
+        finally:  # an unfinished streamed run keeps rank 0's blocks for --resume
+            if staging is not None and written is None:
                 shutil.rmtree(staging, ignore_errors=True)
         return run.report
 

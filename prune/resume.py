@@ -47,6 +47,7 @@ class ResumeState:
     fingerprint: dict
     finished: int = 0  # blocks 0 .. finished-1 are done (pruned and written, or left dense)
     report: dict = field(default_factory=dict)  # the report entries they produced: layers, prune_breakdown, allocation, dense figures
+    writable: bool = True  # False for the ranks but rank 0 of a run on several ranks: they read rank 0's state, never write it
 
     @classmethod
     def start(cls, folder: Path, fingerprint: dict, resume: bool) -> tuple[ResumeState, str | None]:
@@ -64,11 +65,13 @@ class ResumeState:
         return cls(folder, fingerprint, saved["finished"], saved["report"]), f"resumed after {saved['finished']} finished blocks of an earlier run"
 
     def save(self) -> None:
-        write_text(self.folder / STATE, json.dumps({"fingerprint": self.fingerprint, "finished": self.finished, "report": self.report}))
+        if self.writable:
+            write_text(self.folder / STATE, json.dumps({"fingerprint": self.fingerprint, "finished": self.finished, "report": self.report}))
 
     def done(self) -> None:
         """The run is complete: no state to resume from is left behind."""
-        (self.folder / STATE).unlink(missing_ok=True)
+        if self.writable:
+            (self.folder / STATE).unlink(missing_ok=True)
 
 
 def describe_differences(saved: dict, current: dict) -> str:

@@ -282,8 +282,9 @@ class Run:
         return figures
 
     def block_shard(self, index: int) -> Checkpoint:
-        """Streamed: the output shard of a finished block, as a source to read it from."""
-        path = self.output.folder / self.output.shard_name(index)
+        """Streamed: the shard of a block an earlier part of the run finished, as a source to read it from (in the
+        folder of the resume state: rank 0's, on several ranks)."""
+        path = self.resume.folder / self.output.shard_name(index)
         prefix = f"{self.plan.blocks_name}.{index}."
         return Checkpoint(dict.fromkeys(parameter_names(self.plan.blocks[index], prefix), path))
 

@@ -178,7 +178,7 @@ def test_torchrun_runs_the_command_and_rank_0_writes_the_output(model_folders, t
     assert report["distributed"]["ranks"] == 2 and [entry["calibration_windows"] for entry in report["distributed"]["per_rank"]] == [4, 4]
 
 
-@pytest.mark.parametrize(("options", "flag"), [({"stream": "on", "resume": True, "output": "unused"}, "--resume"), ({"method": "obert"}, "--method obert")])
+@pytest.mark.parametrize(("options", "flag"), [({"method": "obert"}, "--method obert")])
 def test_what_is_not_built_for_several_ranks_is_refused_in_one_line(model_folders, text_file, tmp_path, options, flag) -> None:
     settings = {"method": "sparsegpt", "sparsity": 0.5, **options}
     if "output" in settings:
@@ -207,8 +207,8 @@ def refusal_main(rank: int, world: int, port: int, folder: str, text_file: str, 
     (Path(results) / f"{rank}.txt").write_text(message)
 
 
-def dying_rank_main(rank: int, world: int, port: int, argv: list[str], results: str) -> None:
-    """One rank of the command; rank 1 dies in the middle of block 1."""
+def dying_rank_main(rank: int, world: int, port: int, argv: list[str], results: str, dies: bool = True) -> None:
+    """One rank of the command; with `dies`, rank 1 dies in the middle of block 1."""
     import contextlib
     import io
     import time
@@ -217,7 +217,7 @@ def dying_rank_main(rank: int, world: int, port: int, argv: list[str], results: 
     from prune.stages.oneshot import OneShot
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    if rank == 1:
+    if rank == 1 and dies:
         original = OneShot.prune_group
 
         def dying(self, run, index, *args, **kwargs):
@@ -237,21 +237,38 @@ def dying_rank_main(rank: int, world: int, port: int, argv: list[str], results: 
     (Path(results) / f"{rank}.json").write_text(json.dumps({"code": code, "stderr": errors.getvalue(), "seconds": time.perf_counter() - started}))
 
 
-def test_a_rank_that_dies_stops_the_others_with_one_line_and_nothing_written(model_folders, text_file, tmp_path) -> None:
-    output = tmp_path / "out"
-    argv = ["--model", str(model_folders["llama"]), "--method", "sparsegpt", "--sparsity", "0.5", "--calibration", str(text_file), "--no-eval",
-            "--nsamples", "8", "--seqlen", "32", "--quiet", "--rank-timeout", "60", "--output", str(output)]
-    results = tmp_path / "results"
+def run_two_ranks(argv: list[str], results: Path, dies: bool) -> list[int]:
+    """The command on two ranks (plain processes, so that one may die alone); their exit codes."""
     results.mkdir()
     port, spawn = free_port(), multiprocessing.get_context("spawn")
-    processes = [spawn.Process(target=dying_rank_main, args=(rank, 2, port, argv, str(results))) for rank in range(2)]
+    processes = [spawn.Process(target=dying_rank_main, args=(rank, 2, port, argv, str(results), dies)) for rank in range(2)]
     for process in processes:
         process.start()
     for process in processes:
         process.join(timeout=180)
-    assert [process.exitcode for process in processes] == [0, 3]  # rank 0 ended by itself (its exit code is in its file)
-    survivor = json.loads((results / "0.json").read_text())
+    return [process.exitcode for process in processes]
+
+
+def test_a_rank_that_dies_stops_the_others_in_one_line_and_resume_finishes_the_run(model_folders, text_file, tmp_path) -> None:
+    from tests.test_streaming import stored
+
+    def argv(output: Path) -> list[str]:
+        return ["--model", str(model_folders["llama"]), "--method", "sparsegpt", "--sparsity", "0.5", "--calibration", str(text_file),
+                "--eval-data", str(text_file), "--eval-windows", "4", "--nsamples", "8", "--seqlen", "32", "--quiet", "--rank-timeout", "60",
+                "--stream", "on", "--output", str(output)]
+
+    output = tmp_path / "out"
+    assert run_two_ranks(argv(output), tmp_path / "died", dies=True) == [0, 3]  # rank 0 ended by itself (its exit code is in its file)
+    survivor = json.loads((tmp_path / "died" / "0.json").read_text())
     assert survivor["code"] == 1 and survivor["seconds"] < 60
     lines = [line for line in survivor["stderr"].splitlines() if line.strip()]
     assert lines[-1].startswith("prune: error: the ranks lost each other") and "Traceback" not in survivor["stderr"], survivor["stderr"]
-    assert not output.exists() and not any(tmp_path.glob(".out*"))
+    assert not output.exists() and json.loads((tmp_path / ".out.partial" / "resume.json").read_text())["finished"] == 1
+    assert run_two_ranks([*argv(output), "--resume"], tmp_path / "resumed", dies=False) == [0, 0]
+    assert run_two_ranks(argv(tmp_path / "whole"), tmp_path / "uninterrupted", dies=False) == [0, 0]
+    resumed, whole = (json.loads((tmp_path / name / "report.json").read_text()) for name in ("out", "whole"))
+    assert any("resumed after 1 finished blocks" in note for note in resumed["notes"])
+    assert resumed["perplexity"] == whole["perplexity"] and resumed["distributed"]["ranks"] == 2
+    expected, actual = stored(tmp_path / "whole"), stored(output)
+    assert set(expected) == set(actual) and all(torch.equal(actual[name], tensor) for name, tensor in expected.items())
+    assert not (tmp_path / ".out.partial").exists()
