@@ -207,8 +207,9 @@ def refusal_main(rank: int, world: int, port: int, folder: str, text_file: str, 
     (Path(results) / f"{rank}.txt").write_text(message)
 
 
-def dying_rank_main(rank: int, world: int, port: int, argv: list[str], results: str, dies: bool = True) -> None:
-    """One rank of the command; with `dies`, rank 1 dies in the middle of block 1."""
+def dying_rank_main(rank: int, world: int, port: int, argv: list[str], results: str, dies: bool = True, hangs: bool = False) -> None:
+    """One rank of the command; with `dies`, rank 1 dies in the middle of block 1 (with `hangs`, it stops answering
+    there instead)."""
     import contextlib
     import io
     import time
@@ -222,6 +223,8 @@ def dying_rank_main(rank: int, world: int, port: int, argv: list[str], results: 
 
         def dying(self, run, index, *args, **kwargs):
             if index == 1:
+                if hangs:
+                    time.sleep(600)
                 os._exit(3)
             return original(self, run, index, *args, **kwargs)
 
@@ -237,16 +240,32 @@ def dying_rank_main(rank: int, world: int, port: int, argv: list[str], results: 
     (Path(results) / f"{rank}.json").write_text(json.dumps({"code": code, "stderr": errors.getvalue(), "seconds": time.perf_counter() - started}))
 
 
-def run_two_ranks(argv: list[str], results: Path, dies: bool) -> list[int]:
-    """The command on two ranks (plain processes, so that one may die alone); their exit codes."""
+def run_two_ranks(argv: list[str], results: Path, dies: bool, hangs: bool = False) -> list[int | None]:
+    """The command on two ranks (plain processes, so that one may die alone); their exit codes (None: still running,
+    then ended)."""
     results.mkdir()
     port, spawn = free_port(), multiprocessing.get_context("spawn")
-    processes = [spawn.Process(target=dying_rank_main, args=(rank, 2, port, argv, str(results), dies)) for rank in range(2)]
+    processes = [spawn.Process(target=dying_rank_main, args=(rank, 2, port, argv, str(results), dies, hangs)) for rank in range(2)]
     for process in processes:
         process.start()
-    for process in processes:
-        process.join(timeout=180)
+    processes[0].join(timeout=180)
+    if hangs:
+        codes = [processes[0].exitcode, processes[1].exitcode]
+        processes[1].kill()
+        processes[1].join()
+        return codes
+    processes[1].join(timeout=180)
     return [process.exitcode for process in processes]
+
+
+def test_a_rank_that_stops_answering_stops_the_others_after_the_rank_timeout(model_folders, text_file, tmp_path) -> None:
+    argv = ["--model", str(model_folders["llama"]), "--method", "sparsegpt", "--sparsity", "0.5", "--calibration", str(text_file), "--no-eval",
+            "--nsamples", "8", "--seqlen", "32", "--quiet", "--rank-timeout", "5", "--output", str(tmp_path / "out")]
+    assert run_two_ranks(argv, tmp_path / "hung", dies=True, hangs=True) == [0, None]  # rank 1 still hanging when rank 0 gave up
+    survivor = json.loads((tmp_path / "hung" / "0.json").read_text())
+    assert survivor["code"] == 1 and survivor["seconds"] < 60
+    assert survivor["stderr"].strip().splitlines()[-1].startswith("prune: error: the ranks lost each other")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_rank_that_dies_stops_the_others_in_one_line_and_resume_finishes_the_run(model_folders, text_file, tmp_path) -> None:
