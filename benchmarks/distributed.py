@@ -19,17 +19,16 @@ from pathlib import Path
 
 import click
 import torch
-from safetensors import safe_open
+
+from prune.weights import Checkpoint
 
 STAGES = ("load", "data", "evaluate", "calibrate", "prune", "total")
 
 
 def stored(folder: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(path, framework="pt") as shard:
-            tensors.update({name: shard.get_tensor(name) for name in shard.keys()})  # noqa: SIM118
-    return tensors
+    """Every tensor of a saved model folder (one file or shards), in its stored dtype."""
+    checkpoint = Checkpoint.find(folder)
+    return checkpoint.read(checkpoint.names())
 
 
 def run(command: list[str], threads: int) -> None:

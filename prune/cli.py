@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"prune: error: {error.strerror}", err=True)
         sys.exit(1)
     except RanksLost as error:  # another rank died or stopped answering within --rank-timeout
-        click.echo(f"prune: error: the ranks lost each other ({error}); nothing was written", err=True)
+        click.echo(f"prune: error: the ranks lost each other ({error}); --output was not written (a streamed run can --resume)", err=True)
         sys.exit(1)
     except click.Abort:
         click.echo("prune: aborted", err=True)

@@ -160,12 +160,8 @@ class PruneSettings:
 
     def check_ranks(self, ranks: Ranks) -> None:
         """Refuse what does not run on several ranks yet (one line naming it)."""
-        if not ranks.several:
-            return
-        unsupported = [(f"--method {self.oneshot.method}", get_method(self.oneshot.method).gradients is not None)]
-        for flag, used in unsupported:
-            if used:
-                raise PruningError(f"{flag} does not run on several ranks yet ({ranks.world} processes here): run it in one process")
+        if ranks.several and get_method(self.oneshot.method).gradients is not None:
+            raise PruningError(f"--method {self.oneshot.method} does not run on several ranks yet ({ranks.world} processes here): run it in one process")
 
     def as_options(self) -> dict[str, Any]:
         """Every option of this run by its flat name (the command's flag with underscores), for the report."""

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import random
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -132,3 +135,12 @@ def lm_folders(tmp_path_factory, tokenizer) -> dict[str, Path]:
         with_eos.save_pretrained(folder)
         folders[architecture] = folder
     return folders
+
+
+def load_script(path: Path) -> ModuleType:
+    """A script of benchmarks/ imported as a module (registered, so that its dataclasses can look their module up)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import re
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from calibration.corpora import local_corpus, wiki_sample
 from eval.sparsity import nm_valid
 from prune import prune_model
 from prune.models import SMOLLM2_GGUF, package_folder, prunable_layers, transformer_blocks
+from tests.conftest import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 SMALL = {"nsamples": 8, "seqlen": 32, "batch_size": 4, "progress": False}
@@ -23,10 +23,7 @@ SMALL = {"nsamples": 8, "seqlen": 32, "batch_size": 4, "progress": False}
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the run without a GPU")

@@ -3,10 +3,8 @@ fine-tuning with dev selection and its cache, and the CoNLL benchmark script in 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,7 @@ from methods import PruningError
 from prune import PruneSettings, load_model, run_pipeline
 from prune.models import TOKEN_CLASSIFICATION, layer_weight, package_folder, prunable_layers, transformer_blocks
 from prune.training import FinetuneSettings, cache_folder, fresh_copy, load_or_finetune
-from tests.conftest import tiny_model
+from tests.conftest import load_script, tiny_model
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "conll_bert.py"
 
@@ -156,11 +154,7 @@ def test_finetuning_learns_the_rule_keeps_the_best_dev_checkpoint_and_is_cached(
 
 
 def load_benchmark():
-    spec = importlib.util.spec_from_file_location("conll_bert", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCHMARK)
 
 
 def test_benchmark_quick_mode_writes_the_table_json_and_figure(model_folders, splits, tmp_path) -> None:

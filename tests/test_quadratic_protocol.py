@@ -3,22 +3,20 @@ correction, its schedule and its data, against hand transcriptions."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.conftest import load_script
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "heterogeneous_quadratic.py"
 
 
 @pytest.fixture(scope="module")
 def quadratic():
-    spec = importlib.util.spec_from_file_location("heterogeneous_quadratic", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def test_adam_without_bias_correction_is_its_two_moment_recursion(quadratic) -> None:
