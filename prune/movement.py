@@ -40,7 +40,7 @@ class MovementSettings:
     warmup: float = 0.1
     cooldown: float = 0.2
     threshold: float = -0.1
-    penalty: float = 1e-4
+    penalty: float = 1e-6  # MiniLM-L6 on CoNLL, 300 steps: 1e-6 reached 47 % sparsity, 4e-6 80 %; 1e-4 pruned everything
     weight_decay: float = 0.01
     clip_norm: float = 1.0
     seed: int = 0

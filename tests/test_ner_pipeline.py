@@ -194,6 +194,9 @@ def test_benchmark_bad_input_is_one_line(tmp_path, model_folders) -> None:
     assert missing.exit_code == 2 and "no such data folder" in missing.output and "Traceback" not in missing.output
     unknown = CliRunner().invoke(main, ["--methods", "sparsegpt,bogus", "--output", str(tmp_path / "out")])
     assert unknown.exit_code == 2 and "bogus" in unknown.output
+    for penalties, message in (("0.5=lots", "S=λ pairs"), ("0.5=-1e-6", "must not be negative"), ("0.6=1e-6", "no λ for the sparsities 0.5")):
+        refused = CliRunner().invoke(main, ["--sparsities", "0.5", "--soft-penalties", penalties, "--output", str(tmp_path / "out")])
+        assert refused.exit_code == 2 and message in refused.output and "Traceback" not in refused.output, refused.output
     assert not (tmp_path / "out").exists()
 
 
