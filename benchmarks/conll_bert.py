@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -41,9 +42,10 @@ RESUME_KEYS = ("model", "classifier", "test_sentences", "nsamples", "owl", "trai
 QUICK = {"sparsities": "0.5", "allocations": "uniform", "nsamples": 32, "sample_sizes": "16,32", "sample_methods": "sparsegpt",
          "sample_sparsities": "0.5", "test_limit": 200, "train_limit": 1000, "epochs": 1, "obert_grads": 32, "gradual_epochs": 2,
          "train_steps": 10, "obs_blocks": "0"}
-# Soft movement pruning's λ per target sparsity: its sparsity follows from λ (seed 003 §6.1). Measured on MiniLM-L6 with
-# 300 steps (batch 16, the 4,000-sentence classifier): λ = 1e-6 reached 47 %, 4e-6 reached 80 %; the others interpolated in log λ.
-SOFT_PENALTIES = "0.5=1e-6,0.6=1.7e-6,0.7=2.6e-6,0.8=4e-6"
+# Soft movement pruning's λ per target sparsity: its sparsity follows from λ (seed 003 §6.1). On MiniLM-L6 (batch 16):
+# 300 steps from the 4,000-sentence classifier, λ = 1e-6 reached 47 % and 4e-6 80 %; 600 steps from the full one, 4e-6
+# reached 94 %. The defaults are for 600 steps, interpolated in log λ with the curve shifted by those figures.
+SOFT_PENALTIES = "0.5=5.5e-7,0.6=8.5e-7,0.7=1.3e-6,0.8=2e-6"
 # Methods that train on the task (not one-shot): oBERT pruned gradually then fine-tuned, movement pruning while fine-tuning.
 TRAINED = ("obert-gradual", "movement-hard", "movement-soft")
 
@@ -57,8 +59,20 @@ class Study:
     runs: list[dict] = field(default_factory=list)  # {"method", "sparsity", "allocation", "nsamples", "f1", ...}
     seconds: float = 0.0
 
-    def find(self, method: str, sparsity: float, allocation: str, nsamples: int) -> dict | None:
-        return next((run for run in self.runs if (run["method"], run["sparsity"], run["allocation"], run["nsamples"]) == (method, sparsity, allocation, nsamples)), None)
+    def find(self, method: str, sparsity: float, allocation: str, nsamples: int, seed: int | None = None) -> dict | None:
+        """The run of these settings with calibration seed `seed` (default: the study's seed)."""
+        return next((run for run in self.runs if (run["method"], run["sparsity"], run["allocation"], run["nsamples"], self.seed_of(run))
+                     == (method, sparsity, allocation, nsamples, self.setup["seed"] if seed is None else seed)), None)
+
+    def seed_of(self, run: dict) -> int:
+        return run.get("calibration_seed", self.setup["seed"])  # runs measured before calibration seeds had their own field
+
+    def f1_cell(self, method: str, sparsity: float, allocation: str, nsamples: int, seeds: list[int]) -> str:
+        """The F1 of one calibration seed, or mean ± standard deviation over the seeds measured; '-' when none was."""
+        values = [run["f1"] for seed in seeds if (run := self.find(method, sparsity, allocation, nsamples, seed))]
+        if not values:
+            return "-"
+        return f"{values[0]:.3f}" if len(values) == 1 else f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
     def as_dict(self) -> dict:
         return {"setup": self.setup, "dense": self.dense, "runs": self.runs, "seconds": self.seconds}
@@ -66,6 +80,23 @@ class Study:
 
 def parse_list(text: str, kind=str) -> list:
     return [kind(item.strip()) for item in text.split(",") if item.strip()]
+
+
+def resume_view(setup: dict) -> dict:
+    """What of a study's setup its runs must share to be kept: soft movement's λ is recorded in each of its runs
+    instead (a run measured with another λ than the one now given for its sparsity is measured again)."""
+    training = {key: value for key, value in setup.get("training", {}).items() if key != "soft_penalties"}
+    return {**setup, "training": training}
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = parse_list(text, int)
+    except ValueError:
+        raise PruningError(f"--calibration-seeds takes comma-separated integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise PruningError(f"--calibration-seeds takes distinct integers, got {text!r}")
+    return seeds
 
 
 def parse_penalties(text: str) -> dict[float, float]:
@@ -82,20 +113,18 @@ def parse_penalties(text: str) -> dict[float, float]:
     return penalties
 
 
-def table_markdown(study: Study, methods: list[str], sparsities: list[float], allocations: list[str], nsamples: int) -> str:
+def table_markdown(study: Study, methods: list[str], sparsities: list[float], allocations: list[str], nsamples: int, seeds: list[int]) -> str:
     """The seed's Table 1 layout: Sparsity | Method | F1 uniform | F1 OWL | Time s, the time of the uniform run (calibration
     forwards + statistics + method + propagation, and any training), the part spent in the method itself, and the part
     spent training (fine-tuning after gradual oBERT; movement pruning is all training). A method whose sparsity is not
-    set directly (soft movement) says what it reached."""
+    set directly (soft movement) says what it reached. With several calibration seeds an F1 is mean ± standard deviation and
+    a time is the first seed's."""
     lines = ["| Sparsity | Method | F1 (uniform) | F1 (OWL) | Time (s) | of which method (s) | of which training (s) |", "|---|---|---|---|---|---|---|",
              f"| 0% | Dense | {study.dense['f1']:.3f} | {study.dense['f1']:.3f} | - | - | - |"]
     for sparsity in sorted(sparsities):
         for method in methods:
-            cells = []
-            for allocation in ("uniform", "owl"):
-                run = study.find(method, sparsity, allocation, nsamples) if allocation in allocations else None
-                cells.append(f"{run['f1']:.3f}" if run else "-")
-            timed = study.find(method, sparsity, "uniform", nsamples) or study.find(method, sparsity, "owl", nsamples)
+            cells = [study.f1_cell(method, sparsity, allocation, nsamples, seeds) if allocation in allocations else "-" for allocation in ("uniform", "owl")]
+            timed = next((run for seed in seeds for allocation in ("uniform", "owl") if (run := study.find(method, sparsity, allocation, nsamples, seed))), None)
             cells.extend([f"{timed['prune_seconds'] + timed.get('train_seconds', 0.0):.1f}", f"{timed['method_seconds']:.1f}",
                           f"{timed.get('train_seconds', 0.0):.1f}"] if timed else ["-", "-", "-"])
             name = method if not timed or abs(timed["achieved_sparsity"] - sparsity) < 0.02 else f"{method} (reached {timed['achieved_sparsity']:.0%})"
@@ -105,13 +134,13 @@ def table_markdown(study: Study, methods: list[str], sparsities: list[float], al
     return "\n".join(lines) + "\n"
 
 
-def plot_sample_sizes(study: Study, methods: list[str], sparsities: list[float], sizes: list[int], path: Path) -> None:
+def plot_sample_sizes(study: Study, methods: list[str], sparsities: list[float], sizes: list[int], path: Path, seed: int) -> None:
     """F1 against the number of calibration sentences, one line per method and sparsity (seed 003, Figure 1)."""
     figure = new_figure(6, 4)
     axes = figure.subplots()
     for method in methods:
         for sparsity in sparsities:
-            points = [(size, run["f1"]) for size in sizes if (run := study.find(method, sparsity, "uniform", size))]
+            points = [(size, run["f1"]) for size in sizes if (run := study.find(method, sparsity, "uniform", size, seed))]
             if points:
                 axes.plot(*zip(*points, strict=True), marker="o", label=f"{method} {sparsity:.0%}")
     axes.axhline(study.dense["f1"], color="grey", linestyle="--", label="dense")
@@ -173,13 +202,15 @@ def write_results(output: Path, study: Study, table: str | None) -> None:
               help="Soft movement pruning: λ of the penalty λ Σσ(S) per target sparsity, as S=λ pairs (the sparsity follows from λ: the table says what it reached).")
 @click.option("--obs-blocks", default=None, help="Prune only these blocks with exact OBS (e.g. 0 or 0-2; the others stay dense): it is slow.")
 @click.option("--quick", is_flag=True, help=f"A smoke run within 3 minutes: {QUICK}.")
-@click.option("--seed", type=int, default=0, help="Seed of fine-tuning and of the choice of calibration sentences.")
+@click.option("--seed", type=int, default=0, help="Seed of fine-tuning (and of the calibration unless --calibration-seeds).")
+@click.option("--calibration-seeds", default=None, help="Comma-separated seeds of the calibration sentences and of the trained methods' "
+              "batches: every run is repeated with each, and the table shows F1 mean ± standard deviation. Default: --seed.")
 @click.option("--device", default="auto", help="auto, cpu or cuda.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Where fine-tuned models are kept (default: ~/.cache/obs-prune).")
 @click.option("--output", type=click.Path(path_type=Path), default=Path("benchmarks/results/conll_bert"), help="Folder of table.md, results.json, sample_size.png.")
 def main(data, model, methods, sparsities, allocations, nsamples, sample_sizes, sample_methods, sample_sparsities, owl_rule, owl_m,
          owl_lambda, calibration_batch, test_limit, epochs, lr, train_limit, finetune_only, resume, obert_grads, obert_block, gradual_epochs,
-         train_steps, train_lr, movement_lr, train_batch, soft_penalties, obs_blocks, quick, seed, device, cache_dir, output) -> None:
+         train_steps, train_lr, movement_lr, train_batch, soft_penalties, obs_blocks, quick, seed, calibration_seeds, device, cache_dir, output) -> None:
     """Fine-tune a token classifier on CoNLL-2003, prune it with every method, and compare test F1 and time."""
     if quick:
         sparsities, allocations, nsamples, sample_sizes = QUICK["sparsities"], QUICK["allocations"], QUICK["nsamples"], QUICK["sample_sizes"]
@@ -194,7 +225,7 @@ def main(data, model, methods, sparsities, allocations, nsamples, sample_sizes, 
         study = run_study(data, model, parse_list(methods), parse_list(sparsities, float), parse_list(allocations), nsamples,
                           parse_list(sample_sizes, int), parse_list(sample_methods), parse_list(sample_sparsities, float),
                           owl_rule, owl_m, owl_lambda, calibration_batch, test_limit, FinetuneSettings(epochs=epochs, lr=lr, seed=seed, train_limit=train_limit),
-                          finetune_only, resume, seed, device, cache_dir, output, training)
+                          finetune_only, resume, seed, parse_seeds(calibration_seeds) if calibration_seeds else [seed], device, cache_dir, output, training)
     except (NerDataError, PruningError, ModelError, OutputError) as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(2)
@@ -203,7 +234,7 @@ def main(data, model, methods, sparsities, allocations, nsamples, sample_sizes, 
 
 
 def run_study(data, model, methods, sparsities, allocations, nsamples, sample_sizes, sample_methods, sample_sparsities, owl_rule, owl_m,
-              owl_lambda, calibration_batch, test_limit, finetune, finetune_only, resume, seed, device_name, cache_dir, output,
+              owl_lambda, calibration_batch, test_limit, finetune, finetune_only, resume, seed, seeds, device_name, cache_dir, output,
               training: dict) -> Study | None:
     started = time.perf_counter()
     for allocation in allocations:
@@ -235,7 +266,7 @@ def run_study(data, model, methods, sparsities, allocations, nsamples, sample_si
     earlier = 0.0  # seconds spent by the runs resumed from
     if resume and (output / "results.json").is_file():
         saved = json.loads((output / "results.json").read_text(encoding="utf-8"))
-        differences = [key for key in RESUME_KEYS if saved["setup"].get(key) != setup[key]]
+        differences = [key for key in RESUME_KEYS if resume_view(saved["setup"]).get(key) != resume_view(setup)[key]]
         if differences:
             raise PruningError(f"{output / 'results.json'} was measured with another {', '.join(differences)}: pass another --output, or drop --resume")
         study.runs, earlier = saved["runs"], saved["seconds"]
@@ -244,17 +275,21 @@ def run_study(data, model, methods, sparsities, allocations, nsamples, sample_si
         study.seconds = earlier + time.perf_counter() - started
         return None
 
-    def measure(method: str, sparsity: float, allocation: str, size: int) -> dict:
-        if (known := study.find(method, sparsity, allocation, size)) is not None:
-            return known
+    def measure(method: str, sparsity: float, allocation: str, size: int, seed: int) -> dict:
+        if (known := study.find(method, sparsity, allocation, size, seed)) is not None:
+            if method != "movement-soft" or known.get("soft_penalty") == penalties[sparsity]:
+                return known
+            study.runs.remove(known)  # measured with another λ
         copy = fresh_copy(loaded)
-        run = {"method": method, "sparsity": sparsity, "allocation": allocation, "nsamples": size,
+        run = {"method": method, "sparsity": sparsity, "allocation": allocation, "nsamples": size, "calibration_seed": seed,
                "blocks": training["obs_blocks"] if method == "obs" else None}
         if method.startswith("movement-"):
-            result = movement_prune(copy.model, task_batches(), MovementSettings(variant=method.removeprefix("movement-"), sparsity=sparsity,
+            result = movement_prune(copy.model, task_batches(seed), MovementSettings(variant=method.removeprefix("movement-"), sparsity=sparsity,
                                     steps=training["train_steps"], lr=training["movement_lr"], penalty=penalties.get(sparsity, 0.0), seed=seed,
                                     progress=False), device)
             run.update(prune_seconds=0.0, method_seconds=0.0, train_seconds=result.seconds, achieved_sparsity=result.sparsity, allocation_blocks=None)
+            if method == "movement-soft":
+                run["soft_penalty"] = penalties[sparsity]
         else:
             gradients = method in ("obert", "obert-gradual")
             options = {"obert_grads": training["obert_grads"], "obert_block": training["obert_block"],
@@ -269,17 +304,17 @@ def run_study(data, model, methods, sparsities, allocations, nsamples, sample_si
                        method_seconds=report.prune_breakdown["method"], achieved_sparsity=report.sparsity,
                        allocation_blocks=[block["sparsity"] for block in report.allocation["blocks"]] if report.allocation else None)
             if method == "obert-gradual":  # then fine-tune the kept weights, the pruned ones pinned at zero (seed 003 §7.6)
-                tuned_after = recover(copy.model, task_batches(), RecoverSettings(optimizer="adamw", steps=training["train_steps"],
+                tuned_after = recover(copy.model, task_batches(seed), RecoverSettings(optimizer="adamw", steps=training["train_steps"],
                                       lr=training["train_lr"], batch=training["train_batch"]), device, seed=seed, progress=False)
                 run["train_seconds"] = tuned_after.seconds
         scores = evaluate_ner(copy.model, loaded.tokenizer, test, tuned.labels, device)
         run.update(f1=scores.f1, precision=scores.precision, recall=scores.recall)
         study.runs.append(run)
-        click.echo(f"{method:>13} {sparsity:.0%} {allocation:>7} n={size:<5} F1 {scores.f1:.4f}  prune {run['prune_seconds']:.1f} s"
+        click.echo(f"{method:>13} {sparsity:.0%} {allocation:>7} n={size:<5} seed {seed} F1 {scores.f1:.4f}  prune {run['prune_seconds']:.1f} s"
                    + (f"  training {run['train_seconds']:.1f} s" if "train_seconds" in run else ""))
         return run
 
-    def task_batches():
+    def task_batches(seed: int):
         """Endless labelled batches of the train split (the task the trained methods learn)."""
         train_sentences = splits["train"][: finetune.train_limit] if finetune.train_limit else splits["train"]
         return labelled_batches(loaded.tokenizer, train_sentences, tuned.labels, training["train_batch"], seed=seed)
@@ -287,19 +322,20 @@ def run_study(data, model, methods, sparsities, allocations, nsamples, sample_si
     for sparsity in sparsities:
         for method in methods:
             for allocation in allocations:
-                if method not in TRAINED or allocation == "uniform":  # the trained methods set each layer's sparsity themselves
-                    measure(method, sparsity, allocation, nsamples)
-                    study.seconds = earlier + time.perf_counter() - started  # written after every run: a stopped study resumes
-                    write_results(output, study, table_markdown(study, methods, sparsities, allocations, nsamples))
+                for calibration_seed in seeds:
+                    if method not in TRAINED or allocation == "uniform":  # the trained methods set each layer's sparsity themselves
+                        measure(method, sparsity, allocation, nsamples, calibration_seed)
+                        study.seconds = earlier + time.perf_counter() - started  # written after every run: a stopped study resumes
+                        write_results(output, study, table_markdown(study, methods, sparsities, allocations, nsamples, seeds))
     for method in sample_methods:  # one method at a time, so that a long method (OBS) last leaves the others complete
         for sparsity in sample_sparsities:
             for size in sample_sizes:
-                measure(method, sparsity, "uniform", size)
+                measure(method, sparsity, "uniform", size, seeds[0])
                 study.seconds = earlier + time.perf_counter() - started
                 write_results(output, study, None)
-                plot_sample_sizes(study, sample_methods, sample_sparsities, sample_sizes, output / "sample_size.png")
+                plot_sample_sizes(study, sample_methods, sample_sparsities, sample_sizes, output / "sample_size.png", seeds[0])
     study.seconds = earlier + time.perf_counter() - started
-    table = table_markdown(study, methods, sparsities, allocations, nsamples)
+    table = table_markdown(study, methods, sparsities, allocations, nsamples, seeds)
     write_results(output, study, table)
     click.echo(table)
     return study

@@ -8,11 +8,17 @@ a PNG next to --json-out when given.
 
     .venv/bin/python benchmarks/smollm2_maskpro.py --steps 500,2000            # the issue's figures (hours on a CPU)
     .venv/bin/python benchmarks/smollm2_maskpro.py --steps 50,200 --eval-windows 32
+    .venv/bin/python benchmarks/smollm2_maskpro.py --inits sparsegpt --steps 300 --seeds 0,1,2 --windows 64
+
+With several --seeds, each initial mask is refined once per seed of the sampler (the same one-shot model and the same
+training windows) and the summary gives perplexity mean ± standard deviation over the seeds.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
+import sys
 from pathlib import Path
 
 import click
@@ -51,10 +57,16 @@ def split_list(text: str) -> list[str]:
 @click.option("--estimator", type=click.Choice(["auto", "set", "sequence"]), default="auto")
 @click.option("--nsamples", type=int, default=64, help="One-shot calibration windows of 512 tokens.")
 @click.option("--eval-windows", type=int, default=64, help="Evaluate on the first N windows of 512 tokens.")
+@click.option("--seeds", default="0", help="Comma-separated seeds of MaskPro's mask sampler.")
 @click.option("--device", default="auto")
 @click.option("--json-out", type=click.Path(path_type=Path), default=None)
 def main(wikitext: Path, inits: str, pattern: str, steps: str, lr: float, logit_scale: float, alpha: float, batch: int, seqlen: int,
-         windows: int, weights: str, estimator: str, nsamples: int, eval_windows: int, device: str, json_out: Path | None) -> None:
+         windows: int, weights: str, estimator: str, nsamples: int, eval_windows: int, seeds: str, device: str, json_out: Path | None) -> None:
+    try:
+        seed_list = [int(seed) for seed in split_list(seeds)]
+    except ValueError:
+        click.echo(f"error: --seeds takes comma-separated integers, got {seeds!r}", err=True)
+        sys.exit(2)
     compute = resolve_device(device)
     checkpoints = sorted(int(step) for step in split_list(steps))
     loaded = load_model("smollm2-135m")
@@ -74,33 +86,45 @@ def main(wikitext: Path, inits: str, pattern: str, steps: str, lr: float, logit_
         report = run_pipeline(loaded, PruneSettings(method=method, pattern=pattern, nsamples=nsamples, seqlen=512, device=device, progress=False))
         before = perplexity(model, evaluation, compute, progress=False).value
         layers = {layer.name: model.get_submodule(layer.name) for layer in report.layers if layer.loss is not None}
-        initial = put_weights_under_mask(layers, dense, weights)
-        del dense
+        pruned_state = {name: value.clone() for name, value in model.state_dict().items()}
         refine_windows = sample_windows(calibration_ids, windows + 8, seqlen, seed=1)
-        at_checkpoint = {}
-
-        def measure(step: int) -> None:
-            at_checkpoint[step] = perplexity(model, evaluation, compute, progress=False).value  # noqa: B023 (called inside this iteration)
-            click.echo(f"  {method} step {step}: perplexity {at_checkpoint[step]:.2f}")  # noqa: B023
-
         click.echo(f"\n{method} {pattern}: prune {report.seconds['prune']:.1f} s, perplexity {before:.2f}")
-        result = refine(model, layers, initial, target, refine_windows[:windows], refine_windows[windows:], settings, compute,
-                        progress=False, checkpoints=set(checkpoints), on_checkpoint=measure)
-        after = perplexity(model, evaluation, compute, progress=False).value
-        share = {part: getattr(result, f"seconds_{part}") / result.seconds for part in ("sampling", "forward", "update")}
-        click.echo(f"  {result.seconds_per_step:.2f} s/step: sampling {share['sampling']:.1%} (target <= 15 %), forward {share['forward']:.1%}, "
-                   f"update {share['update']:.1%}; logits + masks {result.memory_mb:.0f} MB; {result.changed_groups:.2%} of groups changed")
-        click.echo("  residual curve: " + ", ".join(f"{point['step']}: {point['residual']:+.4f}" for point in result.curve[:: max(1, len(result.curve) // 10)]))
-        click.echo(f"  held-out loss one-shot {result.heldout['losses']['one-shot']:.4f}, top-N {result.heldout['losses']['top-N']:.4f}; "
-                   f"final perplexity {before:.2f} -> {after:.2f}")
-        row = {"init": method, "perplexity_oneshot": before, "perplexity_at": at_checkpoint, "perplexity_final": after, **result.as_dict()}
-        results.append(row)
-        if json_out is not None:
-            result.perplexity_before, result.perplexity_after = before, after
-            plot_refine(result.as_dict(), json_out.with_name(f"{json_out.stem}_{method}.png"))
+        for seed in seed_list:
+            model.load_state_dict(pruned_state)
+            initial = put_weights_under_mask(layers, dense, weights)
+            results.append(refine_once(model, layers, initial, target, refine_windows, windows, settings, compute, checkpoints, evaluation,
+                                       method, seed, before, json_out))
+    for method in split_list(inits):
+        mine = [row for row in results if row["init"] == method]
+        finals = [row["perplexity_final"] for row in mine]
+        click.echo(f"{method} {pattern} after {checkpoints[-1]} steps, sampler seeds {seeds}: perplexity "
+                   + (f"{finals[0]:.2f}" if len(finals) == 1 else f"{statistics.mean(finals):.2f} ± {statistics.stdev(finals):.2f} (n = {len(finals)})"))
     if json_out is not None:
         json_out.write_text(json.dumps(results, indent=2))
 
+
+def refine_once(model, layers, initial, target, refine_windows, windows, settings, compute, checkpoints, evaluation, method, seed, before,
+                json_out) -> dict:
+    """One refinement with sampler seed `seed`: perplexity at the checkpoints, time split, curves (and its figure)."""
+    at_checkpoint = {}
+
+    def measure(step: int) -> None:
+        at_checkpoint[step] = perplexity(model, evaluation, compute, progress=False).value
+        click.echo(f"  {method} seed {seed} step {step}: perplexity {at_checkpoint[step]:.2f}")
+
+    result = refine(model, layers, initial, target, refine_windows[:windows], refine_windows[windows:], settings, compute, seed=seed,
+                    progress=False, checkpoints=set(checkpoints), on_checkpoint=measure)
+    after = perplexity(model, evaluation, compute, progress=False).value
+    share = {part: getattr(result, f"seconds_{part}") / result.seconds for part in ("sampling", "forward", "update")}
+    click.echo(f"  {result.seconds_per_step:.2f} s/step: sampling {share['sampling']:.1%} (target <= 15 %), forward {share['forward']:.1%}, "
+               f"update {share['update']:.1%}; logits + masks {result.memory_mb:.0f} MB; {result.changed_groups:.2%} of groups changed")
+    click.echo("  residual curve: " + ", ".join(f"{point['step']}: {point['residual']:+.4f}" for point in result.curve[:: max(1, len(result.curve) // 10)]))
+    click.echo(f"  held-out loss one-shot {result.heldout['losses']['one-shot']:.4f}, top-N {result.heldout['losses']['top-N']:.4f}; "
+               f"final perplexity {before:.2f} -> {after:.2f}")
+    if json_out is not None:
+        result.perplexity_before, result.perplexity_after = before, after
+        plot_refine(result.as_dict(), json_out.with_name(f"{json_out.stem}_{method}_seed{seed}.png"))
+    return {"init": method, "seed": seed, "perplexity_oneshot": before, "perplexity_at": at_checkpoint, "perplexity_final": after, **result.as_dict()}
 
 if __name__ == "__main__":
     torch.manual_seed(0)

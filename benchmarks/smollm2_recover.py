@@ -8,11 +8,18 @@ forward+backward and optimizer step, and the extra time Magma / SkipUpdate cost 
 
     .venv/bin/python benchmarks/smollm2_recover.py                                  # the default sweep
     .venv/bin/python benchmarks/smollm2_recover.py --targets 2:4 --lrs 1e-4 --steps 20   # a quick look
+    .venv/bin/python benchmarks/smollm2_recover.py --targets 2:4 --lr-of adamw=3e-4,magma=3e-4,skipupdate=3e-4 --seeds 0,1,2
+
+With several --seeds, everything that draws is redrawn per seed (the calibration windows of SparseGPT, the order of
+the training windows, Magma's and SkipUpdate's random blocks), and the summary gives perplexity mean ± standard
+deviation over the seeds.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
+import sys
 from pathlib import Path
 
 import click
@@ -33,6 +40,15 @@ def split_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
+def spread(rows: list[dict]) -> str:
+    """'before -> after' of one seed, or mean ± standard deviation over the seeds (n)."""
+    before, after = [row["perplexity_before"] for row in rows], [row["perplexity_after"] for row in rows]
+    if len(rows) == 1:
+        return f"{before[0]:.2f} -> {after[0]:.2f}"
+    return (f"{statistics.mean(before):.2f} ± {statistics.stdev(before):.2f} -> {statistics.mean(after):.2f} ± {statistics.stdev(after):.2f} "
+            f"(n = {len(rows)})")
+
+
 def target_options(target: str) -> dict:
     """'50%' -> sparsity 0.5; '2:4' -> pattern."""
     return {"pattern": target} if ":" in target else {"sparsity": float(target.rstrip("%")) / 100}
@@ -49,10 +65,16 @@ def target_options(target: str) -> dict:
 @click.option("--seqlen", type=int, default=256, help="Tokens per training window.")
 @click.option("--nsamples", type=int, default=64, help="SparseGPT calibration windows of 512 tokens.")
 @click.option("--eval-windows", type=int, default=64, help="Evaluate on the first N windows of 512 tokens.")
+@click.option("--seeds", default="0", help="Comma-separated seeds: calibration windows, training order and the optimizers' draws.")
 @click.option("--device", default="auto")
 @click.option("--json-out", type=click.Path(path_type=Path), default=None)
 def main(wikitext: Path, targets: str, optimizers: str, lrs: str, lr_of: str | None, steps: int, batch: int, seqlen: int, nsamples: int,
-         eval_windows: int, device: str, json_out: Path | None) -> None:
+         eval_windows: int, seeds: str, device: str, json_out: Path | None) -> None:
+    try:
+        seed_list = [int(seed) for seed in split_list(seeds)]
+    except ValueError:
+        click.echo(f"error: --seeds takes comma-separated integers, got {seeds!r}", err=True)
+        sys.exit(2)
     torch.manual_seed(0)
     compute = resolve_device(device)
     loaded = load_model("smollm2-135m")
@@ -63,22 +85,23 @@ def main(wikitext: Path, targets: str, optimizers: str, lrs: str, lr_of: str | N
     click.echo(f"SmolLM2-135M on {compute}; recovery: {steps} steps of {batch} x {seqlen} wiki-sample tokens, "
                f"warm-up 10 % + cosine to 10 %; perplexity on {len(evaluation)} WikiText-2 test windows of 512")
     rows = []
-    for target in split_list(targets):
+    for target, seed in [(target, seed) for target in split_list(targets) for seed in seed_list]:
         model.load_state_dict(dense_state)
-        settings = PruneSettings(method="sparsegpt", nsamples=nsamples, seqlen=512, device=device, progress=False, **target_options(target))
+        settings = PruneSettings(method="sparsegpt", nsamples=nsamples, seqlen=512, device=device, progress=False, seed=seed, **target_options(target))
         report = run_pipeline(loaded, settings)
         pruned_state = {name: value.clone() for name, value in model.state_dict().items()}
         before = perplexity(model, evaluation, compute, progress=False).value
-        click.echo(f"\nSparseGPT {target}: prune {report.seconds['prune']:.1f} s, perplexity {before:.2f}")
+        click.echo(f"\nSparseGPT {target} (seed {seed}): prune {report.seconds['prune']:.1f} s, perplexity {before:.2f}")
         for optimizer in split_list(optimizers):
             chosen = dict(item.split("=") for item in split_list(lr_of)) if lr_of else {}
             for lr in [float(chosen[optimizer])] if optimizer in chosen else [float(value) for value in split_list(lrs)]:
                 model.load_state_dict(pruned_state)
                 recover_settings = RecoverSettings(optimizer=optimizer, steps=steps, lr=lr, batch=batch, seqlen=seqlen)
-                result = recover(model, language_model_batches(training_ids, seqlen, batch, seed=0), recover_settings, compute, progress=False)
+                result = recover(model, language_model_batches(training_ids, seqlen, batch, seed=seed), recover_settings, compute, seed=seed,
+                                 progress=False)
                 after = perplexity(model, evaluation, compute, progress=False).value
                 row = {
-                    "target": target, "optimizer": optimizer, "lr": lr, "perplexity_before": before, "perplexity_after": after,
+                    "target": target, "seed": seed, "optimizer": optimizer, "lr": lr, "perplexity_before": before, "perplexity_after": after,
                     "seconds_per_step": result.seconds_per_step, "forward_backward_per_step": result.seconds_forward_backward / steps,
                     "optimizer_per_step": result.seconds_optimizer / steps, "final_loss": result.curve[-1]["loss"],
                     "updated_fraction": result.updated_fraction, "zeros_kept": result.zeros_kept,
@@ -94,8 +117,8 @@ def main(wikitext: Path, targets: str, optimizers: str, lrs: str, lr_of: str | N
         base_step = sum(row["seconds_per_step"] for row in adamw) / len(adamw) if adamw else None
         for optimizer in split_list(optimizers):
             mine = [row for row in rows if row["target"] == target and row["optimizer"] == optimizer]
-            best = min(mine, key=lambda row: row["perplexity_after"])
-            line = f"  {target:<5} {optimizer:<10} best lr {best['lr']:g}: perplexity {best['perplexity_before']:.2f} -> {best['perplexity_after']:.2f}"
+            best_lr = min(mine, key=lambda row: statistics.mean(other["perplexity_after"] for other in mine if other["lr"] == row["lr"]))["lr"]
+            line = f"  {target:<5} {optimizer:<10} best lr {best_lr:g}: perplexity " + spread([row for row in mine if row["lr"] == best_lr])
             if base_optimizer is not None and optimizer != "adamw":
                 extra = sum(row["optimizer_per_step"] for row in mine) / len(mine) - base_optimizer
                 line += f"; optimizer step +{extra * 1000:.1f} ms = {extra / base_optimizer:+.1%} of AdamW's step, {extra / base_step:+.1%} of a whole step"

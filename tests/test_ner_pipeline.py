@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import statistics
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,14 @@ from calibration.sentences import IGNORED_LABEL, encode_sentences, pad_batch, se
 from eval.ner import entity_f1, evaluate_ner, predict_tags
 from methods import PruningError
 from prune import PruneSettings, load_model, run_pipeline
-from prune.models import TOKEN_CLASSIFICATION, layer_weight, package_folder, prunable_layers, transformer_blocks
+from prune.models import (
+    TOKEN_CLASSIFICATION,
+    all_prunable_layers,
+    layer_weight,
+    package_folder,
+    prunable_layers,
+    transformer_blocks,
+)
 from prune.training import FinetuneSettings, cache_folder, fresh_copy, load_or_finetune
 from tests.conftest import load_script, tiny_model
 
@@ -186,6 +194,45 @@ def test_benchmark_quick_mode_writes_the_table_json_and_figure(model_folders, sp
     assert json.loads((output / "results.json").read_text())["runs"] == study["runs"]
     other = CliRunner().invoke(load_benchmark().main, [*arguments, "--resume", "--owl-m", "3"])
     assert other.exit_code == 2 and "another owl" in other.output
+    soft = next(run for run in study["runs"] if run["method"] == "movement-soft")
+    assert soft["soft_penalty"] == float(load_benchmark().SOFT_PENALTIES.split("0.5=")[1].split(",")[0])
+    stronger = CliRunner().invoke(load_benchmark().main, [*arguments, "--resume", "--soft-penalties", "0.5=3"])  # another λ: soft alone again
+    assert stronger.exit_code == 0, stronger.output
+    measured = [line for line in stronger.output.splitlines() if " n=32" in line and " F1 " in line]
+    assert len(measured) == 1 and "movement-soft" in measured[0], stronger.output
+    runs = json.loads((output / "results.json").read_text())["runs"]
+    assert [run for run in runs if run["method"] != "movement-soft"] == [run for run in study["runs"] if run["method"] != "movement-soft"]
+    assert [run["soft_penalty"] for run in runs if run["method"] == "movement-soft"] == [3.0]
+
+
+def test_benchmark_calibration_seeds_give_mean_and_spread_and_resume_by_seed(model_folders, splits, tmp_path) -> None:
+    data = write_conll(tmp_path / "data", splits)
+    arguments = ["--data", str(data), "--model", str(model_folders["bert"]), "--cache-dir", str(tmp_path / "cache"), "--output",
+                 str(tmp_path / "results"), "--device", "cpu", "--lr", "3e-3", "--epochs", "1", "--methods", "wanda,sparsegpt",
+                 "--sparsities", "0.7", "--allocations", "uniform", "--nsamples", "16", "--sample-sizes", "", "--test-limit", "30"]
+    first = CliRunner().invoke(load_benchmark().main, [*arguments, "--calibration-seeds", "0,1"])
+    assert first.exit_code == 0, first.output
+    study = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert sorted((run["method"], run["calibration_seed"]) for run in study["runs"]) == [("sparsegpt", 0), ("sparsegpt", 1), ("wanda", 0), ("wanda", 1)]
+    table = (tmp_path / "results" / "table.md").read_text()
+    for method in ("wanda", "sparsegpt"):
+        values = [run["f1"] for run in study["runs"] if run["method"] == method]
+        assert f"| 70% | {method} | {statistics.mean(values):.3f} ± {statistics.stdev(values):.3f} | - |" in table
+    resumed = CliRunner().invoke(load_benchmark().main, [*arguments, "--calibration-seeds", "0,1,2", "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    measured = [line for line in resumed.output.splitlines() if " n=16" in line and " F1 " in line]
+    assert len(measured) == 2 and all(" seed 2 F1 " in line for line in measured), resumed.output  # only the new seed measured
+    runs = json.loads((tmp_path / "results" / "results.json").read_text())["runs"]
+    assert runs[:4] == study["runs"] and {run["calibration_seed"] for run in runs[4:]} == {2}
+    # seeds change the calibration sentences: the masks of two seeds differ somewhere (F1 may not)
+    masks = []
+    for seed in (0, 1):
+        loaded = fresh_copy(load_or_finetune(str(model_folders["bert"]), read_conll_folder(data), FinetuneSettings(epochs=1, lr=3e-3, progress=False),
+                                             torch.device("cpu"), tmp_path / "cache")[0])
+        batches = sentence_batches(loaded.tokenizer, read_conll_folder(data)["train"], 16, seed=seed, batch_size=32)
+        run_pipeline(loaded, PruneSettings(method="sparsegpt", sparsity=0.7, progress=False, seed=seed), calibration_batches=batches)
+        masks.append(torch.cat([layer_weight(layer).eq(0).flatten() for layer in all_prunable_layers(loaded.model).values()]))
+    assert not torch.equal(*masks)
 
 
 def test_benchmark_bad_input_is_one_line(tmp_path, model_folders) -> None:
@@ -197,6 +244,9 @@ def test_benchmark_bad_input_is_one_line(tmp_path, model_folders) -> None:
     for penalties, message in (("0.5=lots", "S=λ pairs"), ("0.5=-1e-6", "must not be negative"), ("0.6=1e-6", "no λ for the sparsities 0.5")):
         refused = CliRunner().invoke(main, ["--sparsities", "0.5", "--soft-penalties", penalties, "--output", str(tmp_path / "out")])
         assert refused.exit_code == 2 and message in refused.output and "Traceback" not in refused.output, refused.output
+    for seeds in ("0,x", "1,1"):
+        refused = CliRunner().invoke(main, ["--calibration-seeds", seeds, "--output", str(tmp_path / "out")])
+        assert refused.exit_code == 2 and "--calibration-seeds" in refused.output and "Traceback" not in refused.output, refused.output
     assert not (tmp_path / "out").exists()
 
 
