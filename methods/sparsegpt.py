@@ -21,6 +21,16 @@ from methods.hessian import DEFAULT_PERCDAMP, PERCDAMP_HELP, check_percdamp, dam
 
 BLOCKSIZE = 128  # lazy-update block: columns swept before the rest of the layer is updated in one matrix product
 MASK_BLOCKSIZE = 64  # adaptive-mask block: columns whose mask is chosen together (the seed study's)
+INNER_BLOCK = 16  # about how many columns of a lazy block are swept by rank-one updates before one product updates the rest of it
+
+
+def inner_blocksize(step: int, target: int = INNER_BLOCK) -> int:
+    """Columns per inner block of a lazy block whose mask is chosen every `step` columns: a multiple of `step`, or a
+    divisor of it, near `target`, so that every mask choice falls on an inner block's first column (where the
+    columns it scores have received every earlier column's update)."""
+    if step <= target:
+        return step * (target // step)
+    return max(size for size in range(1, target + 1) if step % size == 0)
 
 
 def check_options(target: Target, blocksize: int = BLOCKSIZE, mask_blocksize: int = MASK_BLOCKSIZE, percdamp: float = DEFAULT_PERCDAMP) -> None:
@@ -90,19 +100,23 @@ def prune_together(
     return results
 
 
-def sweep(work: Tensor, hinv: Tensor, target: Target, blocksize: int, mask_blocksize: int, layers: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+def sweep(work: Tensor, hinv: Tensor, target: Target, blocksize: int, mask_blocksize: int, layers: list[tuple[int, int]],
+          inner: int | None = None) -> tuple[Tensor, Tensor]:
     """SparseGPT's column sweep (Alg. 1) in place on `work` (columns, rows): the weights transposed. Returns the keep
     mask (columns, rows) and each row's sum of squared errors (w_j / [U]_jj)² over its pruned weights.
 
     Column j: every row that drops w_j gets the OBS update W[:, j:] −= (w_j / U_jj) U[j, j:]; inside a lazy block of
-    `blocksize` columns the updates are rank-one, after it one matrix product updates the columns that follow. The
+    `blocksize` columns the updates are applied lazily again, in inner blocks of about 16 columns: rank-one inside an
+    inner block, one matrix product for the rest of the lazy block after it, and one for the columns after the lazy
+    block (the same updates, in products instead of memory-bound rank-one passes over the whole lazy block). The
     mask of the columns from j on is chosen when the sweep reaches them, from the already updated weights: the N
     highest w²/U_jj² of each group of M (N:M), or the lowest of each `mask_blocksize` columns over the rows of each
-    layer (`layers`: row ranges) for an unstructured target."""
+    layer (`layers`: row ranges) for an unstructured target. `inner` overrides the inner block (`blocksize`: none)."""
     columns, rows = work.shape
     keep = torch.ones_like(work, dtype=torch.bool)
     squared_errors = torch.zeros(rows, device=work.device)
     step = target.m if target.is_nm else mask_blocksize
+    inner = inner or inner_blocksize(step)
     for start in range(0, columns, blocksize):
         end = min(start + blocksize, columns)
         block, hinv_block = work[start:end], hinv[start:end, start:end]
@@ -110,6 +124,8 @@ def sweep(work: Tensor, hinv: Tensor, target: Target, blocksize: int, mask_block
         scale = torch.empty(end - start, rows, device=work.device)  # 1/U_jj where w_j is pruned, 0 where it is kept
         errors = torch.empty(end - start, rows, device=work.device)
         for i in range(end - start):
+            if i % inner == 0 and i:  # the inner block before i is swept: update the rest of the lazy block
+                block[i:].addmm_(hinv_block[i - inner : i, i:].T, errors[i - inner : i], alpha=-1.0)
             if i % step == 0:
                 part = slice(i, min(i + step, end - start))
                 scores = block[part] ** 2 / diagonal[part].unsqueeze(1) ** 2
@@ -120,7 +136,8 @@ def sweep(work: Tensor, hinv: Tensor, target: Target, blocksize: int, mask_block
                 keep[start + part.start : start + part.stop] = kept
                 torch.div((~kept).to(work.dtype), diagonal[part].unsqueeze(1), out=scale[part])
             torch.mul(block[i], scale[i], out=errors[i])
-            block[i + 1 :].addr_(hinv_block[i, i + 1 :], errors[i], alpha=-1.0)
+            inner_end = min(i - i % inner + inner, end - start)
+            block[i + 1 : inner_end].addr_(hinv_block[i, i + 1 : inner_end], errors[i], alpha=-1.0)
         squared_errors += errors.pow(2).sum(0)
         work[end:] -= hinv[start:end, end:].T @ errors  # the lazy update of the columns after the block
     return keep, squared_errors

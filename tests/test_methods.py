@@ -226,6 +226,25 @@ def test_sparsegpt_equals_a_plain_transcription_of_the_paper(target: Target, see
     assert result.details["dead_inputs"] == 1
 
 
+@pytest.mark.parametrize("blocksize, mask_blocksize", [(96, 48), (60, 20), (56, 7), (20, 5), (40, 40)])
+def test_sparsegpt_inner_blocks_of_the_lazy_block_change_nothing(blocksize: int, mask_blocksize: int) -> None:
+    """Inner blocks of 16, 10, 14 and 15 columns (mask blocks larger than, equal to and smaller than them), and a lazy
+    block that ends inside an inner block (20 = 15 + 5)."""
+    weight, _, hessian = random_problem(9, 120, 500, seed=41)
+    result = sparsegpt.prune(weight.float(), hessian.float(), Target(0.6), blocksize=blocksize, mask_blocksize=mask_blocksize, percdamp=0.05)
+    expected_weight, expected_mask, expected_loss = sparsegpt_by_the_paper(weight, hessian, Target(0.6), mask_blocksize, 0.05)
+    assert torch.equal(result.mask, expected_mask)
+    torch.testing.assert_close(result.weight.double(), expected_weight, atol=1e-4, rtol=1e-4)
+    assert result.loss == pytest.approx(expected_loss, rel=1e-4)
+
+
+def test_inner_blocks_start_at_every_mask_choice() -> None:
+    for step in range(1, 200):
+        inner = sparsegpt.inner_blocksize(step)
+        assert 1 <= inner <= 16 and (inner % step == 0 or step % inner == 0), (step, inner)
+    assert [sparsegpt.inner_blocksize(step) for step in (4, 8, 64, 50, 7, 67)] == [16, 16, 16, 10, 14, 1]
+
+
 def test_the_factorised_hessian_is_damped_after_the_dead_input_fix(monkeypatch) -> None:
     _, _, hessian = random_problem(1, 16, 100, seed=30)
     hessian *= 50  # mean(diag H) far from 1, so that giving the dead input H_jj = 1 before or after the mean shows
