@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import torch
 from calibration.conll import NerDataError, load_conll2003
 from calibration.sentences import labelled_batches, sentence_batches
 from eval.ner import evaluate_ner
+from eval.seeds import mean_and_spread, parse_seeds
 from methods import PruningError, get_method
 from prune.devices import resolve_device
 from prune.models import MINILM, ModelError
@@ -72,7 +72,7 @@ class Study:
         values = [run["f1"] for seed in seeds if (run := self.find(method, sparsity, allocation, nsamples, seed))]
         if not values:
             return "-"
-        return f"{values[0]:.3f}" if len(values) == 1 else f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+        return mean_and_spread(values, 3)
 
     def as_dict(self) -> dict:
         return {"setup": self.setup, "dense": self.dense, "runs": self.runs, "seconds": self.seconds}
@@ -87,16 +87,6 @@ def resume_view(setup: dict) -> dict:
     instead (a run measured with another λ than the one now given for its sparsity is measured again)."""
     training = {key: value for key, value in setup.get("training", {}).items() if key != "soft_penalties"}
     return {**setup, "training": training}
-
-
-def parse_seeds(text: str) -> list[int]:
-    try:
-        seeds = parse_list(text, int)
-    except ValueError:
-        raise PruningError(f"--calibration-seeds takes comma-separated integers, got {text!r}") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise PruningError(f"--calibration-seeds takes distinct integers, got {text!r}")
-    return seeds
 
 
 def parse_penalties(text: str) -> dict[float, float]:
@@ -222,10 +212,15 @@ def main(data, model, methods, sparsities, allocations, nsamples, sample_sizes, 
     training = {"obert_grads": obert_grads, "obert_block": obert_block, "gradual_epochs": gradual_epochs, "train_steps": train_steps,
                 "train_lr": train_lr, "movement_lr": movement_lr, "train_batch": train_batch, "soft_penalties": soft_penalties, "obs_blocks": obs_blocks}
     try:
+        calibration_seed_list = parse_seeds(calibration_seeds, "--calibration-seeds") if calibration_seeds else [seed]
+    except ValueError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(2)
+    try:
         study = run_study(data, model, parse_list(methods), parse_list(sparsities, float), parse_list(allocations), nsamples,
                           parse_list(sample_sizes, int), parse_list(sample_methods), parse_list(sample_sparsities, float),
                           owl_rule, owl_m, owl_lambda, calibration_batch, test_limit, FinetuneSettings(epochs=epochs, lr=lr, seed=seed, train_limit=train_limit),
-                          finetune_only, resume, seed, parse_seeds(calibration_seeds) if calibration_seeds else [seed], device, cache_dir, output, training)
+                          finetune_only, resume, seed, calibration_seed_list, device, cache_dir, output, training)
     except (NerDataError, PruningError, ModelError, OutputError) as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(2)

@@ -17,7 +17,6 @@ training windows) and the summary gives perplexity mean ± standard deviation ov
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from calibration.corpora import local_corpus
 from calibration.text import TextSources
 from calibration.windows import evaluation_windows, sample_windows, tokenize
 from eval.perplexity import perplexity
+from eval.seeds import mean_and_spread, parse_seeds
 from methods import Target
 from prune import PruneSettings, load_model, run_pipeline
 from prune.devices import resolve_device
@@ -63,9 +63,9 @@ def split_list(text: str) -> list[str]:
 def main(wikitext: Path, inits: str, pattern: str, steps: str, lr: float, logit_scale: float, alpha: float, batch: int, seqlen: int,
          windows: int, weights: str, estimator: str, nsamples: int, eval_windows: int, seeds: str, device: str, json_out: Path | None) -> None:
     try:
-        seed_list = [int(seed) for seed in split_list(seeds)]
-    except ValueError:
-        click.echo(f"error: --seeds takes comma-separated integers, got {seeds!r}", err=True)
+        seed_list = parse_seeds(seeds)
+    except ValueError as error:
+        click.echo(f"error: {error}", err=True)
         sys.exit(2)
     compute = resolve_device(device)
     checkpoints = sorted(int(step) for step in split_list(steps))
@@ -98,7 +98,7 @@ def main(wikitext: Path, inits: str, pattern: str, steps: str, lr: float, logit_
         mine = [row for row in results if row["init"] == method]
         finals = [row["perplexity_final"] for row in mine]
         click.echo(f"{method} {pattern} after {checkpoints[-1]} steps, sampler seeds {seeds}: perplexity "
-                   + (f"{finals[0]:.2f}" if len(finals) == 1 else f"{statistics.mean(finals):.2f} ± {statistics.stdev(finals):.2f} (n = {len(finals)})"))
+                   + mean_and_spread(finals) + (f" (n = {len(finals)})" if len(finals) > 1 else ""))
     if json_out is not None:
         json_out.write_text(json.dumps(results, indent=2))
 

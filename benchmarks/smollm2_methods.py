@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import re
-import statistics
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from calibration.corpora import local_corpus
 from calibration.statistics import HessianAccumulator
 from calibration.windows import evaluation_windows, tokenize
 from eval.perplexity import perplexity
+from eval.seeds import mean_and_spread, parse_seeds
 from prune import PruneSettings, load_model, run_pipeline
 from prune.models import prunable_layers, transformer_blocks
 
@@ -201,7 +201,11 @@ def main(wikitext: Path, nsamples: int, seqlen: int, batch_size: int, eval_seqle
         method, target, allocation, order, seed = single.split("|")
         click.echo(json.dumps(run_one(method, target or None, allocation, order, options, int(seed))))
         return
-    seed_list = [int(seed) for seed in seeds.split(",")]
+    try:
+        seed_list = parse_seeds(seeds)
+    except ValueError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(2)
     rate = matmul_rate(torch.device(device_resolved))
     click.echo(f"device {device_resolved}, {torch.get_num_threads()} threads; fp32 matmul rate {rate / 1e9:.1f} GFLOP/s")
     results = []
@@ -268,8 +272,7 @@ def main(wikitext: Path, nsamples: int, seqlen: int, batch_size: int, eval_seqle
         for row in results:
             summary.setdefault((row["method"], row["target"], row["allocation"], row["order"]), []).append(row["perplexity"])
         for (method, target, allocation, order), values in summary.items():
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            click.echo(f"  {method:<10} {target:>6} {allocation:>7} {order:>8}  {statistics.mean(values):8.2f} ± {spread:.2f} ({len(values)})")
+            click.echo(f"  {method:<10} {target:>6} {allocation:>7} {order:>8}  {mean_and_spread(values)} ({len(values)})")
     if json_out is not None:
         json_out.write_text(json.dumps({"matmul_gflops": rate / 1e9, "seeds": seed_list, "results": results}, indent=2))
 

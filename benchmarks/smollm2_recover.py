@@ -29,6 +29,7 @@ from calibration.corpora import local_corpus
 from calibration.text import TextSources
 from calibration.windows import evaluation_windows, language_model_batches, tokenize
 from eval.perplexity import perplexity
+from eval.seeds import mean_and_spread, parse_seeds
 from prune import PruneSettings, load_model, run_pipeline
 from prune.devices import resolve_device
 from prune.stages.recover import RECOVER_OPTIMIZERS, RecoverSettings, recover
@@ -43,10 +44,7 @@ def split_list(text: str) -> list[str]:
 def spread(rows: list[dict]) -> str:
     """'before -> after' of one seed, or mean ± standard deviation over the seeds (n)."""
     before, after = [row["perplexity_before"] for row in rows], [row["perplexity_after"] for row in rows]
-    if len(rows) == 1:
-        return f"{before[0]:.2f} -> {after[0]:.2f}"
-    return (f"{statistics.mean(before):.2f} ± {statistics.stdev(before):.2f} -> {statistics.mean(after):.2f} ± {statistics.stdev(after):.2f} "
-            f"(n = {len(rows)})")
+    return f"{mean_and_spread(before)} -> {mean_and_spread(after)}" + (f" (n = {len(rows)})" if len(rows) > 1 else "")
 
 
 def target_options(target: str) -> dict:
@@ -71,9 +69,9 @@ def target_options(target: str) -> dict:
 def main(wikitext: Path, targets: str, optimizers: str, lrs: str, lr_of: str | None, steps: int, batch: int, seqlen: int, nsamples: int,
          eval_windows: int, seeds: str, device: str, json_out: Path | None) -> None:
     try:
-        seed_list = [int(seed) for seed in split_list(seeds)]
-    except ValueError:
-        click.echo(f"error: --seeds takes comma-separated integers, got {seeds!r}", err=True)
+        seed_list = parse_seeds(seeds)
+    except ValueError as error:
+        click.echo(f"error: {error}", err=True)
         sys.exit(2)
     torch.manual_seed(0)
     compute = resolve_device(device)

@@ -8,9 +8,26 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from eval.seeds import mean_and_spread, parse_seeds
 from tests.conftest import load_script
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def test_mean_and_spread_is_the_value_or_the_mean_and_sample_deviation() -> None:
+    assert mean_and_spread([0.8125], 3) == "0.812" and mean_and_spread([65.25]) == "65.25"
+    assert mean_and_spread([1.0, 2.0, 3.0]) == "2.00 ± 1.00"  # sample deviation: sqrt(((1-2)² + (3-2)²) / 2) = 1
+    assert mean_and_spread([0.80, 0.84], 3) == "0.820 ± 0.028"  # sqrt(2 * 0.02² / 1) = 0.0283
+
+
+@pytest.mark.parametrize(("text", "message"), [("0,one", "comma-separated integers"), ("1,1", "distinct"), ("", "distinct"), (" , ", "distinct")])
+def test_parse_seeds_refuses_what_is_not_distinct_integers(text, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_seeds(text, "--calibration-seeds")
+
+
+def test_parse_seeds_keeps_the_order_given() -> None:
+    assert parse_seeds("2, 0,1") == [2, 0, 1]
 
 
 def test_recovery_spread_is_one_run_or_mean_and_sample_deviation() -> None:
@@ -21,7 +38,7 @@ def test_recovery_spread_is_one_run_or_mean_and_sample_deviation() -> None:
     assert spread(rows) == expected
 
 
-@pytest.mark.parametrize("script", ["smollm2_recover.py", "smollm2_maskpro.py"])
+@pytest.mark.parametrize("script", ["smollm2_recover.py", "smollm2_maskpro.py", "smollm2_methods.py"])
 def test_bad_seeds_are_one_line_before_the_model_loads(script, monkeypatch, tmp_path) -> None:
     module = load_script(BENCHMARKS / script)
     monkeypatch.setattr(module, "load_model", lambda *args, **kwargs: pytest.fail("the model was loaded"))
