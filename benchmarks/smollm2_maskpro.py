@@ -63,7 +63,7 @@ def split_list(text: str) -> list[str]:
 def main(wikitext: Path, inits: str, pattern: str, steps: str, lr: float, logit_scale: float, alpha: float, batch: int, seqlen: int,
          windows: int, weights: str, estimator: str, nsamples: int, eval_windows: int, seeds: str, device: str, json_out: Path | None) -> None:
     try:
-        seed_list = parse_seeds(seeds)
+        seed_list = parse_seeds(seeds, "--seeds")
     except ValueError as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(2)

@@ -202,7 +202,7 @@ def main(wikitext: Path, nsamples: int, seqlen: int, batch_size: int, eval_seqle
         click.echo(json.dumps(run_one(method, target or None, allocation, order, options, int(seed))))
         return
     try:
-        seed_list = parse_seeds(seeds)
+        seed_list = parse_seeds(seeds, "--seeds")
     except ValueError as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(2)

@@ -69,7 +69,7 @@ def target_options(target: str) -> dict:
 def main(wikitext: Path, targets: str, optimizers: str, lrs: str, lr_of: str | None, steps: int, batch: int, seqlen: int, nsamples: int,
          eval_windows: int, seeds: str, device: str, json_out: Path | None) -> None:
     try:
-        seed_list = parse_seeds(seeds)
+        seed_list = parse_seeds(seeds, "--seeds")
     except ValueError as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(2)

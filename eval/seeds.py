@@ -6,7 +6,7 @@ import statistics
 from collections.abc import Sequence
 
 
-def parse_seeds(text: str, option: str = "--seeds") -> list[int]:
+def parse_seeds(text: str, option: str) -> list[int]:
     """The distinct integers of a comma-separated list such as '0,1,2'; ValueError naming the option otherwise."""
     try:
         seeds = [int(item) for item in text.split(",") if item.strip()]

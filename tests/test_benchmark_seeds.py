@@ -27,7 +27,7 @@ def test_parse_seeds_refuses_what_is_not_distinct_integers(text, message) -> Non
 
 
 def test_parse_seeds_keeps_the_order_given() -> None:
-    assert parse_seeds("2, 0,1") == [2, 0, 1]
+    assert parse_seeds("2, 0,1", "--seeds") == [2, 0, 1]
 
 
 def test_recovery_spread_is_one_run_or_mean_and_sample_deviation() -> None:
