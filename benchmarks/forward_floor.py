@@ -19,22 +19,13 @@ import time
 
 import click
 import torch
-from smollm2_methods import hessian_work, matmul_rate
+from smollm2_methods import block_work, hessian_work, matmul_rate
 
 from calibration.capture import LayerInputStatistics, capture_block_inputs, input_groups, run_block, run_calls, run_in_lockstep
 from calibration.statistics import HessianAccumulator
 from methods.base import HESSIAN
 from prune import load_model
 from prune.models import prunable_layers, transformer_blocks
-
-
-def block_work(model: torch.nn.Module, block: torch.nn.Module, nsamples: int, seqlen: int) -> float:
-    """Floating-point operations of one block's forward pass over the calibration set: every Linear (2 per weight and
-    token) and QKᵀ and AV (4 T² width per sequence), as `smollm2_methods.sparsegpt_work` counts them."""
-    config = model.config
-    linear = sum(layer.weight.numel() for layer in prunable_layers(block).values())
-    attention_width = config.num_attention_heads * getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
-    return 2 * nsamples * seqlen * linear + nsamples * 4 * seqlen**2 * attention_width
 
 
 def recorded_inputs(block: torch.nn.Module, calls: list, leaders: dict[str, torch.nn.Module]) -> dict[str, list[torch.Tensor]]:

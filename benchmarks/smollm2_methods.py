@@ -85,16 +85,21 @@ def hessian_work(tokens: int, features: int) -> float:
     return sum(2 * tokens * min(panel, features - start) * (features - start) for start in range(0, features, panel))
 
 
+def block_work(model, block, nsamples: int, seqlen: int) -> float:
+    """Floating-point operations of one block's forward pass over the calibration set: every Linear (2 per weight and
+    token), and QKᵀ and AV (4 T² width per sequence)."""
+    config = model.config
+    linear = sum(layer.weight.numel() for layer in prunable_layers(block).values())
+    attention_width = config.num_attention_heads * getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
+    return 2 * nsamples * seqlen * linear + nsamples * 4 * seqlen**2 * attention_width
+
+
 def sparsegpt_work(model, report, nsamples: int, seqlen: int, blocksize: int) -> dict[str, float]:
     """Floating-point operations of a SparseGPT run, by stage (what a perfect implementation still has to do); the
     propagation pass is the two-pass design's second forward, which the one-pass design does not make."""
     tokens = nsamples * seqlen
     blocks_name, blocks = transformer_blocks(model)
-    linear = sum(layer.weight.numel() for layer in prunable_layers(blocks[0]).values())
-    config = model.config
-    attention_width = config.num_attention_heads * getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
-    # per pass over one block: every Linear (2 flops per weight and token), and QKᵀ and AV (4 T² width per sequence)
-    one_pass = 2 * tokens * linear + nsamples * 4 * seqlen**2 * attention_width
+    one_pass = block_work(model, blocks[0], nsamples, seqlen)
     hessian = sum(hessian_work(tokens, layer.shape[1]) for layer in report.layers if layer.statistics_from == layer.name)
     sweep = 0.0
     for layer in report.layers:
