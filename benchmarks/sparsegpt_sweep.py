@@ -34,7 +34,7 @@ def factor(columns: int, seed: int) -> torch.Tensor:
 def timed_sweep(weight: torch.Tensor, upper: torch.Tensor, target: Target, inner: int | None) -> tuple[float, torch.Tensor]:
     work = weight.T.contiguous()
     started = time.perf_counter()
-    keep, _ = sweep(work, upper, target, BLOCKSIZE, MASK_BLOCKSIZE, [(0, weight.shape[0])], inner=inner)
+    keep, _, _ = sweep(work, upper, target, BLOCKSIZE, MASK_BLOCKSIZE, [(0, weight.shape[0])], inner=inner)
     return time.perf_counter() - started, keep
 
 

@@ -91,6 +91,7 @@ class LayerResult:
     mask: Tensor  # bool, True = kept
     loss: float  # the method's own estimate of the output error it caused
     details: dict = field(default_factory=dict)  # method-specific facts worth reporting (damping used, ...)
+    scale: Tensor | None = None  # quantized: the scales of `weight`'s grid, (out_features, groups), as compressed-tensors stores them
 
 
 @dataclass(frozen=True)

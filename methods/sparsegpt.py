@@ -18,6 +18,7 @@ from methods.base import (
     mask_lowest_overall,
 )
 from methods.hessian import DEFAULT_PERCDAMP, PERCDAMP_HELP, check_percdamp, damped_inverse, damping_notes, inverse_details
+from methods.quantize import QuantGrid, on_grid, rounded, scales
 
 BLOCKSIZE = 128  # lazy-update block: columns swept before the rest of the layer is updated in one matrix product
 MASK_BLOCKSIZE = 64  # adaptive-mask block: columns whose mask is chosen together (the seed study's)
@@ -52,14 +53,16 @@ def prune(
     blocksize: int = BLOCKSIZE,
     mask_blocksize: int = MASK_BLOCKSIZE,
     percdamp: float = DEFAULT_PERCDAMP,
+    grid: QuantGrid | None = None,
 ) -> LayerResult:
-    """Prune `weight` (out, in) to `target`, updating the kept weights to compensate, given H = (2/n) X Xᵀ (in, in).
+    """Prune `weight` (out, in) to `target`, updating the kept weights to compensate, given H = (2/n) X Xᵀ (in, in);
+    with a `grid`, round the kept weights to it in the same sweep.
 
     The mask is chosen adaptively from the already-updated weights: for an unstructured target, the
     lowest w²/[U]_jj² of each block of `mask_blocksize` columns (across all rows) when the sweep reaches
     it; for N:M, the N highest of each group of M inputs of a row when the sweep reaches the group.
     """
-    return prune_together([weight], hessian, target, blocksize=blocksize, mask_blocksize=mask_blocksize, percdamp=percdamp)[0]
+    return prune_together([weight], hessian, target, blocksize=blocksize, mask_blocksize=mask_blocksize, percdamp=percdamp, grid=grid)[0]
 
 
 def prune_together(
@@ -70,13 +73,18 @@ def prune_together(
     blocksize: int = BLOCKSIZE,
     mask_blocksize: int = MASK_BLOCKSIZE,
     percdamp: float = DEFAULT_PERCDAMP,
+    grid: QuantGrid | None = None,
+    masks: Sequence[Tensor] | None = None,
 ) -> list[LayerResult]:
     """`prune` for several layers fed the same inputs (q/k/v, gate/up): H is inverted once and their rows are swept
     together, one column loop for all; each layer's mask is still chosen from its own rows, so each result is the
-    one `prune` gives that layer alone (up to float rounding)."""
+    one `prune` gives that layer alone (up to float rounding). Given `masks` (bool, True = kept, one per layer), the
+    sweep keeps them instead of choosing: with a `grid`, that is GPTQ on the kept weights of an already pruned layer."""
     check_options(target, blocksize, mask_blocksize, percdamp)
     for weight in weights:
         target.check_layer("weight", weight.shape[1])
+        if grid is not None:
+            grid.check_layer("weight", weight.shape[1])
         if hessian.shape != (weight.shape[1], weight.shape[1]):
             raise PruningError(f"Hessian shape {tuple(hessian.shape)} does not match weight inputs {weight.shape[1]}")
     device = weights[0].device
@@ -89,21 +97,33 @@ def prune_together(
         # the rows of all layers side by side, transposed: column j of the weights is row j here, contiguous
         work = torch.cat([weight.detach().to(torch.float32).T for weight in weights], dim=1)
         work[inverse.dead.to(device)] = 0
-        keep, errors = sweep(work, hinv, target, blocksize, mask_blocksize, list(zip(bounds, bounds[1:], strict=False)))
+        keep = None if masks is None else torch.cat([mask.T.to(device) for mask in masks], dim=1)
+        keep, errors, group_scales = sweep(work, hinv, target, blocksize, mask_blocksize, list(zip(bounds, bounds[1:], strict=False)),
+                                           grid=grid, keep=keep)
         del hinv
     work.mul_(keep)  # the updates leave pruned weights at zero up to rounding: make it exact
     results = []
     for weight, first, last in zip(weights, bounds, bounds[1:], strict=False):
         # the OBS loss of removing w_j is w_j² / (2 [U]_jj²) = error² / 2
-        results.append(LayerResult(weight=work[:, first:last].T.to(weight.dtype).contiguous(), mask=keep[:, first:last].T.contiguous(),
-                                   loss=errors[first:last].sum().item() / 2, details=inverse_details(inverse)))
+        layer = work[:, first:last].T
+        scale = None if grid is None else group_scales[:, first:last].T.to(grid.scale_dtype).contiguous()
+        updated = layer if grid is None else on_grid(layer, scale, grid)  # as the loader rebuilds it from levels and scales
+        results.append(LayerResult(weight=updated.to(weight.dtype).contiguous(), mask=keep[:, first:last].T.contiguous(),
+                                   loss=errors[first:last].sum().item() / 2, details=inverse_details(inverse), scale=scale))
     return results
 
 
+def quantize_kept(weights: Sequence[Tensor], masks: Sequence[Tensor], hessian: Tensor, grid: QuantGrid, *,
+                  blocksize: int = BLOCKSIZE, percdamp: float = DEFAULT_PERCDAMP) -> list[LayerResult]:
+    """GPTQ (Frantar et al., 2023) on the kept weights of pruned layers fed the same inputs: each column rounded to
+    the grid, its error spread over the later columns with the inverse-Hessian row; pruned weights stay zero."""
+    return prune_together(weights, hessian, Target(0.0), blocksize=blocksize, mask_blocksize=blocksize, percdamp=percdamp, grid=grid, masks=masks)
+
+
 def sweep(work: Tensor, hinv: Tensor, target: Target, blocksize: int, mask_blocksize: int, layers: list[tuple[int, int]],
-          inner: int | None = None) -> tuple[Tensor, Tensor]:
+          inner: int | None = None, *, grid: QuantGrid | None = None, keep: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """SparseGPT's column sweep (Alg. 1) in place on `work` (columns, rows): the weights transposed. Returns the keep
-    mask (columns, rows) and each row's sum of squared errors (w_j / [U]_jj)² over its pruned weights.
+    mask (columns, rows), each row's sum of squared errors over the sweep and, with a `grid`, the scales (groups, rows).
 
     Column j: every row that drops w_j gets the OBS update W[:, j:] −= (w_j / U_jj) U[j, j:]; inside a lazy block of
     `blocksize` columns the updates are applied lazily again, in inner blocks of about 16 columns: rank-one inside an
@@ -111,12 +131,24 @@ def sweep(work: Tensor, hinv: Tensor, target: Target, blocksize: int, mask_block
     block (the same updates, in products instead of memory-bound rank-one passes over the whole lazy block). The
     mask of the columns from j on is chosen when the sweep reaches them, from the already updated weights: the N
     highest w²/U_jj² of each group of M (N:M), or the lowest of each `mask_blocksize` columns over the rows of each
-    layer (`layers`: row ranges) for an unstructured target. `inner` overrides the inner block (`blocksize`: none)."""
+    layer (`layers`: row ranges) for an unstructured target; a given `keep` mask is used as it is instead.
+
+    With a `grid` (joint sparsification and quantization, the SparseGPT paper's §3.5; GPTQ when nothing is pruned),
+    each kept weight is rounded to the grid once its mask is chosen and the error of both, (w_j − M_j quant(w_j)) /
+    U_jj, is spread over the columns after j the same way; a group's scales come from its updated weights when the
+    sweep reaches its first column. `inner` overrides the inner block (`blocksize`: none)."""
     columns, rows = work.shape
-    keep = torch.ones_like(work, dtype=torch.bool)
+    fixed = keep is not None
+    keep = keep if fixed else torch.ones_like(work, dtype=torch.bool)
     squared_errors = torch.zeros(rows, device=work.device)
     step = target.m if target.is_nm else mask_blocksize
     inner = inner or inner_blocksize(step)
+    check_grid(grid, blocksize, inner)
+    group_scales = None
+    if grid is not None:
+        group_scales = torch.empty(columns // (grid.group_size or columns), rows, device=work.device)
+        if grid.group_size is None:
+            group_scales[0] = scales(work.T, grid)
     for start in range(0, columns, blocksize):
         end = min(start + blocksize, columns)
         block, hinv_block = work[start:end], hinv[start:end, start:end]
@@ -126,7 +158,7 @@ def sweep(work: Tensor, hinv: Tensor, target: Target, blocksize: int, mask_block
         for i in range(end - start):
             if i % inner == 0 and i:  # the inner block before i is swept: update the rest of the lazy block
                 block[i:].addmm_(hinv_block[i - inner : i, i:].T, errors[i - inner : i], alpha=-1.0)
-            if i % step == 0:
+            if i % step == 0 and not fixed:
                 part = slice(i, min(i + step, end - start))
                 scores = block[part] ** 2 / diagonal[part].unsqueeze(1) ** 2
                 if target.is_nm:  # the N highest of the group's M members, per row (members are the rows of `scores` here)
@@ -135,12 +167,29 @@ def sweep(work: Tensor, hinv: Tensor, target: Target, blocksize: int, mask_block
                     kept = torch.cat([mask_lowest_overall(scores[:, first:last], target.sparsity) for first, last in layers], dim=1)
                 keep[start + part.start : start + part.stop] = kept
                 torch.div((~kept).to(work.dtype), diagonal[part].unsqueeze(1), out=scale[part])
-            torch.mul(block[i], scale[i], out=errors[i])
+            if grid is None:
+                torch.mul(block[i], scale[i], out=errors[i])
+            else:
+                if grid.group_size is not None and (start + i) % grid.group_size == 0:  # the group's columns are all updated here
+                    group_scales[(start + i) // grid.group_size] = scales(block[i : i + grid.group_size].T, grid)
+                group_scale = group_scales[(start + i) // (grid.group_size or columns)]
+                target_value = rounded(block[i], group_scale, grid).mul_(group_scale).mul_(keep[start + i])  # M_j quant(w_j)
+                torch.div(block[i] - target_value, diagonal[i], out=errors[i])
+                block[i] = target_value
             inner_end = min(i - i % inner + inner, end - start)
             block[i + 1 : inner_end].addr_(hinv_block[i, i + 1 : inner_end], errors[i], alpha=-1.0)
         squared_errors += errors.pow(2).sum(0)
         work[end:] -= hinv[start:end, end:].T @ errors  # the lazy update of the columns after the block
-    return keep, squared_errors
+    return keep, squared_errors, group_scales
+
+
+def check_grid(grid: QuantGrid | None, blocksize: int, inner: int) -> None:
+    """A group's scales are taken when the sweep reaches its first column, from weights that must all have received
+    every earlier column's update then: groups must tile the lazy blocks and start on inner-block boundaries."""
+    if grid is None or grid.group_size is None:
+        return
+    if blocksize % grid.group_size or grid.group_size % inner:
+        raise PruningError(f"group size {grid.group_size} must divide the sweep's blocksize ({blocksize}) and be a multiple of {inner}")
 
 
 METHOD = Method(

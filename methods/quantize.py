@@ -1,0 +1,84 @@
+"""Symmetric integer weight quantization (W4A16, W8A16): the grid a layer's weights are rounded to, per output channel
+or per group of `group_size` consecutive inputs, as compressed-tensors stores it (int values, one scale per group)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from methods.base import PruningError
+
+BITS = (4, 8)  # the integer widths compressed-tensors' packed format and the serving kernels take
+DEFAULT_GROUP_SIZE = 128
+
+
+@dataclass(frozen=True)
+class QuantGrid:
+    """Signed `bits`-bit integers times a scale per output row and group of `group_size` inputs (None: one scale per
+    row); scales stored in `scale_dtype` (the model's), as the loader reads them back."""
+
+    bits: int
+    group_size: int | None = DEFAULT_GROUP_SIZE
+    scale_dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        if self.bits not in BITS:
+            raise PruningError(f"{self.bits}-bit weights are not supported: choose {' or '.join(map(str, BITS))} bits")
+        if self.group_size is not None and self.group_size < 1:
+            raise PruningError(f"group size must be positive, got {self.group_size}")
+
+    @property
+    def lowest(self) -> int:
+        return -(2 ** (self.bits - 1))
+
+    @property
+    def highest(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    def describe(self) -> str:
+        return f"int{self.bits} " + (f"g{self.group_size}" if self.group_size else "per channel")
+
+    def check_layer(self, name: str, in_features: int) -> None:
+        """Raise if a layer with `in_features` inputs cannot be split into whole groups."""
+        if self.group_size is not None and in_features % self.group_size:
+            raise PruningError(f"layer {name} has {in_features} inputs, not a multiple of the group size {self.group_size}")
+
+    def group_of(self, column: int, columns: int) -> tuple[int, int]:
+        """The input columns sharing column's scale."""
+        if self.group_size is None:
+            return 0, columns
+        first = column - column % self.group_size
+        return first, first + self.group_size
+
+    def bits_per_weight(self, stored_bytes: int) -> float:
+        """Bits on disk per weight: the value plus its share of the group's scale (`stored_bytes` each)."""
+        return self.bits + (8 * stored_bytes / self.group_size if self.group_size else 0.0)
+
+
+def scales(weights: Tensor, grid: QuantGrid) -> Tensor:
+    """One scale per row of `weights` (rows, inputs of a group): s = max|w| / ((highest − lowest) / 2), so that the
+    largest magnitude maps to the grid's end (GPTQ's symmetric rule); an all-zero row gets the scale of max|w| = 1.
+    Rounded to the dtype the scales are stored in, so that the rounding below uses the scale the loader reads."""
+    largest = weights.abs().amax(dim=-1)
+    largest = torch.where(largest > 0, largest, torch.ones_like(largest))
+    return (largest / ((grid.highest - grid.lowest) / 2)).to(grid.scale_dtype).to(weights.dtype)
+
+
+def rounded(weights: Tensor, scale: Tensor, grid: QuantGrid) -> Tensor:
+    """The integer level of each weight, q = clamp(round(w / s), lowest, highest) (round half to even), as a float tensor."""
+    return torch.clamp(weights / scale, grid.lowest, grid.highest).round()
+
+
+def dequantized(levels: Tensor, scale: Tensor, grid: QuantGrid) -> Tensor:
+    """The weight a compressed-tensors loader rebuilds from its integer levels: q · s computed in the scales' dtype."""
+    return levels.to(grid.scale_dtype) * scale.to(grid.scale_dtype)
+
+
+def on_grid(weight: Tensor, scale: Tensor, grid: QuantGrid) -> Tensor:
+    """`weight` (out, in) as the loader rebuilds it from its levels and `scale` (out, groups), in the scales' dtype."""
+    rows, columns = weight.shape
+    width = grid.group_size or columns
+    expanded = scale.to(torch.float32).repeat_interleave(width, dim=1)
+    return dequantized(rounded(weight.to(torch.float32), expanded, grid), expanded, grid)

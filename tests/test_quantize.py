@@ -1,0 +1,162 @@
+"""Quantization by the OBS rule: GPTQ and SparseGPT's joint sparsification and quantization against plain
+transcriptions of the papers' column loops (float64, no lazy blocks), and the properties a loader relies on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from methods import PruningError, Target, sparsegpt, wanda
+from methods.quantize import QuantGrid, on_grid
+
+PERCDAMP = 0.01
+
+
+def problem(rows: int, columns: int, tokens: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A float32 weight, correlated inputs X (tokens, columns) and H = (2/n) XᵀX."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, columns, generator=generator)
+    mixing = torch.randn(columns, columns, generator=generator) / columns**0.5
+    inputs = torch.randn(tokens, columns, generator=generator) @ (torch.eye(columns) + mixing)
+    return weight, inputs, 2 * inputs.T @ inputs / tokens
+
+
+def upper_factor(hessian: torch.Tensor) -> torch.Tensor:
+    """U with UᵀU = (H + λI)⁻¹, λ = 1 % of mean(diag H) (the papers' damping), in float64."""
+    damped = hessian.double() + PERCDAMP * torch.diagonal(hessian.double()).mean() * torch.eye(hessian.shape[0], dtype=torch.float64)
+    return torch.linalg.cholesky(torch.linalg.inv(damped), upper=True)
+
+
+def quantize_column(column: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """The papers' symmetric quantizer: s · clamp(round(w / s), −2^(b−1), 2^(b−1) − 1)."""
+    return torch.clamp(torch.round(column / scale), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * scale
+
+
+def row_scales(weights: torch.Tensor, bits: int) -> torch.Tensor:
+    """GPTQ's symmetric scale per row: 2 max|w| / (2^b − 1)."""
+    return 2 * weights.abs().amax(dim=1) / (2**bits - 1)
+
+
+def gptq_transcription(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | None) -> torch.Tensor:
+    """GPTQ (Frantar et al., 2023, Algorithm 1) one column at a time: quantize column j, then
+    W[:, j:] −= ((w_j − q_j) / U_jj) U[j, j:]; a group's scale is taken when the loop reaches its first column."""
+    work, upper = weight.double().clone(), upper_factor(hessian)
+    result = torch.zeros_like(work)
+    scale = row_scales(work, bits)
+    for j in range(work.shape[1]):
+        if group_size is not None and j % group_size == 0:
+            scale = row_scales(work[:, j : j + group_size], bits)
+        result[:, j] = quantize_column(work[:, j], scale, bits)
+        error = (work[:, j] - result[:, j]) / upper[j, j]
+        work[:, j:] -= error.unsqueeze(1) * upper[j, j:].unsqueeze(0)
+    return result
+
+
+def joint_transcription(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, mask_block: int, bits: int,
+                        group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT (Frantar & Alistarh, 2023, Algorithm 1 with §3.5's joint quantization), one column at a time: every
+    `mask_block` columns, the mask of the next ones is the lowest w²/U_jj² of them over all rows; column j's kept
+    weights are quantized, E = (w_j − M_j quant(w_j)) / U_jj, and W[:, j:] −= E U[j, j:]."""
+    work, upper = weight.double().clone(), upper_factor(hessian)
+    rows, columns = work.shape
+    result, keep = torch.zeros_like(work), torch.ones_like(work, dtype=torch.bool)
+    for j in range(columns):
+        if j % mask_block == 0:
+            scores = work[:, j : j + mask_block] ** 2 / torch.diagonal(upper)[j : j + mask_block] ** 2
+            pruned = torch.topk(scores.reshape(-1), round(scores.numel() * sparsity), largest=False).indices
+            block_keep = torch.ones(scores.numel(), dtype=torch.bool)
+            block_keep[pruned] = False
+            keep[:, j : j + mask_block] = block_keep.reshape(scores.shape)
+        if j % group_size == 0:
+            scale = row_scales(work[:, j : j + group_size], bits)
+        result[:, j] = quantize_column(work[:, j], scale, bits) * keep[:, j]
+        error = (work[:, j] - result[:, j]) / upper[j, j]
+        work[:, j:] -= error.unsqueeze(1) * upper[j, j:].unsqueeze(0)
+    return result, keep
+
+
+def output_error(weight: torch.Tensor, changed: torch.Tensor, inputs: torch.Tensor) -> float:
+    """Mean over tokens of ‖(W − W') x‖²."""
+    return (((weight.double() - changed.double()) @ inputs.double().T) ** 2).sum().item() / inputs.shape[0]
+
+
+def rows_equal(result: torch.Tensor, reference: torch.Tensor) -> float:
+    """The fraction of rows equal to the reference's. A group's largest weight lands on a tie (|w| / s = 2^(b−1) − ½)
+    that float32 and float64 may round apart, and the error feedback carries such a difference along its row."""
+    close = (result.double() - reference).abs() <= 1e-4 * reference.abs().amax()
+    return close.all(dim=1).double().mean().item()
+
+
+def levels(weight: torch.Tensor, scale: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    return weight.double() / scale.double().repeat_interleave(group_size or weight.shape[1], dim=1)
+
+
+@pytest.mark.parametrize("bits, group_size", [(4, 32), (4, None), (8, 32)])
+def test_gptq_equals_the_papers_column_loop(bits: int, group_size: int | None) -> None:
+    weight, inputs, hessian = problem(24, 128, 600)
+    grid = QuantGrid(bits, group_size)
+    result = sparsegpt.quantize_kept([weight], [torch.ones_like(weight, dtype=torch.bool)], hessian, grid, blocksize=64)[0]
+    reference = gptq_transcription(weight, hessian, bits, group_size)
+    assert rows_equal(result.weight, reference) >= 0.8
+    assert output_error(weight, result.weight, inputs) == pytest.approx(output_error(weight, reference, inputs), rel=0.01)
+
+
+def test_gptq_beats_rounding_to_nearest() -> None:
+    weight, inputs, hessian = problem(24, 128, 600, seed=1)
+    grid = QuantGrid(4, 32)
+    gptq = sparsegpt.quantize_kept([weight], [torch.ones_like(weight, dtype=torch.bool)], hessian, grid, blocksize=64)[0]
+    nearest = torch.stack([quantize_column(column, row_scales(weight[:, 32 * (j // 32) : 32 * (j // 32 + 1)], 4), 4) for j, column in
+                           enumerate(weight.T)], dim=1)
+    assert output_error(weight, gptq.weight, inputs) < 0.7 * output_error(weight, nearest, inputs)
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.7])
+def test_joint_sparsification_and_quantization_equals_the_papers_loop(sparsity: float) -> None:
+    weight, inputs, hessian = problem(16, 128, 600, seed=2)
+    result = sparsegpt.prune(weight, hessian, Target(sparsity), blocksize=64, mask_blocksize=16, grid=QuantGrid(4, 32))
+    reference, keep = joint_transcription(weight, hessian, sparsity, 16, 4, 32)
+    assert (result.mask == keep).float().mean() > 0.99
+    assert rows_equal(result.weight, reference) >= 0.8
+    assert output_error(weight, result.weight, inputs) == pytest.approx(output_error(weight, reference, inputs), rel=0.02)
+
+
+def test_joint_sweep_costs_little_more_error_than_pruning_alone_and_less_than_two_passes() -> None:
+    weight, inputs, hessian = problem(32, 256, 1000, seed=3)
+    grid = QuantGrid(4, 64)
+    pruned = sparsegpt.prune(weight, hessian, Target(0.5))
+    joint = sparsegpt.prune(weight, hessian, Target(0.5), grid=grid)
+    two_passes = sparsegpt.quantize_kept([pruned.weight], [pruned.mask], hessian, grid)[0]
+    assert output_error(weight, pruned.weight, inputs) < output_error(weight, joint.weight, inputs)
+    assert output_error(weight, joint.weight, inputs) < output_error(weight, two_passes.weight, inputs)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), bits=st.sampled_from([4, 8]), pattern=st.sampled_from([None, "2:4"]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_pruned_zeros_stay_exact_zeros_and_every_kept_weight_is_on_the_grid(seed: int, bits: int, pattern: str | None, dtype: torch.dtype) -> None:
+    weight, _, hessian = problem(8, 64, 200, seed=seed)
+    target = Target.from_options(0.5 if pattern is None else None, pattern)
+    grid = QuantGrid(bits, 16, scale_dtype=dtype)
+    norms = torch.sqrt(torch.diagonal(hessian) / 2)
+    for result in (sparsegpt.prune(weight.to(dtype), hessian, target, blocksize=32, mask_blocksize=16, grid=grid),
+                   sparsegpt.quantize_kept([wanda.prune(weight.to(dtype), norms, target).weight],
+                                           [wanda.prune(weight.to(dtype), norms, target).mask], hessian, grid, blocksize=32)[0]):
+        assert result.weight.dtype == dtype and result.scale.dtype == dtype and result.scale.shape == (8, 4)
+        assert torch.all(result.weight[~result.mask] == 0)
+        level = levels(result.weight, result.scale, 16)  # q · s rounded to the dtype, as the loader does
+        assert torch.all((level - level.round()).abs() <= torch.finfo(dtype).eps * level.abs())
+        assert level.round().min() >= -(2 ** (bits - 1)) and level.round().max() <= 2 ** (bits - 1) - 1
+        assert torch.equal(on_grid(result.weight, result.scale, grid), result.weight)  # what the loader rebuilds
+        assert (result.weight[result.mask] != 0).float().mean() > 0.85  # rounding does not prune what the mask keeps
+
+
+def test_a_grid_the_layer_or_the_sweep_cannot_hold_is_refused() -> None:
+    weight, _, hessian = problem(4, 96, 100)
+    with pytest.raises(PruningError, match="not a multiple of the group size 64"):
+        sparsegpt.prune(weight, hessian, Target(0.5), grid=QuantGrid(4, 64))
+    with pytest.raises(PruningError, match="must divide the sweep's blocksize"):
+        sparsegpt.prune(weight, hessian, Target(0.5), blocksize=32, mask_blocksize=32, grid=QuantGrid(4, 96))
+    with pytest.raises(PruningError, match="3-bit weights are not supported"):
+        QuantGrid(3)
