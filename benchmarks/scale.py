@@ -79,10 +79,10 @@ SCALE_RUN = ("--nsamples", "8", "--seqlen", "128", "--eval-windows", "4", "--eva
 SMOLLM2_RUN = ("--nsamples", "32", "--seqlen", "256", "--eval-windows", "32")  # `make demo`'s sizes
 
 
-def prune_in_a_process(model: Path, output: Path, sizes: tuple[str, ...] = SCALE_RUN) -> dict:
+def prune_in_a_process(model: Path, output: Path, sizes: tuple[str, ...] = SCALE_RUN, extra: tuple[str, ...] = ()) -> dict:
     """The `prune` command on the model (SparseGPT 50 %; by default 8 x 128 calibration tokens and perplexity on 4 x 128),
     in its own process, streamed to `output`."""
-    command = [str(Path(sys.executable).with_name("prune")), "--model", str(model), "--method", "sparsegpt", "--sparsity", "0.5", *sizes,
+    command = [str(Path(sys.executable).with_name("prune")), "--model", str(model), "--method", "sparsegpt", "--sparsity", "0.5", *sizes, *extra,
                "--output", str(output), "--overwrite", "--quiet"]
     started = time.perf_counter()
     finished = subprocess.run(command, capture_output=True, text=True)
@@ -148,6 +148,29 @@ def smollm2_in_bfloat16(work: Path) -> dict:
     return {"runs": runs, "relative_difference": ratio}
 
 
+def seven_b_quantized(work: Path, depth: int) -> dict:
+    """The 7B shape at `depth` blocks, streamed: SparseGPT 50 % saved dense and 50 % + int4 g128 (one sweep) saved compressed. A block's
+    shard and the shard of everything else are measured, and the 32-block checkpoints' sizes follow from them."""
+    model = build_model(work / f"llama-7b-shape-d{depth}", depth, 4096, 11008, 32, vocabulary=32000)
+    rows = {}
+    for name, extra in (("dense 50 %", ("--save-format", "dense")), ("50 % + int4 g128 compressed", ("--quantize", "int4"))):
+        output = work / f"7b-d{depth}-{'int4' if extra[0] == '--quantize' else 'dense'}"
+        report = prune_in_a_process(model, output, extra=extra)
+        shards = sorted(output.glob("model-*.safetensors"))
+        block, rest = sum(path.stat().st_size for path in shards[:-1]) / depth, shards[-1].stat().st_size
+        rows[name] = {"block_bytes": block, "rest_bytes": rest, "bytes_32_blocks": 32 * block + rest, "peak_rss_mb": report["peak_memory_mb"],
+                      "prune_seconds": report["seconds"]["prune"], "storage": report["storage"]}
+    inputs = sorted(model.glob("model-*.safetensors"))
+    input_32 = 32 * sum(path.stat().st_size for path in inputs[:-1]) / depth + inputs[-1].stat().st_size
+    for name, row in rows.items():
+        row["ratio_32_blocks"] = row["bytes_32_blocks"] / input_32
+        row["block_ratio"] = row["block_bytes"] / (sum(path.stat().st_size for path in inputs[:-1]) / depth)
+        click.echo(f"7B shape {name}: {row['bytes_32_blocks'] / 2**30:.2f} GiB at 32 blocks ({row['ratio_32_blocks']:.3f}x the bfloat16 "
+                   f"{input_32 / 2**30:.2f} GiB; a block {row['block_ratio']:.3f}x), peak RSS {row['peak_rss_mb'] / 1024:.2f} GiB at depth {depth}, "
+                   f"prune {row['prune_seconds']:.0f} s")
+    return {"depth": depth, "input_bytes_32_blocks": input_32, "rows": rows}
+
+
 @click.command()
 @click.option("--depths", default="4,8,16", help="Depths of the hidden-2048 model (empty: none).")
 @click.option("--hidden", type=int, default=2048)
@@ -155,8 +178,10 @@ def smollm2_in_bfloat16(work: Path) -> dict:
 @click.option("--heads", type=int, default=16)
 @click.option("--seven-b", is_flag=True, help="Also the LLaMA-7B shape: hidden 4096, intermediate 11008, 32 blocks, 32 heads (~13.5 GB).")
 @click.option("--smollm2", is_flag=True, help="Also SmolLM2 in float32 against a bfloat16 copy of it (make demo's sizes).")
+@click.option("--quantized-depth", type=int, default=0, help="Also the 7B shape at this depth, 50 % dense against 50 % + int4 g128 "
+              "compressed: bytes per block shard, extrapolated to 32 blocks (0: not run).")
 @click.option("--work", type=click.Path(path_type=Path), default=Path("/tmp/obs-prune-scale"), help="Where the models and outputs are written.")
-def main(depths: str, hidden: int, intermediate: int, heads: int, seven_b: bool, smollm2: bool, work: Path) -> None:
+def main(depths: str, hidden: int, intermediate: int, heads: int, seven_b: bool, smollm2: bool, quantized_depth: int, work: Path) -> None:
     work.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -169,6 +194,8 @@ def main(depths: str, hidden: int, intermediate: int, heads: int, seven_b: bool,
         (RESULTS / "depths.json").write_text(json.dumps({"rows": rows, "peak_ratio": ratio}, indent=2))
     if smollm2:
         (RESULTS / "smollm2_bfloat16.json").write_text(json.dumps(smollm2_in_bfloat16(work), indent=2))
+    if quantized_depth:
+        (RESULTS / "seven_b_quantized.json").write_text(json.dumps(seven_b_quantized(work, quantized_depth), indent=2))
     if seven_b:
         model = build_model(work / "llama-7b-shape", 32, 4096, 11008, 32, vocabulary=32000)
         row = measure("7b-shape", model, work)

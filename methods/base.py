@@ -140,6 +140,7 @@ class Method:
     notes: Callable[[dict], list[str]] = _no_notes  # LayerResult.details -> notes for the report
     prune_together: Callable[..., list[LayerResult]] | None = None  # several layers sharing one statistic at once
     gradients: GradientStatistic | None = None  # statistic FISHER: how it is built from task-loss gradients
+    quantizes: bool = False  # rounds to a grid inside its own sweep: prune(..., grid=QuantGrid) (statistic HESSIAN)
 
     def resolved_options(self, given: dict) -> dict:
         """Every option of the method: the given values over the defaults. An option the method does not take is an error."""

@@ -205,4 +205,5 @@ METHOD = Method(
     check=check_options,
     notes=damping_notes,
     prune_together=prune_together,
+    quantizes=True,
 )

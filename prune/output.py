@@ -7,10 +7,12 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from methods.quantize import QuantGrid
+from prune.compressed import SCALE, add_quantization_config, compress_tensors, layer_scales, on_disk, storage_figures
 from prune.models import LoadedModel, transformer_blocks
 from prune.plots import plot_allocation, plot_recover, plot_refine
 from prune.report import Report
-from prune.weights import ShardWriter, current_umask, parameter_names, writing
+from prune.weights import Checkpoint, ShardWriter, current_umask, parameter_names, writing
 
 
 class OutputError(ValueError):
@@ -76,29 +78,59 @@ def write_companions(loaded: LoadedModel, report: Report, folder: Path) -> None:
     write_figures(report, folder)
 
 
-def save_pruned(loaded: LoadedModel, report: Report, directory: Path, *, overwrite: bool = False) -> None:
-    """Save a model held in memory (`save_pretrained`, safetensors), its tokenizer, `report.json` and the figures."""
+def input_bytes(loaded: LoadedModel) -> int | None:
+    """Bytes of the safetensors weights the model was loaded from (None when it came from elsewhere)."""
+    if loaded.checkpoint is not None:
+        return sum(path.stat().st_size for path in set(loaded.checkpoint.files.values()))
+    folder = Path(loaded.source)
+    return (on_disk(folder) or None) if folder.is_dir() else None
+
+
+def save_pruned(loaded: LoadedModel, report: Report, directory: Path, *, overwrite: bool = False, grid: QuantGrid | None = None) -> None:
+    """Save a model held in memory (`save_pretrained`, safetensors), its tokenizer, `report.json` and the figures;
+    with a `grid`, its quantized layers packed in the compressed-tensors format."""
 
     def write(folder: Path) -> None:
-        loaded.model.save_pretrained(folder)
+        model = loaded.model
+        if grid is None:
+            model.save_pretrained(folder)
+        else:
+            model.save_pretrained(folder, state_dict=compress_tensors({**model.state_dict(), **layer_scales(model)}, grid))
+            add_quantization_config(folder, model, grid)
+        report.storage = storage_figures(folder, loaded.dtype, input_bytes(loaded))
         write_companions(loaded, report, folder)
 
     write_atomically(directory, write, overwrite)
 
 
-def complete_streamed(loaded: LoadedModel, report: Report, writer: ShardWriter) -> None:
+def complete_streamed(loaded: LoadedModel, report: Report, writer: ShardWriter, grid: QuantGrid | None = None) -> None:
     """Complete a streamed output in its staging folder: the blocks no stage changed and the weights outside the
-    blocks copied from the checkpoint (one block at a time), the shards' index, the config, tokenizer, report and
-    figures."""
+    blocks copied from the checkpoint (one block at a time), each pruned block's shard in its final format (with a
+    `grid`, its quantized layers packed; else without their scales), the shards' index, the config, tokenizer,
+    report and figures."""
     checkpoint, stored = loaded.checkpoint, loaded.dtype
     blocks_name, blocks = transformer_blocks(loaded.model)
     for index, block in enumerate(blocks):
         if not writer.has(index):
             writer.write(index, checkpoint.read(parameter_names(block, f"{blocks_name}.{index}."), stored))
+        else:
+            finish_shard(writer, index, grid)
     writer.write(len(blocks), checkpoint.read(sorted(name for name in checkpoint.names() if not name.startswith(blocks_name + ".")), stored))
     writer.finish()
     with writing(writer.folder):
         loaded.model.config.save_pretrained(writer.folder)
+        if grid is not None:
+            add_quantization_config(writer.folder, loaded.model, grid)
         if getattr(loaded.model, "generation_config", None) is not None and loaded.model.can_generate():
             loaded.model.generation_config.save_pretrained(writer.folder)
+        report.storage = storage_figures(writer.folder, stored, input_bytes(loaded))
         write_companions(loaded, report, writer.folder)
+
+
+def finish_shard(writer: ShardWriter, index: int, grid: QuantGrid | None) -> None:
+    """A finished block's shard holds its layers' scales beside their weights: pack them (`grid`), or drop them."""
+    tensors = Checkpoint.read_file(writer.folder / writer.shard_name(index))
+    if not any(name.endswith(f".{SCALE}") for name in tensors):
+        return
+    writer.write(index, compress_tensors(tensors, grid) if grid is not None else {name: tensor for name, tensor in tensors.items()
+                                                                                  if not name.endswith(f".{SCALE}")})

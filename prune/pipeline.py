@@ -21,7 +21,9 @@ import torch.distributed
 from torch import nn
 
 from methods import PruningError, Target
+from methods.quantize import QuantGrid
 from methods.registry import get_method, method_options
+from prune.compressed import check_available
 from prune.devices import resolve_device
 from prune.distributed import Ranks
 from prune.models import DTYPES, LoadedModel, load_model, prunable_layer_names, transformer_blocks
@@ -44,6 +46,7 @@ STAGES: tuple[type[Stage], ...] = (Calibrate, Allocate, OneShot, Refine, Recover
 # unless its switch field is set (e.g. `refine="maskpro"`, `--refine maskpro`).
 STAGE_SETTINGS: dict[str, type] = {**{stage.key: stage.settings_class for stage in STAGES}, "evaluate": EvaluationSettings}
 STREAM_CHOICES = ("auto", "on", "off")
+SAVE_FORMATS = ("dense", "compressed")
 SWITCHES = {stage: switch.name for stage, settings_class in STAGE_SETTINGS.items() if (switch := switch_field(settings_class)) is not None}
 
 
@@ -71,6 +74,9 @@ class PruneSettings:
                          "model: --refine, --recover and entity F1 do).", choices=STREAM_CHOICES)
     output: str | None = option(None, "--output", "Save the pruned model (safetensors, in its own dtype), tokenizer, report.json and figures here.",
                                 type=str, metavar="DIR")
+    save_format: str | None = option(None, "--save-format", "How --output stores the weights: dense (safetensors any tool reads, pruned zeros "
+                                     "stored as zeros) or compressed (compressed-tensors' packed integers and scales, read by transformers and "
+                                     "vLLM; needs --quantize). Default: compressed with --quantize, else dense.", choices=SAVE_FORMATS)
     overwrite: bool = option(False, "--overwrite", "Replace a non-empty --output folder.")
     resume: bool = option(False, "--resume", "Continue an unfinished streamed run into --output after its last finished block (the same "
                           "settings, model and data: anything else is refused); its output equals an uninterrupted run's.")
@@ -130,6 +136,22 @@ class PruneSettings:
             return f"--method {self.oneshot.method} (its gradients of the task loss)"
         return None
 
+    def compressed(self) -> bool:
+        """Whether --output is written in the compressed-tensors format."""
+        return (self.save_format or ("compressed" if self.oneshot.quantize is not None else "dense")) == "compressed"
+
+    def check_quantization(self) -> None:
+        """Refuse what --quantize and --save-format cannot do together with the other stages."""
+        if self.oneshot.quantize is not None and (stage := next((flag for flag, on in (("--refine", self.refine), ("--recover", self.recover))
+                                                                   if on is not None), None)):
+            raise PruningError(f"--quantize rounds the weights in the one-shot sweep; {stage} trains them afterwards, off the grid: run it "
+                               "without --quantize")
+        if self.save_format == "compressed" and self.oneshot.quantize is None:
+            raise PruningError("--save-format compressed stores quantized layers: compressed-tensors has no sparse format since 0.15 (which "
+                               "transformers 5 needs), so an unquantized pruned model is saved dense; add --quantize int4 or int8")
+        if self.output is not None and self.compressed():
+            check_available()
+
     def streams(self) -> bool:
         """Whether the model is streamed block by block (when its checkpoint allows)."""
         if self.stream == "auto":
@@ -148,6 +170,7 @@ class PruneSettings:
                                "or entity F1")
         self.check_ranks(Ranks.current())
         target = self.oneshot.check()
+        self.check_quantization()
         self.calibrate.check()
         self.allocate.check(target)
         self.evaluate.check()
@@ -162,6 +185,8 @@ class PruneSettings:
         """Refuse what does not run on several ranks yet (one line naming it)."""
         if ranks.several and get_method(self.oneshot.method).gradients is not None:
             raise PruningError(f"--method {self.oneshot.method} does not run on several ranks yet ({ranks.world} processes here): run it in one process")
+        if ranks.several and self.oneshot.quantize is not None:
+            raise PruningError(f"--quantize does not run on several ranks yet ({ranks.world} processes here): run it in one process")
 
     def as_options(self) -> dict[str, Any]:
         """Every option of this run by its flat name (the command's flag with underscores), for the report."""
@@ -254,16 +279,20 @@ class Pipeline:
         try:
             self.stages_and_evaluations(run, load_seconds)
             if written is not None and run.streamed:
-                complete_streamed(loaded, run.report, run.output)
+                complete_streamed(loaded, run.report, run.output, self.output_grid(run))
                 run.resume.done()
                 check_output_dir(written, settings.overwrite)
                 put_in_place(staging, written.resolve())
             elif written is not None:
-                save_pruned(loaded, run.report, written, overwrite=settings.overwrite)
+                save_pruned(loaded, run.report, written, overwrite=settings.overwrite, grid=self.output_grid(run))
         finally:  # an unfinished streamed run keeps rank 0's blocks for --resume
             if staging is not None and written is None:
                 shutil.rmtree(staging, ignore_errors=True)
         return run.report
+
+    def output_grid(self, run: Run) -> QuantGrid | None:
+        """The grid the quantized layers are packed on in a compressed output (None: a dense output)."""
+        return self.settings.oneshot.grid(run.dtype) if self.settings.compressed() else None
 
     def stages_and_evaluations(self, run: Run, load_seconds: float) -> None:
         run.report.seconds["load"] = load_seconds

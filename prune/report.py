@@ -43,6 +43,8 @@ class Report:
     tasks: dict | None = None  # lm-eval: {"tasks", "limit", "path", "unavailable", "dense": {task: {"acc", "acc_norm", ...}}, "pruned": ...}
     refine: dict | None = None  # the MaskPro refinement: steps, residual curve, changed groups, held-out losses, time split
     recover: dict | None = None  # the recovery fine-tune: optimizer, steps, loss curve, seconds, perplexity before/after
+    quantization: dict | None = None  # --quantize: {"bits", "group_size", "symmetric", "in_sweep"}
+    storage: dict | None = None  # the output: {"format", "input_bytes", "output_bytes", "ratio", "quantized_bits_per_weight", "bits_per_weight"}
     peak_memory_mb: float = 0.0  # peak resident memory of the process
     peak_device_memory_mb: float | None = None  # peak CUDA memory allocated, when run on CUDA
     notes: list[str] = field(default_factory=list)
@@ -132,6 +134,17 @@ class Report:
                 f"training loss {curve[0]['loss']:.3f} -> {curve[-1]['loss']:.3f}, {recovered['seconds_per_step']:.2f} s/step "
                 f"(optimizer {recovered['seconds_optimizer'] / recovered['steps']:.3f} s), pruned weights kept at zero: {'yes' if recovered['zeros_kept'] else 'NO'}"
             )
+        if self.quantization:
+            grid = self.quantization
+            lines.append(f"quantized to int{grid['bits']} " + (f"g{grid['group_size']}" if grid["group_size"] else "per channel") + " (symmetric, "
+                         + ("in the pruning sweep)" if grid["in_sweep"] else "GPTQ after the mask)"))
+        if self.storage:
+            stored = self.storage
+            against = f", {stored['ratio']:.3f}x the input's {stored['input_bytes'] / 2**20:.1f} MB" if stored.get("ratio") else ""
+            quantized = (f"; quantized layers {stored['quantized_bits_per_weight']:.3f} bits per weight (values + scales)"
+                         if stored.get("quantized_bits_per_weight") else "")
+            lines.append(f"output ({stored['format']}): {stored['output_bytes'] / 2**20:.1f} MB on disk{against}, "
+                         f"{stored['bits_per_weight']:.2f} bits per weight overall{quantized}")
         stages = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in self.seconds.items())
         lines.append(f"time: {stages}")
         memory = f"peak memory {self.peak_memory_mb:.0f} MB"

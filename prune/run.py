@@ -15,6 +15,7 @@ from calibration.capture import BlockCall, capture_block_inputs
 from calibration.conll import NerDataError, Sentence, conll_split_path, read_conll
 from calibration.text import TextSources
 from methods import PruningError, Target
+from prune.compressed import layer_scales
 from prune.devices import cast_while_running, compute_dtype, on_device, timed
 from prune.distributed import Ranks
 from prune.models import LoadedModel, max_positions, prunable_layers
@@ -237,6 +238,7 @@ class Run:
                 yield block
             if changed:
                 tensors = {prefix + name: parameter.detach().to("cpu") for name, parameter in block.named_parameters()}
+                tensors.update({prefix + name: scale for name, scale in layer_scales(block).items()})  # a quantized layer's grid
                 path = self.output.write(index, tensors)
                 self.block_sources[index] = Checkpoint(dict.fromkeys(tensors, path))
         finally:

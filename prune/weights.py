@@ -50,6 +50,12 @@ class Checkpoint:
                 return cls({name: folder / SINGLE for name in stored.keys()})  # noqa: SIM118 (safe_open has no iterator)
         return None
 
+    @staticmethod
+    def read_file(path: Path) -> dict[str, Tensor]:
+        """Every tensor of one safetensors file, copied into memory."""
+        with safe_open(path, framework="pt") as stored:
+            return {name: stored.get_tensor(name).clone() for name in stored.keys()}  # noqa: SIM118 (safe_open has no iterator)
+
     def names(self) -> set[str]:
         return set(self.files)
 

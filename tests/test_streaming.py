@@ -162,7 +162,8 @@ def interrupt_inside_block(monkeypatch, index: int) -> None:
 
 @pytest.mark.parametrize("options", [("--method", "sparsegpt", "--pattern", "2:4"),
                                      ("--method", "wanda", "--sparsity", "0.6", "--allocation", "owl", "--owl-m", "3"),
-                                     ("--method", "sparsegpt", "--sparsity", "0.5", "--propagate", "dense", "--order", "two-pass")])
+                                     ("--method", "sparsegpt", "--sparsity", "0.5", "--propagate", "dense", "--order", "two-pass"),
+                                     ("--method", "wanda", "--sparsity", "0.5", "--quantize", "int4", "--group-size", "32")])
 def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(bfloat16_folders, text_file, tmp_path, capsys, monkeypatch, options) -> None:
     from prune.cli import main
 

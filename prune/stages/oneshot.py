@@ -18,8 +18,11 @@ from calibration.gradients import per_sample_gradients
 from calibration.statistics import ACCUMULATORS
 from eval.sparsity import nm_valid, zero_fraction
 from methods import DEFAULT_METHOD, METHODS, Method, PruningError, Target, get_method
-from methods.base import masks_lowest_across
+from methods.base import HESSIAN, masks_lowest_across
+from methods.gptq import prune_and_quantize
+from methods.quantize import DEFAULT_GROUP_SIZE, QuantGrid
 from methods.schedules import cubic_sparsity
+from prune.compressed import keep_scales
 from prune.devices import available_memory, on_device, synchronize, timed
 from prune.models import (
     all_prunable_layers,
@@ -36,6 +39,7 @@ from prune.settings import about, check_fields, option
 
 PROPAGATE_CHOICES = ("pruned", "dense")
 ORDERS = ("one-pass", "two-pass")
+QUANTIZE_CHOICES = {"int4": 4, "int8": 8}  # weights only: activations stay in the model's dtype (W4A16, W8A16)
 HESSIAN_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 LARGE_WORK_FLOP = 2e13  # above this much estimated work (minutes on a CPU), say so before starting
 
@@ -146,6 +150,11 @@ class OneShotSettings:
                         "in its block are pruned, in one forward pass per block that also gives the next block's inputs (more memory: every "
                         "calibration batch's state inside the block); two-pass: statistics on the dense block, then a second pass through "
                         "the pruned block.", choices=ORDERS)
+    quantize: str | None = option(None, "--quantize", "Also round the kept weights to symmetric integers (weights only: W4A16, W8A16) by the "
+                                  "OBS rule (GPTQ): in SparseGPT's own sweep with --method sparsegpt (joint), after the mask for the other "
+                                  "methods; with --sparsity 0, plain GPTQ.", choices=tuple(QUANTIZE_CHOICES))
+    group_size: int = option(DEFAULT_GROUP_SIZE, "--group-size", "Inputs sharing one scale per output row with --quantize (0: one scale "
+                             "per output channel).", minimum=0)
 
     def __post_init__(self) -> None:
         self.targets, self.ignore, self.sparsity_override = map(as_tuple, (self.targets, self.ignore, self.sparsity_override))
@@ -161,9 +170,22 @@ class OneShotSettings:
         with about(*flags or ["--sparsity", "--pattern"]):
             return Target.from_options(self.sparsity, self.pattern)
 
+    def grid(self, scale_dtype: torch.dtype = torch.float32) -> QuantGrid | None:
+        """The grid --quantize rounds to (None without it), its scales stored in `scale_dtype`."""
+        if self.quantize is None:
+            return None
+        with about("--quantize", "--group-size"):
+            return QuantGrid(QUANTIZE_CHOICES[self.quantize], self.group_size or None, scale_dtype)
+
     def check(self) -> Target:
         """Check every one-shot option; return the target."""
         check_fields(self)
+        if self.quantize is None and self.group_size != DEFAULT_GROUP_SIZE:
+            raise PruningError("--group-size applies to --quantize")
+        if self.quantize is not None and get_method(self.method).gradients is not None:
+            raise PruningError(f"--quantize needs the layer Hessian: --method {self.method} prunes from task-loss gradients; use a "
+                               "calibration method (sparsegpt, wanda, magnitude, obs)")
+        self.grid()
         if self.propagate == "dense" and self.order == "one-pass":
             raise PruningError("--propagate dense feeds the next block the dense block's outputs, which a one-pass block never computes: "
                                "use --order two-pass")
@@ -223,7 +245,9 @@ class OneShot(Stage):
         self.options = self.method.resolved_options(settings.method_options)
         self.hessian_dtype = HESSIAN_DTYPES[settings.hessian_dtype]
         gradients = self.method.gradients
-        self.needs_block_inputs = self.method.statistic is not None and gradients is None
+        self.grid: QuantGrid | None = None  # set by prepare, once the model's dtype is known
+        self.statistic = HESSIAN if settings.quantize is not None else self.method.statistic  # what the blocks' inputs are made into
+        self.needs_block_inputs = self.statistic is not None and gradients is None
         self.gradient_samples = None if gradients is None else (method_flag(gradients.count_option), int(self.options[gradients.count_option]))
         self.groups: dict[str, list[str]] | None = None  # one-pass: the layers fed each input, found on the first block
         self.groups_pruned = 0  # groups of layers pruned so far (with several ranks, group i is pruned by rank i % ranks)
@@ -254,11 +278,23 @@ class OneShot(Stage):
             run.note(f"{by_rules} layer(s) left dense by --targets / --ignore")
         if overrides:
             run.note(f"{len(overrides)} layer(s) pruned to their --sparsity-override instead of their block's sparsity")
+        self.grid = settings.grid(run.dtype)
+        if self.grid is not None:
+            for name, layer in run.plan.pruned_layers().items():
+                with about("--group-size"):
+                    self.grid.check_layer(name, input_features(layer))
+            if run.settings.output is not None and run.settings.compressed():
+                transposed = next((name for name, layer in run.plan.pruned_layers().items() if not isinstance(layer, nn.Linear)), None)
+                if transposed is not None:
+                    raise PruningError(f"--save-format compressed packs nn.Linear layers; {transposed} is a {type(run.model.get_submodule(transposed)).__name__} "
+                                       "(GPT-2's transposed layer), which compressed-tensors does not load: use --save-format dense")
+            report.quantization = {"bits": self.grid.bits, "group_size": self.grid.group_size, "symmetric": True,
+                                   "in_sweep": self.method.quantizes}
         report.method = self.method.name
         report.target = {"sparsity": target.sparsity, "pattern": target.pattern}
         report.model["blocks"] = f"{blocks_name} ({len(blocks)})"
         report.options = {**self.options, "order": settings.order, "propagate": settings.propagate, "hessian_dtype": settings.hessian_dtype}
-        if self.method.statistic is None:
+        if self.statistic is None:
             run.note(f"{self.method.name} uses no calibration data")
         if self.method.work is not None:
             work = sum(self.method.work(*layer_weight(layer).shape, run.plan.target_of(name)) for name, layer in run.plan.pruned_layers().items())
@@ -371,7 +407,7 @@ class OneShot(Stage):
                     self.prune_group(run, index, layers, name, [name], None, reports)
             return reports
         advanced = propagate and self.settings.propagate == "dense"  # whether the statistics pass also advances `calls`
-        with timed(breakdown, "statistics", device), LayerInputStatistics(layers, self.method.statistic, device, self.hessian_dtype) as statistics:
+        with timed(breakdown, "statistics", device), LayerInputStatistics(layers, self.statistic, device, self.hessian_dtype) as statistics:
             run_calls(block, calls, statistics, advance=advanced)
             statistics.merge(run.ranks.sum_)
         with timed(breakdown, "method", device):
@@ -402,7 +438,7 @@ class OneShot(Stage):
 
         started = time.perf_counter()
         run_in_lockstep(block, calls, {leader: layers[leader] for leader in self.groups},
-                        lambda features: ACCUMULATORS[self.method.statistic](features, device, self.hessian_dtype), complete)
+                        lambda features: ACCUMULATORS[self.statistic](features, device, self.hessian_dtype), complete)
         synchronize(device)
         breakdown["method"] += method_seconds.get("method", 0.0)
         breakdown["statistics"] += time.perf_counter() - started - method_seconds.get("method", 0.0)
@@ -447,9 +483,15 @@ class OneShot(Stage):
         """Prune the layers in this process (see prune_layers)."""
         synchronize(device)
         started = time.perf_counter()
-        results = self.method.run_together([layer_weight(layer) for layer in layers.values()], statistic, target, self.options)
+        weights = [layer_weight(layer) for layer in layers.values()]
+        if self.grid is None:
+            results = self.method.run_together(weights, statistic, target, self.options)
+        else:
+            results = prune_and_quantize(self.method, weights, statistic, target, self.options, self.grid)
         for layer, result in zip(layers.values(), results, strict=True):
             set_layer_weight(layer, result.weight.to(stored))
+            if result.scale is not None:
+                keep_scales(layer, result.scale)
         synchronize(device)
         seconds = time.perf_counter() - started
         rows = sum(result.weight.shape[0] for result in results)

@@ -1,0 +1,88 @@
+"""Pruning and quantization on SmolLM2-135M (bfloat16): WikiText-2 perplexity, size on disk and prune seconds of
+
+    dense / SparseGPT 50 % / SparseGPT 2:4 / int4 g128 (GPTQ) / 50 % + int4 in one sweep (joint) /
+    50 % then GPTQ as a second pass (llm-compressor's order) / 2:4 + int4 joint / 2:4 then GPTQ
+
+Each configuration is one run of the command in its own process (so that its time and memory are its own), with
+the same calibration windows. The two-pass rows prune and save dense, then run GPTQ on that output with
+`--method magnitude` at the same target: the zeros of the pruned model are its lowest magnitudes, so the second
+pass keeps exactly that mask and only quantizes (on activations of the pruned model, as llm-compressor's pipeline
+does); their prune seconds are the sum of both passes.
+
+    .venv/bin/python benchmarks/smollm2_quantize.py                     # 64 windows of 512 tokens, 64 evaluation windows
+    .venv/bin/python benchmarks/smollm2_quantize.py --eval-windows 0    # the whole WikiText-2 test split
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+DEFAULT_WIKITEXT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+
+RUNS = {  # name -> (first pass options, second pass options or None)
+    "dense": (["--sparsity", "0", "--method", "magnitude"], None),
+    "sparsegpt 50%": (["--sparsity", "0.5"], None),
+    "sparsegpt 2:4": (["--pattern", "2:4"], None),
+    "int4 g128 (GPTQ)": (["--sparsity", "0", "--quantize", "int4"], None),
+    "50% + int4 joint": (["--sparsity", "0.5", "--quantize", "int4"], None),
+    "50% then GPTQ (two passes)": (["--sparsity", "0.5"], ["--method", "magnitude", "--sparsity", "0.5", "--quantize", "int4"]),
+    "2:4 + int4 joint": (["--pattern", "2:4", "--quantize", "int4"], None),
+    "2:4 then GPTQ (two passes)": (["--pattern", "2:4"], ["--method", "magnitude", "--pattern", "2:4", "--quantize", "int4"]),
+}
+
+
+def prune(options: list[str], output: Path, common: list[str]) -> dict:
+    """One run of the command; its report."""
+    command = [sys.executable, "-m", "prune", *common, *options, "--output", str(output), "--quiet"]
+    completed = subprocess.run(command, capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise click.ClickException(f"{' '.join(command)} failed: {completed.stderr.strip().splitlines()[-1]}")
+    return json.loads((output / "report.json").read_text())
+
+
+def prune_seconds(report: dict) -> float:
+    return report["seconds"].get("calibrate", 0.0) + report["seconds"].get("prune", 0.0)
+
+
+@click.command()
+@click.option("--nsamples", default=64, show_default=True, help="Calibration windows.")
+@click.option("--seqlen", default=512, show_default=True, help="Tokens per calibration and evaluation window.")
+@click.option("--eval-windows", default=64, show_default=True, help="Evaluation windows (0: the whole test split).")
+@click.option("--eval-data", default=str(DEFAULT_WIKITEXT), show_default=True, help="WikiText-2 test file.")
+@click.option("--only", multiple=True, help="Run only these configurations (by name; repeatable).")
+def main(nsamples: int, seqlen: int, eval_windows: int, eval_data: str, only: tuple[str, ...]) -> None:
+    common = ["--dtype", "bfloat16", "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--eval-data", eval_data,
+              "--eval-seqlen", str(seqlen), *(["--eval-windows", str(eval_windows)] if eval_windows else [])]
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for name, (first, second) in RUNS.items():
+            if only and name not in only:
+                continue
+            folder = Path(scratch) / name.replace(" ", "_").replace("%", "").replace(":", "-")
+            report = prune(first, folder / "first", common)
+            seconds = prune_seconds(report)
+            if second is not None:
+                report = prune(["--model", str(folder / "first"), *second], folder / "second", common)
+                seconds += prune_seconds(report)
+            rows.append((name, report["perplexity"]["pruned"]["value"], report["perplexity"]["dense"]["value"], report["storage"], seconds,
+                         report["peak_memory_mb"]))
+            print(f"{name}: perplexity {rows[-1][1]:.3f}, {rows[-1][3]['output_bytes'] / 2**20:.1f} MB, {seconds:.1f} s", flush=True)
+    dense_bytes = next((row[3]["output_bytes"] for row in rows if row[0] == "dense"), None)
+    print(f"\nSmolLM2-135M bfloat16, calibration {nsamples} x {seqlen} tokens, WikiText-2 test "
+          f"({eval_windows or 'all'} windows of {seqlen})")
+    print("| configuration | perplexity | on disk (MB) | vs dense bf16 | quantized layers, bits/weight | prune s | peak MB |")
+    print("|---|---|---|---|---|---|---|")
+    for name, value, _, storage, seconds, peak in rows:
+        ratio = f"{storage['output_bytes'] / dense_bytes:.3f}x" if dense_bytes else "-"
+        bits = f"{storage['quantized_bits_per_weight']:.3f}" if storage.get("quantized_bits_per_weight") else "16 (dense)"
+        print(f"| {name} | {value:.3f} | {storage['output_bytes'] / 2**20:.1f} | {ratio} | {bits} | {seconds:.1f} | {peak:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
