@@ -1,8 +1,8 @@
-"""CoNLL-2003 NER with a BERT-style token classifier: one-shot pruning methods compared (seed 003, section 5).
+"""CoNLL-2003 NER with a BERT-style token classifier: one-shot pruning methods compared (the pruning deep-dive, section 5).
 
 Fine-tunes the encoder on the train split once (cached), then prunes every encoder Linear (embeddings and the
 classifier head stay dense) with calibration sentences from the train split and measures test entity F1:
-methods x sparsities x {uniform, OWL} (the seed's Table 1), and F1 against calibration size for OBS and SparseGPT
+methods x sparsities x {uniform, OWL} (the deep-dive's Table 1), and F1 against calibration size for OBS and SparseGPT
 at high sparsity (its Figure 1). Writes table.md, results.json and sample_size.png to --output.
 
     python benchmarks/conll_bert.py                      # the full study (about an hour or more on 2 CPU cores)
@@ -42,7 +42,7 @@ RESUME_KEYS = ("model", "classifier", "test_sentences", "nsamples", "owl", "trai
 QUICK = {"sparsities": "0.5", "allocations": "uniform", "nsamples": 32, "sample_sizes": "16,32", "sample_methods": "sparsegpt",
          "sample_sparsities": "0.5", "test_limit": 200, "train_limit": 1000, "epochs": 1, "obert_grads": 32, "gradual_epochs": 2,
          "train_steps": 10, "obs_blocks": "0"}
-# Soft movement pruning's λ per target sparsity: its sparsity follows from λ (seed 003 §6.1). On MiniLM-L6 (batch 16):
+# Soft movement pruning's λ per target sparsity: its sparsity follows from λ (the pruning deep-dive §6.1). On MiniLM-L6 (batch 16):
 # 300 steps from the 4,000-sentence classifier, λ = 1e-6 reached 47 % and 4e-6 80 %; 600 steps from the full one, 4e-6
 # reached 94 % and 2e-6 84 %. The defaults are for 600 steps, the lower ones extrapolated in log λ from those figures.
 SOFT_PENALTIES = "0.5=3.8e-7,0.6=6e-7,0.7=1e-6,0.8=2e-6"
@@ -104,7 +104,7 @@ def parse_penalties(text: str) -> dict[float, float]:
 
 
 def table_markdown(study: Study, methods: list[str], sparsities: list[float], allocations: list[str], nsamples: int, seeds: list[int]) -> str:
-    """The seed's Table 1 layout: Sparsity | Method | F1 uniform | F1 OWL | Time s, the time of the uniform run (calibration
+    """The deep-dive's Table 1 layout: Sparsity | Method | F1 uniform | F1 OWL | Time s, the time of the uniform run (calibration
     forwards + statistics + method + propagation, and any training), the part spent in the method itself, and the part
     spent training (fine-tuning after gradual oBERT; movement pruning is all training). A method whose sparsity is not
     set directly (soft movement) says what it reached. With several calibration seeds an F1 is mean ± standard deviation and
@@ -125,7 +125,7 @@ def table_markdown(study: Study, methods: list[str], sparsities: list[float], al
 
 
 def plot_sample_sizes(study: Study, methods: list[str], sparsities: list[float], sizes: list[int], path: Path, seed: int) -> None:
-    """F1 against the number of calibration sentences, one line per method and sparsity (seed 003, Figure 1)."""
+    """F1 against the number of calibration sentences, one line per method and sparsity (the pruning deep-dive, Figure 1)."""
     figure = new_figure(6, 4)
     axes = figure.subplots()
     for method in methods:
@@ -167,12 +167,12 @@ def write_results(output: Path, study: Study, table: str | None) -> None:
               help="Comma-separated methods: one-shot ones, and " + ", ".join(TRAINED) + " (trained on the task).")
 @click.option("--sparsities", default="0.5,0.6,0.7,0.8", help="Comma-separated sparsities.")
 @click.option("--allocations", default="uniform,owl", help="uniform and/or owl.")
-@click.option("--nsamples", type=int, default=4096, help="Calibration sentences from the train split (seed 003: 4096).")
+@click.option("--nsamples", type=int, default=4096, help="Calibration sentences from the train split (the pruning deep-dive: 4096).")
 @click.option("--sample-sizes", default="128,512,1024,2048,4096", help="Calibration sizes of the F1-vs-size figure ('' to skip it).")
 @click.option("--sample-methods", default="sparsegpt,obs", help="Methods of the F1-vs-size figure (run in this order).")
 @click.option("--sample-sparsities", default="0.7,0.8", help="Sparsities of the F1-vs-size figure.")
-@click.option("--owl-rule", default="seed", help="OWL rule: seed (S ∝ 1 − D, seed 003) or lambda (the OWL paper).")
-@click.option("--owl-m", type=float, default=1.0, help="OWL outlier threshold M (seed 003 found M = 1 the most stable).")
+@click.option("--owl-rule", default="proportional", help="OWL rule: proportional (S ∝ 1 − D, the pruning deep-dive's) or lambda (the OWL paper).")
+@click.option("--owl-m", type=float, default=1.0, help="OWL outlier threshold M (the pruning deep-dive found M = 1 the most stable).")
 @click.option("--owl-lambda", type=float, default=0.08, help="OWL λ of the lambda rule.")
 @click.option("--calibration-batch", type=int, default=32, help="Sentences per calibration forward pass.")
 @click.option("--test-limit", type=int, default=None, help="Score only the first n test sentences.")
@@ -298,7 +298,7 @@ def run_study(data, model, methods, sparsities, allocations, nsamples, sample_si
             run.update(prune_seconds=sum(report.seconds.get(stage, 0.0) for stage in ("calibrate", "allocate", "prune")),
                        method_seconds=report.prune_breakdown["method"], achieved_sparsity=report.sparsity,
                        allocation_blocks=[block["sparsity"] for block in report.allocation["blocks"]] if report.allocation else None)
-            if method == "obert-gradual":  # then fine-tune the kept weights, the pruned ones pinned at zero (seed 003 §7.6)
+            if method == "obert-gradual":  # then fine-tune the kept weights, the pruned ones pinned at zero (the pruning deep-dive §7.6)
                 tuned_after = recover(copy.model, task_batches(seed), RecoverSettings(optimizer="adamw", steps=training["train_steps"],
                                       lr=training["train_lr"], batch=training["train_batch"]), device, seed=seed, progress=False)
                 run["train_seconds"] = tuned_after.seconds

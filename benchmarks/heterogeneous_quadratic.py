@@ -1,4 +1,4 @@
-"""The quadratic benchmark of seed 001, Appendix B.3: AdamW against AdamW + Magma (and SkipUpdate).
+"""The quadratic benchmark of the Magma paper, Appendix B.3: AdamW against AdamW + Magma (and SkipUpdate).
 
 L(w) = ½ wᵀ H w in R⁹, H block-diagonal with 3 x 3 blocks sharing the eigenvalues {1, 2, 3, 99, 100, 101,
 4998, 4999, 5000}, each block randomly rotated. Each 3-vector block is one parameter tensor, so Magma's

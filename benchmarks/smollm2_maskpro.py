@@ -1,4 +1,4 @@
-"""MaskPro refinement of SmolLM2-135M's 2:4 masks from a SparseGPT and from a Wanda initial mask (seed 002).
+"""MaskPro refinement of SmolLM2-135M's 2:4 masks from a SparseGPT and from a Wanda initial mask (the MaskPro paper, Sun et al., 2025).
 
 For each initial method the model is pruned once (64 x 512 wiki-sample tokens), then refined; at each
 checkpoint step the current top-N masks are evaluated: WikiText-2 test perplexity (seqlen 512). Prints the

@@ -21,16 +21,28 @@ from pathlib import Path
 
 import click
 import torch
+import yaml
 
 from calibration.corpora import local_corpus
 from calibration.statistics import HessianAccumulator
 from calibration.windows import evaluation_windows, tokenize
 from eval.perplexity import perplexity
 from eval.seeds import mean_and_spread, parse_seeds
+from methods import get_method
 from prune import PruneSettings, load_model, run_pipeline
 from prune.models import prunable_layers, transformer_blocks
 
 DEFAULT_WIKITEXT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+
+
+def method_spec(spec: str) -> tuple[str, dict]:
+    """A --methods entry: a method name, optionally with its options after slashes (`ria/ria_per_row=true`)."""
+    name, *pairs = spec.split("/")
+    options = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        options[key] = yaml.safe_load(value)
+    return name, options
 
 
 def planned_runs(methods: list[str], targets: list[str], allocations: list[str], orders: list[str]) -> list[tuple[str, str | None, str, str]]:
@@ -42,7 +54,7 @@ def planned_runs(methods: list[str], targets: list[str], allocations: list[str],
             for allocation in allocations:
                 if allocation.startswith("owl") and ":" in target:
                     continue
-                for order in orders if method != "magnitude" else ["-"]:
+                for order in orders if get_method(method_spec(method)[0]).statistic is not None else ["-"]:
                     runs.append((method, target, allocation, order))
     return runs
 
@@ -140,8 +152,10 @@ def run_one(method: str, target: str | None, allocation: str, order: str, option
     loaded = load_model("smollm2-135m")
     row = {"method": method, "target": target or "-", "allocation": allocation, "order": order, "seed": seed, "prune_seconds": None}
     if method != "dense":
+        name, method_options = method_spec(method)
         settings = PruneSettings(
-            method=method,
+            method=name,
+            **method_options,
             **target_options(target),
             allocation=allocation.split(":")[0],
             **({"owl_rule": allocation.split(":")[1]} if ":" in allocation else {}),
@@ -162,7 +176,7 @@ def run_one(method: str, target: str | None, allocation: str, order: str, option
         row["peak_over_baseline_mb"] = peak - baseline
         row["allowed_mb"] = memory_allowed_mb(loaded.model, report, options["nsamples"], options["seqlen"]) * 1.25
         row["breakdown"] = report.prune_breakdown
-        if method == "sparsegpt":
+        if name == "sparsegpt":
             work = sparsegpt_work(loaded.model, report, options["nsamples"], options["seqlen"], blocksize=128)
             if order == "one-pass":
                 work.pop("forward (propagation pass)")
@@ -187,10 +201,10 @@ def run_one(method: str, target: str | None, allocation: str, order: str, option
 @click.option("--eval-seqlen", default=512, show_default=True)
 @click.option("--eval-windows", type=int, default=None, help="Evaluate only the first N windows (default: all).")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--methods", default="magnitude,wanda,sparsegpt", show_default=True, help="Comma-separated methods (dense always runs).")
+@click.option("--methods", default="magnitude,wanda,sparsegpt", show_default=True, help="Comma-separated methods (dense always runs); options after slashes: ria/ria_per_row=true.")
 @click.option("--targets", default="50%,2:4", show_default=True, help="Comma-separated targets: 50%, 60%, 2:4, 4:8 ...")
 @click.option("--allocations", default="uniform", show_default=True,
-              help="uniform, owl or owl:RULE (lambda, lambda-clipped, seed), comma-separated (OWL only for unstructured targets).")
+              help="uniform, owl or owl:RULE (lambda, lambda-clipped, proportional), comma-separated (OWL only for unstructured targets).")
 @click.option("--orders", default="one-pass,two-pass", show_default=True, help="Block orders to compare (methods with statistics).")
 @click.option("--blocks", default=None, help="Prune only these blocks (e.g. 0-9), for methods too slow for the whole model.")
 @click.option("--seeds", default="0", show_default=True, help="Calibration seeds, comma-separated: every run is repeated with each, and the "

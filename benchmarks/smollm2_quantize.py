@@ -1,7 +1,10 @@
 """Pruning and quantization on SmolLM2-135M (bfloat16): WikiText-2 perplexity, size on disk and prune seconds of
 
-    dense / SparseGPT 50 % / SparseGPT 2:4 / int4 g128 (GPTQ) / 50 % + int4 in one sweep (joint) /
+    dense / SparseGPT 50 % / SparseGPT 2:4 / int4 (GPTQ) / 50 % + int4 in one sweep (joint) /
     50 % then GPTQ as a second pass (llm-compressor's order) / 2:4 + int4 joint / 2:4 then GPTQ
+
+int4 groups of 64 inputs by default: SmolLM2's hidden size, 576, is not a multiple of 128, and compressed-tensors
+(like the serving kernels) takes whole groups only, so the usual g128 cannot be stored for this model.
 
 Each configuration is one run of the command in its own process (so that its time and memory are its own), with
 the same calibration windows. The two-pass rows prune and save dense, then run GPTQ on that output with
@@ -25,16 +28,20 @@ import click
 
 DEFAULT_WIKITEXT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
-RUNS = {  # name -> (first pass options, second pass options or None)
+RUNS = {  # name -> (first pass options, second pass options or None); "int4" gets the benchmark's --group-size
     "dense": (["--sparsity", "0", "--method", "magnitude"], None),
     "sparsegpt 50%": (["--sparsity", "0.5"], None),
     "sparsegpt 2:4": (["--pattern", "2:4"], None),
-    "int4 g128 (GPTQ)": (["--sparsity", "0", "--quantize", "int4"], None),
+    "int4 (GPTQ)": (["--sparsity", "0", "--quantize", "int4"], None),
     "50% + int4 joint": (["--sparsity", "0.5", "--quantize", "int4"], None),
     "50% then GPTQ (two passes)": (["--sparsity", "0.5"], ["--method", "magnitude", "--sparsity", "0.5", "--quantize", "int4"]),
     "2:4 + int4 joint": (["--pattern", "2:4", "--quantize", "int4"], None),
     "2:4 then GPTQ (two passes)": (["--pattern", "2:4"], ["--method", "magnitude", "--pattern", "2:4", "--quantize", "int4"]),
 }
+
+
+def with_group_size(options: list[str], group_size: int) -> list[str]:
+    return [*options, "--group-size", str(group_size)] if "--quantize" in options else options
 
 
 def prune(options: list[str], output: Path, common: list[str]) -> dict:
@@ -56,7 +63,9 @@ def prune_seconds(report: dict) -> float:
 @click.option("--eval-windows", default=64, show_default=True, help="Evaluation windows (0: the whole test split).")
 @click.option("--eval-data", default=str(DEFAULT_WIKITEXT), show_default=True, help="WikiText-2 test file.")
 @click.option("--only", multiple=True, help="Run only these configurations (by name; repeatable).")
-def main(nsamples: int, seqlen: int, eval_windows: int, eval_data: str, only: tuple[str, ...]) -> None:
+@click.option("--group-size", default=64, show_default=True, help="Inputs per int4 scale (128 does not divide SmolLM2's 576).")
+@click.option("--results", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the rows to this JSON file.")
+def main(nsamples: int, seqlen: int, eval_windows: int, eval_data: str, only: tuple[str, ...], group_size: int, results: Path | None) -> None:
     common = ["--dtype", "bfloat16", "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--eval-data", eval_data,
               "--eval-seqlen", str(seqlen), *(["--eval-windows", str(eval_windows)] if eval_windows else [])]
     rows = []
@@ -65,17 +74,22 @@ def main(nsamples: int, seqlen: int, eval_windows: int, eval_data: str, only: tu
             if only and name not in only:
                 continue
             folder = Path(scratch) / name.replace(" ", "_").replace("%", "").replace(":", "-")
-            report = prune(first, folder / "first", common)
+            report = prune(with_group_size(first, group_size), folder / "first", common)
             seconds = prune_seconds(report)
             if second is not None:
-                report = prune(["--model", str(folder / "first"), *second], folder / "second", common)
+                report = prune(["--model", str(folder / "first"), *with_group_size(second, group_size)], folder / "second", common)
                 seconds += prune_seconds(report)
             rows.append((name, report["perplexity"]["pruned"]["value"], report["perplexity"]["dense"]["value"], report["storage"], seconds,
                          report["peak_memory_mb"]))
             print(f"{name}: perplexity {rows[-1][1]:.3f}, {rows[-1][3]['output_bytes'] / 2**20:.1f} MB, {seconds:.1f} s", flush=True)
     dense_bytes = next((row[3]["output_bytes"] for row in rows if row[0] == "dense"), None)
     print(f"\nSmolLM2-135M bfloat16, calibration {nsamples} x {seqlen} tokens, WikiText-2 test "
-          f"({eval_windows or 'all'} windows of {seqlen})")
+          f"({eval_windows or 'all'} windows of {seqlen}), int4 in groups of {group_size}")
+    if results is not None:
+        results.parent.mkdir(parents=True, exist_ok=True)
+        results.write_text(json.dumps({"nsamples": nsamples, "seqlen": seqlen, "eval_windows": eval_windows, "group_size": group_size, "rows": [
+            {"configuration": name, "perplexity": value, "dense_perplexity": dense, "storage": storage, "prune_seconds": seconds, "peak_memory_mb": peak}
+            for name, value, dense, storage, seconds, peak in rows]}, indent=2) + "\n")
     print("| configuration | perplexity | on disk (MB) | vs dense bf16 | quantized layers, bits/weight | prune s | peak MB |")
     print("|---|---|---|---|---|---|---|")
     for name, value, _, storage, seconds, peak in rows:

@@ -1,4 +1,4 @@
-"""Recovery fine-tune on SmolLM2-135M after SparseGPT: AdamW vs AdamW+Magma vs SkipUpdate (seed 001).
+"""Recovery fine-tune on SmolLM2-135M after SparseGPT: AdamW vs AdamW+Magma vs SkipUpdate (the Magma paper).
 
 For each target (default 2:4 and 50 %) the model is pruned once by SparseGPT (64 x 512 wiki-sample tokens);
 then, for each optimizer and each learning rate of the sweep, the pruned weights are restored and fine-tuned

@@ -9,7 +9,7 @@ Four kinds of algorithm live here, each used by one stage of the pipeline (prune
   `registry.METHODS` maps the command's method names to these records. `hessian` holds what the
   second-order methods share (dead inputs, damping, the damped inverse).
 - Task-loss second-order pruning (`obert`): the block-diagonal inverse empirical Fisher built from per-sample
-  gradients by Woodbury steps, the OBS saliency and update on it (seed 003 §7); pure functions, fed gradients.
+  gradients by Woodbury steps, the OBS saliency and update on it (the pruning deep-dive §7); pure functions, fed gradients.
 - Movement pruning (`movement`): straight-through masks from trained scores (hard top-k, soft threshold), the
   soft variant's penalty and the cubic sparsity schedule; the task-training loop is the caller's.
 - Allocation (`owl`): per-block sparsities from outlier ratios of the dense model's Wanda scores; pure

@@ -96,10 +96,11 @@ class LayerResult:
 
 @dataclass(frozen=True)
 class MethodOption:
-    """A keyword option of a method's prune function, with its default (the function's own) and what it means."""
+    """A keyword option of a method's prune function, with its default (the function's own) and what it means. The
+    default's type is the option's: a boolean is a switch, an int a whole number, a float a number."""
 
     name: str
-    default: int | float
+    default: bool | int | float
     help: str
 
 

@@ -1,6 +1,6 @@
 """Magma (momentum-aligned gradient masking) and SkipUpdate: a wrapper that masks the updates of any torch optimizer.
 
-Per block b (a tensor, a row, a column or an element of a parameter), at every step (seed 001, Algorithm 1):
+Per block b (a tensor, a row, a column or an element of a parameter), at every step (the Magma paper, Algorithm 1):
 s̃ = sigmoid(cos(μ_b, g_b) / τ), s_b ← 0.9 s_b + 0.1 s̃, m_b ~ Bernoulli(p), θ_b ← θ_b − s_b m_b Δ_b, where Δ is
 the base optimizer's update and μ its first moment. The base optimizer's moments are updated every step,
 masked or not. SkipUpdate uses s_b = 1/p and no alignment. Pruned weights can be pinned at zero.
@@ -15,7 +15,7 @@ from torch import Tensor
 
 MODES = ("magma", "skipupdate", "none")
 GRANULARITIES = ("tensor", "row", "column", "element")
-DEFAULT_P = 0.5  # survival probability of a block's update (seed 001)
+DEFAULT_P = 0.5  # survival probability of a block's update (the Magma paper)
 DEFAULT_TAU = 2.0  # temperature of the momentum alignment
 MOMENT_KEYS = ("exp_avg", "momentum_buffer")  # where Adam/AdamW/NAdam and SGD/RMSprop keep the first moment
 

@@ -1,4 +1,4 @@
-"""MaskPro (seed 002): learn an N:M mask by policy gradient over one logit per weight.
+"""MaskPro (Sun et al., 2025): learn an N:M mask by policy gradient over one logit per weight.
 
 The logits π of a layer (out, in) are grouped by M consecutive inputs of a row: shape (out, in/M, M),
 p = softmax(π) per group. A mask is N draws without replacement from p (Eq. 15). We draw with
@@ -23,7 +23,7 @@ ESTIMATORS = ("set", "sequence")
 MAX_SET_N = 4  # the set probability sums over N! orders
 RANDOM_STREAMS = 8  # CPU generators drawing a layer's uniforms in parallel
 UNDERFLOW = 2.0**-100  # 1 − p_a below this: the N = 2 gradient of that group is recomputed in log space
-PAPER_LR = 50.0  # η of the logits (seed 002, App. A.1)
+PAPER_LR = 50.0  # η of the logits (the MaskPro paper, App. A.1)
 PAPER_LOGIT_SCALE = 10.0  # C in π₀ = C · m₀
 PAPER_ALPHA = 0.99  # the loss tracker's moving-average factor
 

@@ -1,4 +1,4 @@
-"""Movement pruning (Sanh et al., 2020; seed 003 §6): a score S per weight, trained with the straight-through
+"""Movement pruning (Sanh et al., 2020; the pruning deep-dive §6): a score S per weight, trained with the straight-through
 gradient ∂L/∂S_ij := ∂L/∂M_ij = (∂L/∂y_i) W_ij x_j while the layer computes y = (W ⊙ M) x.
 
 Hard: M keeps the top (1 − s) of S in a layer, s following the cubic schedule. Soft: M = 1[S > τ], the sparsity

@@ -1,4 +1,4 @@
-"""oBERT, the Optimal BERT Surgeon (Kurtic et al., 2022; seed 003 §7): OBS on the flattened weight of a layer with
+"""oBERT, the Optimal BERT Surgeon (Kurtic et al., 2022; the pruning deep-dive §7): OBS on the flattened weight of a layer with
 the Hessian replaced by the empirical Fisher of the task loss, F = λI + (1/m) Σ_q ∇l_q ∇l_qᵀ (seed Eq. 8), kept as
 the inverses of its B x B diagonal blocks and built from m per-sample gradients by Woodbury updates (§7.4).
 
@@ -138,15 +138,15 @@ def prune(weight: Tensor, inverse: Tensor, target: Target, *, mask: Tensor | Non
 
 
 def check_options(target: Target, obert_block: int = DEFAULT_BLOCK, obert_grads: int = DEFAULT_GRADS, obert_damp: float = DEFAULT_DAMP,
-                  obert_epochs: int = 1, obert_global: int = 0) -> None:
+                  obert_epochs: int = 1, obert_global: bool = False) -> None:
     """Raise PruningError for options that cannot work."""
     for what, value in (("Fisher block size", obert_block), ("Fisher gradient count", obert_grads), ("number of pruning epochs", obert_epochs)):
         if value < 1:
             raise PruningError(f"the {what} must be at least 1, got {value}")
     if not obert_damp > 0:
         raise PruningError(f"Fisher damping λ must be positive, got {obert_damp:g}")
-    if obert_global not in (0, 1):
-        raise PruningError(f"global ranking is 0 (each layer alone) or 1 (all layers together), got {obert_global}")
+    if not isinstance(obert_global, bool):
+        raise PruningError(f"global ranking is a switch (true: all layers together, false: each layer alone), got {obert_global!r}")
     if target.is_nm and (obert_epochs > 1 or obert_global):
         raise PruningError(f"an N:M pattern is reached in one epoch, row by row: gradual or global ranking needs an unstructured target, not {target.pattern}")
 
@@ -179,7 +179,7 @@ METHOD = Method(
         MethodOption("obert_damp", DEFAULT_DAMP, "λ: the Fisher starts from λI"),
         MethodOption("obert_epochs", 1, "pruning epochs: 1 is one-shot; more prune gradually (sparsity rising on the cubic schedule, the "
                      "Fisher rebuilt on the pruned weights each time); recovery then fine-tunes the kept weights"),
-        MethodOption("obert_global", 0, "1 ranks the weights of all pruned layers together (oBERT's global sparsity), 0 each layer alone"),
+        MethodOption("obert_global", False, "rank the weights of all pruned layers together (oBERT's global sparsity) instead of each layer alone"),
     ),
     check=check_options,
     notes=notes,

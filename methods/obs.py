@@ -31,7 +31,7 @@ def prune(weight: Tensor, hessian: Tensor, target: Target, *, percdamp: float = 
     """Prune each row of `weight` (out, in) to `target` by exact greedy OBS, given H = (2/n) X Xᵀ (in, in).
 
     Per row, repeatedly: remove the weight with the smallest w_j² / [H⁻¹]_jj, update the remaining
-    weights by w ← w − (w_j / [H⁻¹]_jj) H⁻¹[j, :] (seed 003, Eq. 3), and downdate H⁻¹ by the rank-one
+    weights by w ← w − (w_j / [H⁻¹]_jj) H⁻¹[j, :] (the pruning deep-dive, Eq. 3), and downdate H⁻¹ by the rank-one
     Schur step H⁻¹ ← H⁻¹ − H⁻¹[:, j] H⁻¹[j, :] / [H⁻¹]_jj, until the row holds its quota. For N:M, a
     group stops losing weights once it holds N. Each row keeps its own H⁻¹; the downdates v_s v_sᵀ are
     held in factored form for up to `DOWNDATE_BLOCK` steps (the needed row of H⁻¹ is then

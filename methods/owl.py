@@ -10,10 +10,10 @@ from torch import Tensor
 from methods import wanda
 from methods.base import COLUMN_NORMS, PruningError
 
-SEED_RULE = "seed"
+PROPORTIONAL_RULE = "proportional"  # S_ℓ ∝ 1 − D_ℓ (the pruning deep-dive, section 4)
 LAMBDA_RULE = "lambda"  # the OWL paper's code
 CLIPPED_RULE = "lambda-clipped"  # this toolkit's earlier reading of it: clipped to S ± λ, re-centred by bisection
-RULES = (LAMBDA_RULE, CLIPPED_RULE, SEED_RULE)
+RULES = (LAMBDA_RULE, CLIPPED_RULE, PROPORTIONAL_RULE)
 STATISTIC = COLUMN_NORMS  # outliers are counted among the Wanda scores |W|·‖X‖
 DEFAULT_M = 5.0  # a score is an outlier above M x the block's mean (the OWL paper's)
 DEFAULT_LAMBDA = 0.08  # block sparsities span S ± λ (the OWL paper's)
@@ -45,14 +45,14 @@ def weighted_mean(values: Tensor, weights: Tensor) -> float:
     return ((values * weights).sum() / weights.sum()).item()
 
 
-def allocate_seed(ratios: Sequence[float], parameters: Sequence[int], sparsity: float) -> list[float]:
-    """Seed 003, section 4: S_ℓ = α (1 − D_ℓ), α chosen so that Σ P_ℓ S_ℓ / Σ P_ℓ = S."""
+def allocate_proportional(ratios: Sequence[float], parameters: Sequence[int], sparsity: float) -> list[float]:
+    """The pruning deep-dive, section 4: S_ℓ = α (1 − D_ℓ), α chosen so that Σ P_ℓ S_ℓ / Σ P_ℓ = S."""
     outliers = torch.tensor(ratios, dtype=torch.float64)
     weights = torch.tensor(parameters, dtype=torch.float64)
     scale = sparsity * weights.sum() / (weights * (1 - outliers)).sum()
     allocation = scale * (1 - outliers)
     if (allocation >= 1).any():
-        raise PruningError(f"OWL (seed rule) would give a block sparsity of {allocation.max().item():.3f} >= 1; lower the target")
+        raise PruningError(f"OWL (proportional rule) would give a block sparsity of {allocation.max().item():.3f} >= 1; lower the target")
     return allocation.tolist()
 
 
@@ -105,9 +105,9 @@ def allocate_clipped(ratios: Sequence[float], parameters: Sequence[int], sparsit
 
 def allocate(rule: str, ratios: Sequence[float], parameters: Sequence[int], sparsity: float, lam: float = DEFAULT_LAMBDA) -> list[float]:
     """Per-block sparsities whose parameter-weighted mean is `sparsity`, by the OWL code's lambda rule, its clipped
-    variant, or the seed's rule."""
-    if rule == SEED_RULE:
-        return allocate_seed(ratios, parameters, sparsity)
+    variant, or the proportional rule."""
+    if rule == PROPORTIONAL_RULE:
+        return allocate_proportional(ratios, parameters, sparsity)
     if rule == LAMBDA_RULE:
         return allocate_lambda(ratios, parameters, sparsity, lam)
     if rule == CLIPPED_RULE:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from methods import magnitude, obert, obs, sparsegpt, wanda
+from methods import magnitude, obert, obs, ria, sparsegpt, wanda
 from methods.base import Method, PruningError
 
-METHODS: dict[str, Method] = {module.METHOD.name: module.METHOD for module in (magnitude, wanda, sparsegpt, obs, obert)}
+METHODS: dict[str, Method] = {module.METHOD.name: module.METHOD for module in (magnitude, wanda, ria, sparsegpt, obs, obert)}
 DEFAULT_METHOD = sparsegpt.METHOD.name
 
 
@@ -17,10 +17,10 @@ def get_method(name: str) -> Method:
         raise PruningError(f"unknown method {name!r}: choose one of {', '.join(sorted(METHODS))}") from None
 
 
-def method_options() -> dict[str, tuple[int | float, str, list[str]]]:
+def method_options() -> dict[str, tuple[bool | int | float, str, list[str]]]:
     """Every option any method takes: name -> (default, help, the methods taking it). An option shared by several
     methods has one default and one meaning."""
-    options: dict[str, tuple[int | float, str, list[str]]] = {}
+    options: dict[str, tuple[bool | int | float, str, list[str]]] = {}
     for method in METHODS.values():
         for option in method.options:
             default, help_text, users = options.setdefault(option.name, (option.default, option.help, []))

@@ -21,7 +21,7 @@ from methods.hessian import DEFAULT_PERCDAMP, PERCDAMP_HELP, check_percdamp, dam
 from methods.quantize import QuantGrid, on_grid, rounded, scales
 
 BLOCKSIZE = 128  # lazy-update block: columns swept before the rest of the layer is updated in one matrix product
-MASK_BLOCKSIZE = 64  # adaptive-mask block: columns whose mask is chosen together (the seed study's)
+MASK_BLOCKSIZE = 64  # adaptive-mask block: columns whose mask is chosen together (the pruning deep-dive's)
 INNER_BLOCK = 16  # about how many columns of a lazy block are swept by rank-one updates before one product updates the rest of it
 
 

@@ -49,11 +49,15 @@ def settings_option(field: dataclasses.Field) -> click.Option:
 
 def method_option_flags() -> list[click.Option]:
     """The options the methods declare (one flag for an option that several methods share)."""
-    return [
-        click.Option([method_flag(name), name], type=type(default), default=None,
-                     help=f"{help_text[0].upper()}{help_text[1:]} ({', '.join(users)}; default {default:g}).")
-        for name, (default, help_text, users) in method_options().items()
-    ]
+    flags = []
+    for name, (default, help_text, users) in method_options().items():
+        shown = ("on" if default else "off") if isinstance(default, bool) else f"{default:g}"
+        text = f"{help_text[0].upper()}{help_text[1:]} ({', '.join(users)}; default {shown})."
+        if isinstance(default, bool):  # a switch: the flag alone turns it on
+            flags.append(click.Option([method_flag(name), name], is_flag=True, default=None, help=text))
+        else:
+            flags.append(click.Option([method_flag(name), name], type=type(default), default=None, help=text))
+    return flags
 
 
 def command_parameters() -> list[click.Parameter]:
@@ -116,13 +120,52 @@ def apply_config(context: click.Context, parameter: click.Parameter, path: Path 
             value = [f"{pattern}={sparsity}" for pattern, sparsity in value.items()]
         elif option.multiple and not isinstance(value, list):
             value = [value]
-        if getattr(option, "is_flag", False) and not isinstance(value, bool):
-            raise click.ClickException(f"--config {path}: key {key!r}: expected true or false, got {value!r}")
+        problem = recipe_type_problem(option, value)
+        if problem is not None:
+            raise click.ClickException(f"--config {path}: key {key!r}: {problem}")
         try:
             defaults[key] = option.type_cast_value(context, value)
         except click.BadParameter as error:
             raise click.ClickException(f"--config {path}: key {key!r}: {error.message}") from None
     context.default_map = {**(context.default_map or {}), **defaults}
+
+
+def recipe_type_problem(option: click.Option, value: Any) -> str | None:
+    """What is wrong with the type of a recipe value for `option` (a list for a single value, a number for a name,
+    a string for a number, ...), or None. YAML and JSON carry types; a value of the wrong one is refused, not coerced."""
+    name = type_name(option.type)
+    if not option.multiple and isinstance(value, (list, dict)):
+        return f"expected one {name}, got {value!r}"
+    for item in value if option.multiple else [value]:
+        if not fits_type(option.type, item):
+            quote = " (quote it in YAML: '...')" if name == "string" and not isinstance(item, (list, dict)) else ""
+            return f"expected a {name}{quote}, got {item!r} ({type(item).__name__})"
+    return None
+
+
+def type_name(kind: click.ParamType) -> str:
+    """How a recipe error names an option's type."""
+    if isinstance(kind, click.types.BoolParamType):
+        return "boolean (true or false)"
+    if isinstance(kind, click.types.IntParamType):
+        return "whole number"
+    if isinstance(kind, click.types.FloatParamType):
+        return "number"
+    return "string"
+
+
+def fits_type(kind: click.ParamType, item: Any) -> bool:
+    """Whether a recipe value has the type of its option: a boolean for a flag, an integer for a whole number (a
+    boolean is neither), an integer or float for a number, a string for the rest (names, choices, paths, patterns)."""
+    if isinstance(kind, click.types.BoolParamType):
+        return isinstance(item, bool)
+    if isinstance(item, bool):
+        return False
+    if isinstance(kind, click.types.IntParamType):
+        return isinstance(item, int)
+    if isinstance(kind, click.types.FloatParamType):
+        return isinstance(item, (int, float))
+    return isinstance(item, str)
 
 
 def settings_from(options: dict[str, Any], given: set[str]) -> PruneSettings:

@@ -1,4 +1,4 @@
-"""Movement pruning (Sanh et al., 2020; seed 003 §6) of a model on its task loss: every prunable layer's weight is
+"""Movement pruning (Sanh et al., 2020; the pruning deep-dive §6) of a model on its task loss: every prunable layer's weight is
 reparametrized as W ⊙ M(S) with a trained score S per weight (straight-through), while the model is fine-tuned
 through the toolkit's one training loop (`prune.training.train`). Not one-shot: it is a fine-tuning run, offered
 from Python and by the CoNLL benchmark, not by the `prune` command."""

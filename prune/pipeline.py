@@ -38,7 +38,7 @@ from prune.stages.evaluate import EvaluationSettings, evaluators
 from prune.stages.oneshot import OneShot, OneShotSettings
 from prune.stages.recover import Recover, RecoverSettings
 from prune.stages.refine import Refine, RefineSettings
-from prune.weights import ShardWriter, writing
+from prune.weights import ShardWriter, StreamingError, writing
 
 # The stages, in the order they run. Adding a stage: its module in prune/stages, one line here, one field below.
 STAGES: tuple[type[Stage], ...] = (Calibrate, Allocate, OneShot, Refine, Recover)
@@ -285,6 +285,10 @@ class Pipeline:
                 put_in_place(staging, written.resolve())
             elif written is not None:
                 save_pruned(loaded, run.report, written, overwrite=settings.overwrite, grid=self.output_grid(run))
+        except StreamingError as error:  # the output cannot be written (a full disk): what this run wrote goes
+            if staging is not None and written is not None:
+                raise StreamingError(error.errno, f"{error.strerror}; {discard_unwritable(staging, run)}") from None
+            raise
         finally:  # an unfinished streamed run keeps rank 0's blocks for --resume
             if staging is not None and written is None:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -323,6 +327,17 @@ def ranks_section(run: Run, oneshot: OneShot | None) -> dict:
     groups = oneshot.groups_by_rank if oneshot is not None else {}
     per_rank = [{"rank": rank, **figures, "layer_groups_pruned": groups.get(rank, 0)} for rank, figures in enumerate(run.ranks.gather_objects(mine))]
     return {"ranks": run.ranks.world, "backend": torch.distributed.get_backend(), "per_rank": per_rank}
+
+
+def discard_unwritable(staging: Path, run: Run) -> str:
+    """After a write failure of a streamed run: keep its finished blocks for --resume (hours of work at 7B), or
+    remove the staging folder when it holds none; say which."""
+    finished = run.resume.finished if run.resume is not None else 0
+    if not finished:
+        shutil.rmtree(staging, ignore_errors=True)
+        return f"removed the unfinished output {staging}"
+    blocks = "1 finished block stays" if finished == 1 else f"{finished} finished blocks stay"
+    return f"the {blocks} in {staging}: free some space and run again with --resume, or delete it"
 
 
 def streaming_folder(output: Path | None) -> Path:

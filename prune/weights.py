@@ -14,13 +14,14 @@ import contextlib
 import errno
 import json
 import os
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 from accelerate.utils import set_module_tensor_to_device
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -117,7 +118,7 @@ class ShardWriter:
     def write(self, number: int, tensors: dict[str, Tensor]) -> Path:
         path = self.folder / self.shard_name(number)
         partial = path.with_suffix(".partial")
-        with writing(path):
+        with writing(path), removed_on_failure(partial):
             self.folder.mkdir(parents=True, exist_ok=True)
             save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, partial, metadata={"format": "pt"})
             partial.chmod(0o666 & ~current_umask())  # as any file the user writes (safetensors makes it private)
@@ -161,16 +162,30 @@ def writing(path: Path) -> Iterator[None]:
     """Turn a full disk (or another write failure) while writing `path` into one clear StreamingError."""
     try:
         yield
+    except StreamingError:
+        raise
     except OSError as error:
-        if isinstance(error, StreamingError):
-            raise
         reason = "the disk is full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
         raise StreamingError(error.errno, f"could not write {path}: {reason}") from None
+    except SafetensorError as error:  # safetensors reports its I/O errors in its own type ("... (os error 28)")
+        code = int(found.group(1)) if (found := re.search(r"os error (\d+)", str(error))) else None
+        reason = "the disk is full" if code == errno.ENOSPC else str(error).splitlines()[0]
+        raise StreamingError(code, f"could not write {path}: {reason}") from None
 
 
 def write_text(path: Path, text: str) -> None:
     """Write a small text file atomically (a temporary name, then a rename)."""
     partial = path.with_name(path.name + ".partial")
-    with writing(path):
+    with writing(path), removed_on_failure(partial):
         partial.write_text(text, encoding="utf-8")
         os.replace(partial, path)
+
+
+@contextlib.contextmanager
+def removed_on_failure(path: Path) -> Iterator[None]:
+    """Remove the half-written file `path` if the enclosed writing fails."""
+    try:
+        yield
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise

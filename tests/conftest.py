@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
 import os
 import random
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
 import yaml
+from safetensors import safe_open
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
     BertConfig,
@@ -27,7 +30,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from calibration.conll import Sentence
 from calibration.corpora import local_corpus, wiki_sample
+from prune.cli import main
 
 ARCHITECTURES = ("llama", "gpt2", "opt", "bert")
 HIDDEN = 64
@@ -144,3 +149,95 @@ def load_script(path: Path) -> ModuleType:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+# Helpers shared by several test modules (no test module imports another).
+
+FAST = ["--nsamples", "8", "--seqlen", "32", "--batch-size", "4", "--quiet"]
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, str]:
+    """Run the command in-process: (exit code, stdout, stderr)."""
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@contextlib.contextmanager
+def forward_passes() -> Iterator[list[str]]:
+    """The class names of every module that runs a forward pass inside the block, in order."""
+    forwards: list[str] = []
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda module, args: forwards.append(type(module).__name__))
+    try:
+        yield forwards
+    finally:
+        handle.remove()
+
+
+def assert_one_line_error(code: int, err: str, fragment: str) -> None:
+    assert code == 2
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("prune: error:")]
+    assert len(errors) == 1 and err.strip().endswith(errors[0]), err
+    assert fragment in errors[0], errors[0]
+
+
+def stored(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, framework="pt") as shard:
+            tensors.update({name: shard.get_tensor(name) for name in shard.keys()})  # noqa: SIM118
+    return tensors
+
+
+HALF = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def write_conll(folder: Path, splits: dict[str, list[Sentence]]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, sentences in splits.items():
+        blocks = ["\n".join(f"{token} {tag}" for token, tag in zip(s.tokens, s.tags, strict=True)) for s in sentences]
+        (folder / f"{split}.txt").write_text("-DOCSTART- O\n\n" + "\n\n".join(blocks) + "\n", encoding="utf-8")
+    return folder
+
+
+def random_problem(rows: int, columns: int, tokens: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A weight, correlated calibration inputs X (tokens, columns) and H = (2/n) XᵀX."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, columns, generator=generator, dtype=torch.float64)
+    mixing = torch.randn(columns, columns, generator=generator, dtype=torch.float64) / columns**0.5
+    inputs = torch.randn(tokens, columns, generator=generator, dtype=torch.float64) @ (torch.eye(columns, dtype=torch.float64) + mixing)
+    hessian = 2 * inputs.T @ inputs / tokens
+    return weight, inputs, hessian
+
+
+def output_error(weight: torch.Tensor, pruned: torch.Tensor, inputs: torch.Tensor) -> float:
+    """Mean over tokens of ‖(W − W') x‖²."""
+    return (((weight - pruned) @ inputs.T) ** 2).sum().item() / inputs.shape[0]
+
+
+def synthetic_sentences(tokenizer, count: int, seed: int) -> list[Sentence]:
+    """Sentences of vocabulary words whose tags depend on the word alone (a rule a tiny model can learn)."""
+    vocabulary = sorted(word for word in tokenizer.get_vocab() if word.isalpha() and word.islower() and len(word) > 2)[:400]
+    people, places, others = vocabulary[:15], vocabulary[15:30], vocabulary[30:]
+    generator = random.Random(seed)
+    sentences = []
+    for _ in range(count):
+        tokens, tags = [], []
+        for _ in range(generator.randint(4, 12)):
+            kind = generator.random()
+            if kind < 0.15:
+                tokens.append(generator.choice(people))
+                tags.append("B-PER")
+            elif kind < 0.3:
+                tokens.append(generator.choice(places))
+                tags.append("B-LOC")
+            else:
+                tokens.append(generator.choice(others))
+                tags.append("O")
+        sentences.append(Sentence(tuple(tokens), tuple(tags)))
+    return sentences

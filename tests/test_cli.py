@@ -2,48 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from prune.cli import main
-
-FAST = ["--nsamples", "8", "--seqlen", "32", "--batch-size", "4", "--quiet"]
-
-
-def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    """Run the command in-process: (exit code, stdout, stderr)."""
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-@contextlib.contextmanager
-def forward_passes() -> Iterator[list[str]]:
-    """The class names of every module that runs a forward pass inside the block, in order."""
-    forwards: list[str] = []
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda module, args: forwards.append(type(module).__name__))
-    try:
-        yield forwards
-    finally:
-        handle.remove()
-
-
-def assert_one_line_error(code: int, err: str, fragment: str) -> None:
-    assert code == 2
-    assert "Traceback" not in err
-    errors = [line for line in err.splitlines() if line.startswith("prune: error:")]
-    assert len(errors) == 1 and err.strip().endswith(errors[0]), err
-    assert fragment in errors[0], errors[0]
+from tests.conftest import FAST, assert_one_line_error, forward_passes, run
 
 
 @pytest.mark.parametrize("architecture", ["llama", "gpt2", "opt", "bert"])
@@ -124,24 +90,29 @@ def test_output_is_loadable_and_refuses_to_clobber(model_folders, text_file, tmp
 
 
 @pytest.mark.parametrize("stream", ["off", "on"])
-def test_a_full_disk_is_one_line_and_leaves_the_old_output_alone(model_folders, text_file, tmp_path, capsys, monkeypatch, stream) -> None:
+@pytest.mark.parametrize("failure", ["oserror", "safetensors"])
+def test_a_full_disk_is_one_line_and_leaves_the_old_output_alone(model_folders, text_file, tmp_path, capsys, monkeypatch, stream,
+                                                                  failure) -> None:
+    """Whether the OS or safetensors (its own exception type, 'os error 28') reports the full disk: one line, exit 1,
+    the old folder as it was and no partial folder beside it (the first block's write failed: nothing to resume)."""
+    from safetensors import SafetensorError
+
     output = tmp_path / "result"
     output.mkdir()
     (output / "keep.txt").write_text("the user's file")
 
     def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
+        if failure == "oserror":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    if stream == "off":
-        monkeypatch.setattr("transformers.PreTrainedModel.save_pretrained", full)
-    else:
-        monkeypatch.setattr("prune.weights.save_file", full)
+    monkeypatch.setattr("prune.weights.save_file", full)
+    monkeypatch.setattr("transformers.modeling_utils.safe_save_file", full)
     code, _, err = run(["--model", str(model_folders["llama"]), "--calibration", str(text_file), "--no-eval", "--sparsity", "0.5",
                         "--output", str(output), "--overwrite", "--stream", stream, *FAST], capsys)
     assert code == 1 and len(err.strip().splitlines()) == 1 and "the disk is full" in err, err
     assert [p.name for p in output.iterdir()] == ["keep.txt"]
-    leftovers = {p.name for p in tmp_path.iterdir()} - {"result"}
-    assert leftovers == (set() if stream == "off" else {".result.partial"})  # a streamed run keeps its finished blocks
+    assert {p.name for p in tmp_path.iterdir()} == {"result"}
 
 
 def test_every_input_is_checked_before_the_first_forward_pass(model_folders, text_file, tmp_path, capsys) -> None:

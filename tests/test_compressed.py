@@ -8,32 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from prune.cli import main
 from prune.models import all_prunable_layers, layer_weight
-from tests.conftest import tiny_model
-
-FAST = ["--nsamples", "8", "--seqlen", "32", "--batch-size", "4", "--quiet", "--eval-windows", "3"]
+from tests.conftest import FAST, run, stored, tiny_model
 
 
 def command(folder: Path, text_file: Path, capsys, *options: str) -> tuple[int, str, str]:
-    try:
-        main(["--model", str(folder), "--calibration", str(text_file), "--eval-data", str(text_file), *FAST, *options])
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def stored(folder: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(path, framework="pt") as shard:
-            tensors.update({name: shard.get_tensor(name) for name in shard.keys()})  # noqa: SIM118
-    return tensors
+    return run(["--model", str(folder), "--calibration", str(text_file), "--eval-data", str(text_file), *FAST, "--eval-windows", "3", *options],
+               capsys)
 
 
 @pytest.fixture(scope="module")

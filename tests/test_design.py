@@ -78,6 +78,13 @@ def test_imports_flow_one_way() -> None:
                     assert top == package or name in may_use or top in may_use, f"{path.relative_to(ROOT)} imports {name}"
 
 
+def test_no_test_module_imports_another() -> None:
+    """Helpers shared by test modules live in tests/conftest.py."""
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        others = {name for name in imported_modules(path) if name.startswith("tests.test_") or name.startswith("test_")}
+        assert not others, f"{path.relative_to(ROOT)} imports {sorted(others)}"
+
+
 def test_prune_never_names_a_one_shot_method() -> None:
     method_modules = {f"methods.{name}" for name in METHODS}
     for path in modules("prune"):

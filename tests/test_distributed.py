@@ -146,7 +146,7 @@ def test_maskpro_on_two_ranks_ends_with_the_same_masks_on_both(two_ranks) -> Non
 
 
 def test_streamed_on_two_ranks_rank_0_writes_what_one_process_writes(two_ranks, model_folders, text_file, tmp_path) -> None:
-    from tests.test_streaming import stored
+    from tests.conftest import stored
 
     _, report = prune_model(str(model_folders["llama"]), calibration=str(text_file), eval_data=str(text_file), eval_windows=4,
                             output=str(tmp_path / "alone"), **STREAMED, **SIZES)
@@ -272,7 +272,7 @@ def test_a_rank_that_stops_answering_stops_the_others_after_the_rank_timeout(mod
 
 
 def test_a_rank_that_dies_stops_the_others_in_one_line_and_resume_finishes_the_run(model_folders, text_file, tmp_path) -> None:
-    from tests.test_streaming import stored
+    from tests.conftest import stored
 
     def argv(output: Path) -> list[str]:
         return ["--model", str(model_folders["llama"]), "--method", "sparsegpt", "--sparsity", "0.5", "--calibration", str(text_file),

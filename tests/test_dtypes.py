@@ -12,11 +12,9 @@ from transformers import AutoModelForCausalLM
 
 from prune import load_model, prune_model
 from prune.models import layer_weight, prunable_layers, transformer_blocks
-from tests.conftest import tiny_model
-from tests.test_cli import FAST, run
+from tests.conftest import FAST, HALF, run, tiny_model
 
 SMALL = {"nsamples": 8, "seqlen": 32, "batch_size": 4, "progress": False}
-HALF = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @pytest.fixture(scope="module")

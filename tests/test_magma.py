@@ -143,7 +143,7 @@ def test_learning_rate_scaling_equals_rescaling_the_update(monkeypatch, mode, ma
 
 def magma_by_hand(start: torch.Tensor, gradients: list[torch.Tensor], kept: list[torch.Tensor], *, rows: bool, smoothing: float = 0.9,
                   lr: float = 0.05, weight_decay: float = 0.01, tau: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Algorithm 1 of seed 001 around AdamW, written out in float64. Every step, whatever the mask: AdamW's moments
+    """Algorithm 1 of the Magma paper around AdamW, written out in float64. Every step, whatever the mask: AdamW's moments
     μ ← β₁μ + (1 − β₁)g, ν ← β₂ν + (1 − β₂)g², its update Δ = lr·wd·θ + lr·μ̂/(√ν̂ + ε) (bias-corrected by the step
     count), the score s̃ = sigmoid(cos(μ, g)/τ) per block (the whole tensor, or each row) and s = 0.9 s + 0.1 s̃
     (s = s̃ at the first step). Then θ ← θ − s·m·Δ with m = kept[t] per block. Returns (θ, μ)."""

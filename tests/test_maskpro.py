@@ -206,7 +206,7 @@ def test_maskpro_finds_the_best_mask_from_a_wrong_start(estimator) -> None:
 
 
 def test_the_tracker_reduces_the_variance_of_the_update() -> None:
-    """Theorem 2 of seed 002 on the toy problem: at fixed logits, with a minibatch per step, the update that
+    """Theorem 2 of the MaskPro paper on the toy problem: at fixed logits, with a minibatch per step, the update that
     MaskPro.update applies, (L(m) − L(m₀) − δ) ∇log p, has a smaller variance than L(m) ∇log p (Eq. 10) and than
     the raw residual (Eq. 11). The logits are put back after each update, so only the tracker δ moves."""
     _, inputs, loss = toy_problem(seed=3, rows=4, columns=16)

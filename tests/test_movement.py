@@ -1,4 +1,4 @@
-"""Movement pruning's mathematics (methods/movement.py) against seed 003 §6 written out by hand."""
+"""Movement pruning's mathematics (methods/movement.py) against the pruning deep-dive §6 written out by hand."""
 
 from __future__ import annotations
 
@@ -67,8 +67,7 @@ def test_bad_schedules_and_sparsities_are_refused() -> None:
 def classifier_and_batches(tokenizer, seed: int = 0):
     """A tiny random BERT token classifier for the synthetic sentences' labels, and endless labelled batches of them."""
     from calibration.sentences import labelled_batches
-    from tests.conftest import tiny_model
-    from tests.test_ner_pipeline import synthetic_sentences
+    from tests.conftest import synthetic_sentences, tiny_model
 
     sentences = synthetic_sentences(tokenizer, 64, seed)
     names = sorted({tag for sentence in sentences for tag in sentence.tags})

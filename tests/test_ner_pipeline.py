@@ -4,7 +4,6 @@ fine-tuning with dev selection and its cache, and the CoNLL benchmark script in 
 from __future__ import annotations
 
 import json
-import random
 import statistics
 from pathlib import Path
 
@@ -27,40 +26,9 @@ from prune.models import (
     transformer_blocks,
 )
 from prune.training import FinetuneSettings, cache_folder, fresh_copy, load_or_finetune
-from tests.conftest import load_script, tiny_model
+from tests.conftest import load_script, synthetic_sentences, tiny_model, write_conll
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "conll_bert.py"
-
-
-def synthetic_sentences(tokenizer, count: int, seed: int) -> list[Sentence]:
-    """Sentences of vocabulary words whose tags depend on the word alone (a rule a tiny model can learn)."""
-    vocabulary = sorted(word for word in tokenizer.get_vocab() if word.isalpha() and word.islower() and len(word) > 2)[:400]
-    people, places, others = vocabulary[:15], vocabulary[15:30], vocabulary[30:]
-    generator = random.Random(seed)
-    sentences = []
-    for _ in range(count):
-        tokens, tags = [], []
-        for _ in range(generator.randint(4, 12)):
-            kind = generator.random()
-            if kind < 0.15:
-                tokens.append(generator.choice(people))
-                tags.append("B-PER")
-            elif kind < 0.3:
-                tokens.append(generator.choice(places))
-                tags.append("B-LOC")
-            else:
-                tokens.append(generator.choice(others))
-                tags.append("O")
-        sentences.append(Sentence(tuple(tokens), tuple(tags)))
-    return sentences
-
-
-def write_conll(folder: Path, splits: dict[str, list[Sentence]]) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, sentences in splits.items():
-        blocks = ["\n".join(f"{token} {tag}" for token, tag in zip(s.tokens, s.tags, strict=True)) for s in sentences]
-        (folder / f"{split}.txt").write_text("-DOCSTART- O\n\n" + "\n\n".join(blocks) + "\n", encoding="utf-8")
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""oBERT's mathematics (methods/obert.py) against the dense formulas of seed 003 §7.4-7.5, written out here."""
+"""oBERT's mathematics (methods/obert.py) against the dense formulas of the pruning deep-dive §7.4-7.5, written out here."""
 
 from __future__ import annotations
 

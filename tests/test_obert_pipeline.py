@@ -1,5 +1,5 @@
 """oBERT through the pipeline: every layer pruned from per-sample task-loss gradients of the whole model, checked
-against the seed's formulas computed here by hand (explicit Fisher blocks, torch.linalg.inv), for a causal LM on its
+against the pruning deep-dive's formulas computed here by hand (explicit Fisher blocks, torch.linalg.inv), for a causal LM on its
 text and a token classifier on labelled CoNLL sentences."""
 
 from __future__ import annotations
@@ -13,14 +13,13 @@ from calibration.windows import sample_windows
 from methods import PruningError
 from prune import load_model, prune_model
 from prune.models import all_prunable_layers, layer_weight
-from tests.test_cli import FAST, assert_one_line_error, forward_passes, run
-from tests.test_ner_pipeline import write_conll
+from tests.conftest import FAST, assert_one_line_error, forward_passes, run, write_conll
 
 SMALL = {"seqlen": 16, "eval_data": None, "progress": False}
 
 
 def hand_obert(model: torch.nn.Module, samples: list[dict], sparsity: float, block_size: int, damp: float) -> dict[str, torch.Tensor]:
-    """Seed 003 §7.4-7.5 for every prunable layer of `model` (float64): per-sample gradients of the task loss, the
+    """The pruning deep-dive §7.4-7.5 for every prunable layer of `model` (float64): per-sample gradients of the task loss, the
     explicit inverse of each block of F = λI + (1/m) Σ g gᵀ, saliency w²/(2[F⁻¹]_jj), the lowest of the layer removed,
     w − F⁻¹ diag(F⁻¹)⁻¹ (w ⊙ (1 − M)) kept where M is."""
     layers = all_prunable_layers(model)
@@ -75,7 +74,7 @@ def test_gradual_and_global_obert(model_folders, text_file) -> None:
                zip(all_prunable_layers(gradual).values(), all_prunable_layers(one_shot).values(), strict=True))
 
     _, ranked = prune_model(str(model_folders["llama"]), method="obert", sparsity=0.5, calibration=str(text_file), obert_grads=4,
-                            obert_block=16, obert_global=1, **SMALL)
+                            obert_block=16, obert_global=True, **SMALL)
     total = sum(layer.shape[0] * layer.shape[1] for layer in ranked.layers)
     zeros = sum(layer.sparsity * layer.shape[0] * layer.shape[1] for layer in ranked.layers)
     assert zeros / total == pytest.approx(0.5, abs=1e-3)
@@ -83,7 +82,7 @@ def test_gradual_and_global_obert(model_folders, text_file) -> None:
 
 
 def test_obert_prunes_a_token_classifier_from_its_labelled_sentences(model_folders, tokenizer, tmp_path) -> None:
-    from tests.test_ner_pipeline import synthetic_sentences
+    from tests.conftest import synthetic_sentences
 
     sentences = synthetic_sentences(tokenizer, 40, 0)
     data = write_conll(tmp_path / "data", {"train": sentences, "test": sentences[:10]})
@@ -105,7 +104,7 @@ def test_obert_refuses_what_cannot_work_before_any_forward_pass(model_folders, t
         (["--sparsity", "0.5", "--obert-grads", "50000"], "too short"),
         (["--sparsity", "0.5", "--stream", "on"], "needs the whole model"),
         (["--pattern", "2:4", "--obert-epochs", "3"], "needs an unstructured target"),
-        (["--sparsity", "0.5", "--obert-global", "1", "--allocation", "owl"], "cannot also follow --allocation owl"),
+        (["--sparsity", "0.5", "--obert-global", "--allocation", "owl"], "cannot also follow --allocation owl"),
         (["--sparsity", "0.5", "--obert-block", "0"], "block size must be at least 1"),
         (["--model", str(model_folders["bert"]), "--sparsity", "0.5"], "needs labelled task data"),
     ]

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from methods import Target, obs, sparsegpt, wanda
-from tests.test_methods import output_error, random_problem
+from tests.conftest import output_error, random_problem
 
 
 def least_squares_row(row: torch.Tensor, inputs: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
@@ -95,7 +95,7 @@ def test_downdates_applied_in_blocks_give_the_same_result_as_held_ones(target) -
 
 
 def obs_by_the_book(weight: torch.Tensor, hessian: torch.Tensor, target: Target, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy OBS per row as seed 003 section 1 states it, with nothing kept between steps: at every step invert the
+    """Greedy OBS per row as the pruning deep-dive section 1 states it, with nothing kept between steps: at every step invert the
     damped Hessian restricted to the weights still present, remove the weight with the smallest w_j² / [H_R⁻¹]_jj
     (for N:M, only from groups still holding more than N), and move the others by −(w_j / [H_R⁻¹]_jj) H_R⁻¹[:, j]."""
     hessian = hessian.double().clone()

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from calibration.text import TextSources
 from calibration.windows import sample_windows
-from methods import PruningError, owl
+from methods import METHODS, PruningError, owl
 from prune import load_model, prune_model
 from prune.cli import main
 from prune.models import layer_weight, prunable_layers, transformer_blocks
@@ -89,11 +89,11 @@ def test_the_two_lambda_rules_differ_on_skewed_ratios() -> None:
         owl.allocate_lambda([0, 0, 0, 1], [1] * 4, 0.1, 0.1)  # 0.1 − 0.15 < 0
 
 
-def test_seed_rule_is_proportional_to_one_minus_d() -> None:
-    allocation = owl.allocate_seed([0.0, 0.5], [1, 1], 0.5)
+def test_the_proportional_rule_is_proportional_to_one_minus_d() -> None:
+    allocation = owl.allocate_proportional([0.0, 0.5], [1, 1], 0.5)
     assert allocation == pytest.approx([2 / 3, 1 / 3])
     with pytest.raises(PruningError):
-        owl.allocate_seed([0.0, 0.9], [1, 1], 0.9)
+        owl.allocate_proportional([0.0, 0.9], [1, 1], 0.9)
 
 
 def test_outlier_ratio_counts_scores_above_m_times_the_mean() -> None:
@@ -103,7 +103,7 @@ def test_outlier_ratio_counts_scores_above_m_times_the_mean() -> None:
     assert owl.outlier_ratio(scores, 5.0) == 0.0
 
 
-@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "obs"])
+@pytest.mark.parametrize("method", sorted(name for name, method in METHODS.items() if method.gradients is None))
 def test_owl_through_the_pipeline(model_folders, text_file, method) -> None:
     model, report = prune_model(str(model_folders["llama"]), method=method, sparsity=0.6, calibration=str(text_file),
                                 allocation="owl", owl_m=3.0, owl_lambda=0.1, **SMALL)
@@ -125,12 +125,12 @@ def test_owl_refuses_n_m_and_plots_the_allocation(model_folders, text_file, tmp_
     backend = matplotlib.get_backend()
     matplotlib.use("svg")  # a backend of the caller's (a notebook's inline one, say): writing the figure leaves it alone
     try:
-        main([*common, "--sparsity", "0.5", "--allocation", "owl", "--owl-rule", "seed", "--output", str(tmp_path / "out")])
+        main([*common, "--sparsity", "0.5", "--allocation", "owl", "--owl-rule", "proportional", "--output", str(tmp_path / "out")])
         assert matplotlib.get_backend() == "svg"
     finally:
         matplotlib.use(backend)
     assert (tmp_path / "out" / "allocation.png").stat().st_size > 1000
-    assert "OWL allocation (seed rule" in capsys.readouterr().out
+    assert "OWL allocation (proportional rule" in capsys.readouterr().out
 
 
 def test_outlier_ratios_equal_a_hand_computation_on_the_dense_model(model_folders, text_file) -> None:

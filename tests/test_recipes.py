@@ -12,8 +12,7 @@ import yaml
 
 from prune import load_model, prune_model
 from prune.models import all_prunable_layers, layer_weight
-from tests.test_cli import FAST, assert_one_line_error, run
-from tests.test_streaming import stored
+from tests.conftest import FAST, assert_one_line_error, run, stored
 
 SMALL = {"nsamples": 8, "seqlen": 32, "batch_size": 4, "progress": False}
 
@@ -116,8 +115,15 @@ def test_a_reports_settings_run_the_same_run_again(model_folders, text_file, tmp
 
 @pytest.mark.parametrize(("recipe", "fragment"), [
     ({"sparsty": 0.5}, "unknown key 'sparsty'"),
-    ({"sparsity": "half"}, "key 'sparsity': 'half' is not a valid float"),
-    ({"sparsity": 0.5, "overwrite": 3}, "key 'overwrite': expected true or false"),
+    ({"sparsity": "half"}, "key 'sparsity': expected a number, got 'half' (str)"),
+    ({"sparsity": [0.5]}, "key 'sparsity': expected one number, got [0.5]"),
+    ({"sparsity": 0.5, "overwrite": 3}, "key 'overwrite': expected a boolean (true or false), got 3 (int)"),
+    ({"sparsity": 0.5, "overwrite": "yes"}, "key 'overwrite': expected a boolean (true or false), got 'yes' (str)"),
+    ({"sparsity": 0.5, "nsamples": 0.5}, "key 'nsamples': expected a whole number, got 0.5 (float)"),
+    ({"sparsity": 0.5, "nsamples": True}, "key 'nsamples': expected a whole number, got True (bool)"),
+    ({"pattern": 124}, "key 'pattern': expected a string (quote it in YAML: '...'), got 124 (int)"),  # what YAML 1.1 makes of 2:4
+    ({"sparsity": 0.5, "targets": [["q_proj"]]}, "key 'targets': expected a string, got ['q_proj'] (list)"),
+    ({"sparsity": 0.5, "method": ["wanda"]}, "key 'method': expected one string, got ['wanda']"),
     ({"sparsity": 0.5, "method": "sparsegtp"}, "key 'method'"),
     ({"sparsity": 0.5, "ignore": ["no_layer_is_called_this"]}, "--ignore 'no_layer_is_called_this' matches no layer"),
     ({"sparsity": 0.5, "targets": ["(unclosed"]}, "--targets '(unclosed' is not a regular expression"),

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from eval.perplexity import perplexity
@@ -17,9 +16,7 @@ from prune.models import all_prunable_layers, layer_weight
 from prune.pipeline import Pipeline
 from prune.run import LayerPlan, Run
 from prune.stages.evaluate import sequential_perplexity
-from tests.conftest import tiny_model
-from tests.test_cli import FAST, run
-from tests.test_dtypes import HALF
+from tests.conftest import FAST, HALF, run, stored, tiny_model
 
 SMALL = {"nsamples": 8, "seqlen": 32, "batch_size": 4, "progress": False}
 
@@ -29,14 +26,6 @@ def run_command(folder: Path, output: Path, text_file: Path, capsys, *extra: str
                           "--output", str(output), *FAST, *extra], capsys)
     assert code == 0, err
     return json.loads((output / "report.json").read_text())
-
-
-def stored(folder: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(path, framework="pt") as shard:
-            tensors.update({name: shard.get_tensor(name) for name in shard.keys()})  # noqa: SIM118
-    return tensors
 
 
 @pytest.fixture(scope="module")
@@ -209,6 +198,8 @@ def test_resuming_with_other_settings_is_refused_and_a_full_disk_leaves_a_usable
         patch.setattr(prune.weights, "save_file", filling)
         code, _, err = run(command, capsys)
     assert code == 1 and "the disk is full" in err and len(err.strip().splitlines()) == 1
+    assert "the 1 finished block stays in" in err and "--resume" in err, err  # kept: a --resume continues after it
+    assert not list((tmp_path / ".out.partial").glob("*.partial"))  # the shard that failed left no half-written file
     assert json.loads((tmp_path / ".out.partial" / "resume.json").read_text())["finished"] == 1
 
     code, _, err = run([*command, "--resume", "--nsamples", "16"], capsys)

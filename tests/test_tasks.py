@@ -9,8 +9,7 @@ import random
 import pytest
 
 from prune import prune_model
-from tests.conftest import TASK, write_task
-from tests.test_cli import FAST, assert_one_line_error, run
+from tests.conftest import FAST, TASK, assert_one_line_error, run, write_task
 
 
 def test_task_figures_before_and_after_equal_lm_evals_own_run_on_the_saved_model(lm_folders, text_file, task_folder, tmp_path, capsys) -> None:

@@ -24,7 +24,7 @@ class AllocationSettings:
     allocation: str = option("uniform", "--allocation", "Spread the sparsity uniformly, or by OWL outlier ratios (unstructured targets only).",
                              choices=ALLOCATIONS)
     owl_rule: str = option(owl.LAMBDA_RULE, "--owl-rule", "lambda: the OWL paper's code (ratios scaled to [0, 2λ], centred on their mean, "
-                           "not clipped); lambda-clipped: the same clipped to S ± λ and re-centred; seed: sparsity ∝ 1 − D (seed 003).",
+                           "not clipped); lambda-clipped: the same clipped to S ± λ and re-centred; proportional: block sparsity ∝ 1 − D (the pruning deep-dive's rule).",
                            choices=owl.RULES)
     owl_m: float = option(owl.DEFAULT_M, "--owl-m", "OWL outlier threshold M: a score is an outlier above M x the block's mean.", positive=True)
     owl_lambda: float = option(owl.DEFAULT_LAMBDA, "--owl-lambda", "OWL λ: the ratios span 2λ of sparsity (lambda rules; clipped to S ± λ by "
@@ -66,7 +66,7 @@ class Allocate(Stage):
         run.report.allocation = {
             "rule": settings.owl_rule,
             "owl_m": settings.owl_m,
-            "owl_lambda": settings.owl_lambda if settings.owl_rule != owl.SEED_RULE else None,
+            "owl_lambda": settings.owl_lambda if settings.owl_rule != owl.PROPORTIONAL_RULE else None,
             "blocks": [
                 {"block": index, "outlier_ratio": ratio, "sparsity": sparsity, "parameters": count}
                 for index, ratio, sparsity, count in zip(plan.selected, ratios, sparsities, parameters, strict=True)

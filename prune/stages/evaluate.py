@@ -63,7 +63,7 @@ class EvaluationSettings:
 
 
 class PerplexityEvaluator:
-    """Perplexity on non-overlapping windows of the evaluation text (seed 003's protocol)."""
+    """Perplexity on non-overlapping windows of the evaluation text (the pruning deep-dive's protocol)."""
 
     key = "perplexity"
 

@@ -183,8 +183,9 @@ class OneShotSettings:
         if self.quantize is None and self.group_size != DEFAULT_GROUP_SIZE:
             raise PruningError("--group-size applies to --quantize")
         if self.quantize is not None and get_method(self.method).gradients is not None:
+            calibrated = ", ".join(name for name, method in METHODS.items() if method.gradients is None)
             raise PruningError(f"--quantize needs the layer Hessian: --method {self.method} prunes from task-loss gradients; use a "
-                               "calibration method (sparsegpt, wanda, magnitude, obs)")
+                               f"calibration method ({calibrated})")
         self.grid()
         if self.propagate == "dense" and self.order == "one-pass":
             raise PruningError("--propagate dense feeds the next block the dense block's outputs, which a one-pass block never computes: "
@@ -315,10 +316,10 @@ class OneShot(Stage):
         refuse before any work when the device cannot hold it beside the model."""
         gradients = self.method.gradients
         if self.options[gradients.ranking_option] and run.settings.allocate.allocation != "uniform":
-            raise PruningError(f"{method_flag(gradients.ranking_option)} 1 ranks all layers' weights together: it cannot also follow "
+            raise PruningError(f"{method_flag(gradients.ranking_option)} ranks all layers' weights together: it cannot also follow "
                                f"--allocation {run.settings.allocate.allocation}'s per-block sparsities")
         if self.options[gradients.ranking_option] and run.plan.overrides:
-            raise PruningError(f"{method_flag(gradients.ranking_option)} 1 ranks all layers' weights together: it cannot also follow "
+            raise PruningError(f"{method_flag(gradients.ranking_option)} ranks all layers' weights together: it cannot also follow "
                                "--sparsity-override's per-layer sparsities")
         weights = sum(layer_weight(layer).numel() for layer in run.plan.pruned_layers().values())
         needed = sum(gradients.memory_bytes(layer_weight(layer).numel(), self.options, self.hessian_dtype) for layer in run.plan.pruned_layers().values())

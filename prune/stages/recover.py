@@ -35,7 +35,7 @@ WRAPPER_MODE = {"magma": "magma", "adamw": "none", "skipupdate": "skipupdate"}
 class RecoverSettings:
     """What the recovery stage does. `optimizer`: 'magma' (AdamW under Magma), 'adamw' (the plain baseline)
     or 'skipupdate' (AdamW under random masking scaled by 1/p). The schedule is the Magma paper's
-    (seed 001, App. C): linear warm-up over `warmup` of the steps, then cosine decay to `min_lr_rate` x lr."""
+    (the Magma paper, App. C): linear warm-up over `warmup` of the steps, then cosine decay to `min_lr_rate` x lr."""
 
     optimizer: str = option("magma", "--recover", "After pruning, fine-tune the surviving attention/MLP weights (pruned weights stay zero): "
                             "magma (AdamW under Magma), adamw (plain baseline) or skipupdate. A causal LM trains on the calibration text, "

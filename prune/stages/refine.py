@@ -1,4 +1,4 @@
-"""The refine stage: MaskPro refinement of N:M masks after the one-shot stage (seed 002): forward passes only.
+"""The refine stage: MaskPro refinement of N:M masks after the one-shot stage (the MaskPro paper, Sun et al., 2025): forward passes only.
 
 The layers pruned in the one-shot stage are refined jointly. Each step draws a mask per layer from the
 policy (methods.maskpro), measures the language-modelling loss L(m) on one calibration batch, and moves
@@ -41,7 +41,7 @@ UNDER_MASK = ("oneshot", "dense")
 
 @dataclass
 class RefineSettings:
-    """What the refinement stage does (seed 002's defaults for lr, logit scale and α)."""
+    """What the refinement stage does (the MaskPro paper's defaults for lr, logit scale and α)."""
 
     method: str = option("maskpro", "--refine", "After pruning to N:M, learn better masks of the pruned layers by MaskPro policy gradient "
                          "(forward passes only).", choices=REFINE_METHODS, switch=True)
