@@ -17,11 +17,14 @@ DEFAULT_GROUP_SIZE = 128
 @dataclass(frozen=True)
 class QuantGrid:
     """Signed `bits`-bit integers times a scale per output row and group of `group_size` inputs (None: one scale per
-    row); scales stored in `scale_dtype` (the model's), as the loader reads them back."""
+    row); scales stored in `scale_dtype` (the model's), as the loader reads them back. With `act_order` the sweep
+    rounds the columns in decreasing order of diag H (GPTQ's activation order) and each group's scales are fixed
+    before it from the group's original columns ("static groups"), so the saved layout needs no permutation."""
 
     bits: int
     group_size: int | None = DEFAULT_GROUP_SIZE
     scale_dtype: torch.dtype = torch.float32
+    act_order: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in BITS:
@@ -38,7 +41,7 @@ class QuantGrid:
         return 2 ** (self.bits - 1) - 1
 
     def describe(self) -> str:
-        return f"int{self.bits} " + (f"g{self.group_size}" if self.group_size else "per channel")
+        return f"int{self.bits} " + (f"g{self.group_size}" if self.group_size else "per channel") + (", activation order" if self.act_order else "")
 
     def check_layer(self, name: str, in_features: int) -> None:
         """Raise if a layer with `in_features` inputs cannot be split into whole groups."""
@@ -64,6 +67,13 @@ def scales(weights: Tensor, grid: QuantGrid) -> Tensor:
     largest = weights.abs().amax(dim=-1)
     largest = torch.where(largest > 0, largest, torch.ones_like(largest))
     return (largest / ((grid.highest - grid.lowest) / 2)).to(grid.scale_dtype).to(weights.dtype)
+
+
+def group_scales(weight: Tensor, grid: QuantGrid) -> Tensor:
+    """The scales (groups, rows) of `weight` (inputs, rows: transposed), each group's from its own columns."""
+    columns, rows = weight.shape
+    width = grid.group_size or columns
+    return scales(weight.reshape(columns // width, width, rows).transpose(1, 2), grid)
 
 
 def rounded(weights: Tensor, scale: Tensor, grid: QuantGrid) -> Tensor:

@@ -18,7 +18,7 @@ from methods.base import (
     mask_lowest_overall,
 )
 from methods.hessian import DEFAULT_PERCDAMP, PERCDAMP_HELP, check_percdamp, damped_inverse, damping_notes, inverse_details
-from methods.quantize import QuantGrid, on_grid, rounded, scales
+from methods.quantize import QuantGrid, group_scales, on_grid, rounded, scales
 
 BLOCKSIZE = 128  # lazy-update block: columns swept before the rest of the layer is updated in one matrix product
 MASK_BLOCKSIZE = 64  # adaptive-mask block: columns whose mask is chosen together (the pruning deep-dive's)
@@ -91,26 +91,45 @@ def prune_together(
     bounds = [0]
     for weight in weights:
         bounds.append(bounds[-1] + weight.shape[0])
+    order = activation_order(hessian, target) if grid is not None and grid.act_order else None
     with exact_matmul():
-        inverse = damped_inverse(hessian, percdamp, upper_cholesky=True)
+        swept = hessian if order is None else hessian[order][:, order]  # H of the columns in the order they are swept
+        inverse = damped_inverse(swept, percdamp, upper_cholesky=True)
         hinv = inverse.inverse.to(device=device, dtype=torch.float32)  # U, upper: H⁻¹ = UᵀU
         # the rows of all layers side by side, transposed: column j of the weights is row j here, contiguous
         work = torch.cat([weight.detach().to(torch.float32).T for weight in weights], dim=1)
-        work[inverse.dead.to(device)] = 0
         keep = None if masks is None else torch.cat([mask.T.to(device) for mask in masks], dim=1)
-        keep, errors, group_scales = sweep(work, hinv, target, blocksize, mask_blocksize, list(zip(bounds, bounds[1:], strict=False)),
-                                           grid=grid, keep=keep)
+        if order is not None:
+            order = order.to(device)
+            work, keep = work[order], None if keep is None else keep[order]
+        work[inverse.dead.to(device)] = 0
+        static = None if order is None else group_scales(work[torch.argsort(order)], grid)  # from the original columns
+        keep, errors, scale_rows = sweep(work, hinv, target, blocksize, mask_blocksize, list(zip(bounds, bounds[1:], strict=False)),
+                                         grid=grid, keep=keep, static_scales=static, column_order=order)
         del hinv
+    if order is not None:  # back to the layer's own column order
+        restore = torch.argsort(order)
+        work, keep = work[restore], keep[restore]
     work.mul_(keep)  # the updates leave pruned weights at zero up to rounding: make it exact
     results = []
     for weight, first, last in zip(weights, bounds, bounds[1:], strict=False):
         # the OBS loss of removing w_j is w_j² / (2 [U]_jj²) = error² / 2
         layer = work[:, first:last].T
-        scale = None if grid is None else group_scales[:, first:last].T.to(grid.scale_dtype).contiguous()
+        scale = None if grid is None else scale_rows[:, first:last].T.to(grid.scale_dtype).contiguous()
         updated = layer if grid is None else on_grid(layer, scale, grid)  # as the loader rebuilds it from levels and scales
         results.append(LayerResult(weight=updated.to(weight.dtype).contiguous(), mask=keep[:, first:last].T.contiguous(),
                                    loss=errors[first:last].sum().item() / 2, details=inverse_details(inverse), scale=scale))
     return results
+
+
+def activation_order(hessian: Tensor, target: Target) -> Tensor:
+    """GPTQ's activation order (Frantar et al., 2023): the input columns by decreasing diag H, the inputs of largest
+    mean square first. For an N:M target whole groups of M consecutive inputs move together, by their summed diag H,
+    so that each group is still M consecutive columns of the sweep."""
+    unit = target.m if target.is_nm else 1
+    diagonal = torch.diagonal(hessian).to(torch.float64).reshape(-1, unit).sum(dim=1)
+    groups = torch.argsort(diagonal, descending=True, stable=True)
+    return (groups.unsqueeze(1) * unit + torch.arange(unit, device=groups.device)).reshape(-1)
 
 
 def quantize_kept(weights: Sequence[Tensor], masks: Sequence[Tensor], hessian: Tensor, grid: QuantGrid, *,
@@ -121,7 +140,8 @@ def quantize_kept(weights: Sequence[Tensor], masks: Sequence[Tensor], hessian: T
 
 
 def sweep(work: Tensor, hinv: Tensor, target: Target, blocksize: int, mask_blocksize: int, layers: list[tuple[int, int]],
-          inner: int | None = None, *, grid: QuantGrid | None = None, keep: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+          inner: int | None = None, *, grid: QuantGrid | None = None, keep: Tensor | None = None, static_scales: Tensor | None = None,
+          column_order: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """SparseGPT's column sweep (Alg. 1) in place on `work` (columns, rows): the weights transposed. Returns the keep
     mask (columns, rows), each row's sum of squared errors over the sweep and, with a `grid`, the scales (groups, rows).
 
@@ -136,19 +156,23 @@ def sweep(work: Tensor, hinv: Tensor, target: Target, blocksize: int, mask_block
     With a `grid` (joint sparsification and quantization, the SparseGPT paper's §3.5; GPTQ when nothing is pruned),
     each kept weight is rounded to the grid once its mask is chosen and the error of both, (w_j − M_j quant(w_j)) /
     U_jj, is spread over the columns after j the same way; a group's scales come from its updated weights when the
-    sweep reaches its first column. `inner` overrides the inner block (`blocksize`: none)."""
+    sweep reaches its first column, or are the given `static_scales` (groups, rows), fixed before the sweep. When
+    `work` holds the columns permuted, `column_order[j]` is the original column of row j (its group's scale is that
+    column's). `inner` overrides the inner block (`blocksize`: none)."""
     columns, rows = work.shape
     fixed = keep is not None
     keep = keep if fixed else torch.ones_like(work, dtype=torch.bool)
     squared_errors = torch.zeros(rows, device=work.device)
     step = target.m if target.is_nm else mask_blocksize
     inner = inner or inner_blocksize(step)
-    check_grid(grid, blocksize, inner)
-    group_scales = None
-    if grid is not None:
-        group_scales = torch.empty(columns // (grid.group_size or columns), rows, device=work.device)
+    width = columns if grid is None else grid.group_size or columns
+    group_of = list(range(columns)) if column_order is None else column_order.tolist()  # the original column of each swept one
+    scale_rows = static_scales
+    if grid is not None and static_scales is None:
+        check_grid(grid, blocksize, inner)
+        scale_rows = torch.empty(columns // width, rows, device=work.device)
         if grid.group_size is None:
-            group_scales[0] = scales(work.T, grid)
+            scale_rows[0] = scales(work.T, grid)
     for start in range(0, columns, blocksize):
         end = min(start + blocksize, columns)
         block, hinv_block = work[start:end], hinv[start:end, start:end]
@@ -170,9 +194,9 @@ def sweep(work: Tensor, hinv: Tensor, target: Target, blocksize: int, mask_block
             if grid is None:
                 torch.mul(block[i], scale[i], out=errors[i])
             else:
-                if grid.group_size is not None and (start + i) % grid.group_size == 0:  # the group's columns are all updated here
-                    group_scales[(start + i) // grid.group_size] = scales(block[i : i + grid.group_size].T, grid)
-                group_scale = group_scales[(start + i) // (grid.group_size or columns)]
+                if static_scales is None and grid.group_size is not None and (start + i) % width == 0:  # its columns are all updated here
+                    scale_rows[(start + i) // width] = scales(block[i : i + width].T, grid)
+                group_scale = scale_rows[group_of[start + i] // width]
                 target_value = rounded(block[i], group_scale, grid).mul_(group_scale).mul_(keep[start + i])  # M_j quant(w_j)
                 torch.div(block[i] - target_value, diagonal[i], out=errors[i])
                 block[i] = target_value
@@ -180,7 +204,7 @@ def sweep(work: Tensor, hinv: Tensor, target: Target, blocksize: int, mask_block
             block[i + 1 : inner_end].addr_(hinv_block[i, i + 1 : inner_end], errors[i], alpha=-1.0)
         squared_errors += errors.pow(2).sum(0)
         work[end:] -= hinv[start:end, end:].T @ errors  # the lazy update of the columns after the block
-    return keep, squared_errors, group_scales
+    return keep, squared_errors, scale_rows
 
 
 def check_grid(grid: QuantGrid | None, blocksize: int, inner: int) -> None:

@@ -24,7 +24,7 @@ from prune.distributed import Ranks, RanksLost, join_process_group
 from prune.models import EMBEDDED_MODELS, SMOLLM2, ModelError
 from prune.output import OutputError
 from prune.pipeline import STAGE_SETTINGS, Pipeline, PruneSettings
-from prune.settings import has_cli_default, key_of, option_fields
+from prune.settings import has_cli_default, key_of, negated, option_fields
 from prune.stages.oneshot import method_flag
 from prune.weights import StreamingError
 
@@ -38,8 +38,9 @@ def settings_option(field: dataclasses.Field) -> click.Option:
     """The command-line option of a settings field: its flag, type, choices, default and help."""
     meta = field.metadata
     default = meta["cli_default"] if has_cli_default(field) else None if meta["switch"] else field.default
-    if isinstance(field.default, bool) and meta["type"] is None:
-        return click.Option([meta["flag"], key_of(field)], is_flag=True, default=default, help=meta["help"])
+    if isinstance(field.default, bool) and meta["type"] is None:  # a switch; one that is on by default also has its --no- form
+        names = f"{meta['flag']}/{negated(meta['flag'])}" if field.default else meta["flag"]
+        return click.Option([names, key_of(field)], is_flag=True, default=default, help=meta["help"])
     if meta["multiple"]:
         return click.Option([meta["flag"], key_of(field)], type=meta["type"] or str, multiple=True, metavar=meta["metavar"], help=meta["help"])
     kind = click.Choice(meta["choices"]) if meta["choices"] is not None else (meta["type"] or type(field.default))

@@ -31,7 +31,8 @@ def weight_args(grid: QuantGrid):
     from compressed_tensors.quantization import QuantizationArgs
 
     strategy = {"strategy": "group", "group_size": grid.group_size} if grid.group_size else {"strategy": "channel"}
-    return QuantizationArgs(num_bits=grid.bits, type="int", symmetric=True, **strategy)
+    # act-order with static groups is compressed-tensors' actorder "weight": the same layout, no permutation index
+    return QuantizationArgs(num_bits=grid.bits, type="int", symmetric=True, actorder="weight" if grid.act_order else None, **strategy)
 
 
 def compress_layer(weight: Tensor, scale: Tensor, grid: QuantGrid) -> dict[str, Tensor]:

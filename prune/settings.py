@@ -52,6 +52,11 @@ def switch_field(settings_class: type) -> dataclasses.Field | None:
     return next((field for field in option_fields(settings_class) if field.metadata["switch"]), None)
 
 
+def negated(flag: str) -> str:
+    """The flag that turns off a switch that is on by default: --act-order -> --no-act-order."""
+    return flag[:2] + "no-" + flag[2:]
+
+
 def has_cli_default(field: dataclasses.Field) -> bool:
     return field.metadata["cli_default"] is not _NO_CLI_DEFAULT
 

@@ -33,7 +33,7 @@ def folders(tmp_path_factory, tokenizer) -> dict[str, Path]:
 @pytest.mark.parametrize("architecture, options", [
     ("llama", ("--method", "sparsegpt", "--sparsity", "0.5", "--quantize", "int4", "--group-size", "32")),
     ("opt", ("--method", "sparsegpt", "--pattern", "2:4", "--quantize", "int8", "--group-size", "0")),
-    ("llama", ("--method", "wanda", "--sparsity", "0.5", "--quantize", "int4", "--group-size", "64")),
+    ("llama", ("--method", "wanda", "--sparsity", "0.5", "--quantize", "int4", "--group-size", "64", "--act-order")),
     ("llama", ("--method", "magnitude", "--sparsity", "0", "--quantize", "int4", "--group-size", "32")),
 ])
 def test_the_compressed_output_loads_back_bit_for_bit_as_the_dense_save(folders, text_file, tmp_path, capsys, architecture, options) -> None:
@@ -49,6 +49,8 @@ def test_the_compressed_output_loads_back_bit_for_bit_as_the_dense_save(folders,
     assert not any(name.endswith("weight_scale") for name in stored(tmp_path / "dense"))
     config = json.loads((tmp_path / "compressed" / "config.json").read_text())["quantization_config"]
     assert config["format"] == "pack-quantized" and config["quant_method"] == "compressed-tensors"
+    weights = [group["weights"] for group in config["config_groups"].values()]
+    assert all(args.get("actorder") == ("weight" if "--act-order" in options else None) for args in weights)  # static groups: no g_idx
     dense, compressed = (AutoModelForCausalLM.from_pretrained(tmp_path / name) for name in ("dense", "compressed"))
     ids = torch.arange(12).unsqueeze(0)
     with torch.no_grad():
@@ -69,6 +71,7 @@ def test_the_compressed_output_loads_back_bit_for_bit_as_the_dense_save(folders,
     (("--sparsity", "0.5", "--quantize", "int4", "--group-size", "48"), "not a multiple of the group size 48"),
     (("--sparsity", "0.5", "--quantize", "int4", "--recover", "adamw"), "--recover trains them afterwards"),
     (("--sparsity", "0.5", "--group-size", "64"), "--group-size applies to --quantize"),
+    (("--sparsity", "0.5", "--act-order"), "--act-order applies to --quantize"),
     (("--method", "obert", "--sparsity", "0.5", "--quantize", "int4"), "needs the layer Hessian"),
 ])
 def test_a_quantization_the_run_cannot_hold_is_refused_before_any_forward(folders, text_file, tmp_path, capsys, options, message) -> None:

@@ -35,7 +35,7 @@ from prune.models import (
 )
 from prune.report import LayerReport
 from prune.run import LayerPlan, Run, Stage
-from prune.settings import about, check_fields, option
+from prune.settings import about, check_fields, flag_of, negated, option
 
 PROPAGATE_CHOICES = ("pruned", "dense")
 ORDERS = ("one-pass", "two-pass")
@@ -155,6 +155,9 @@ class OneShotSettings:
                                   "methods; with --sparsity 0, plain GPTQ.", choices=tuple(QUANTIZE_CHOICES))
     group_size: int = option(DEFAULT_GROUP_SIZE, "--group-size", "Inputs sharing one scale per output row with --quantize (0: one scale "
                              "per output channel).", minimum=0)
+    act_order: bool = option(False, "--act-order", "With --quantize, round the columns in decreasing order of the layer Hessian's "
+                             "diagonal (GPTQ's activation order), each group's scale fixed beforehand from its own columns (static "
+                             "groups: the checkpoint needs no permutation); N:M groups move whole.")
 
     def __post_init__(self) -> None:
         self.targets, self.ignore, self.sparsity_override = map(as_tuple, (self.targets, self.ignore, self.sparsity_override))
@@ -175,13 +178,16 @@ class OneShotSettings:
         if self.quantize is None:
             return None
         with about("--quantize", "--group-size"):
-            return QuantGrid(QUANTIZE_CHOICES[self.quantize], self.group_size or None, scale_dtype)
+            return QuantGrid(QUANTIZE_CHOICES[self.quantize], self.group_size or None, scale_dtype, self.act_order)
 
     def check(self) -> Target:
         """Check every one-shot option; return the target."""
         check_fields(self)
         if self.quantize is None and self.group_size != DEFAULT_GROUP_SIZE:
             raise PruningError("--group-size applies to --quantize")
+        if self.quantize is None and self.act_order != OneShotSettings.act_order:
+            given = flag_of(self, "act_order")
+            raise PruningError(f"{given if self.act_order else negated(given)} applies to --quantize")
         if self.quantize is not None and get_method(self.method).gradients is not None:
             calibrated = ", ".join(name for name, method in METHODS.items() if method.gradients is None)
             raise PruningError(f"--quantize needs the layer Hessian: --method {self.method} prunes from task-loss gradients; use a "
@@ -290,7 +296,7 @@ class OneShot(Stage):
                     raise PruningError(f"--save-format compressed packs nn.Linear layers; {transposed} is a {type(run.model.get_submodule(transposed)).__name__} "
                                        "(GPT-2's transposed layer), which compressed-tensors does not load: use --save-format dense")
             report.quantization = {"bits": self.grid.bits, "group_size": self.grid.group_size, "symmetric": True,
-                                   "in_sweep": self.method.quantizes}
+                                   "in_sweep": self.method.quantizes, "act_order": self.grid.act_order}
         report.method = self.method.name
         report.target = {"sparsity": target.sparsity, "pattern": target.pattern}
         report.model["blocks"] = f"{blocks_name} ({len(blocks)})"
