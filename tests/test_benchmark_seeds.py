@@ -1,4 +1,4 @@
-"""The seed options of the recovery and MaskPro benchmarks: the spread they print, and bad seeds refused before any model loads."""
+"""The seed options of the benchmarks (recovery, MaskPro, methods, quantization): the spread they print, and bad options refused before any model loads."""
 
 from __future__ import annotations
 
@@ -46,3 +46,23 @@ def test_bad_seeds_are_one_line_before_the_model_loads(script, monkeypatch, tmp_
     wikitext.write_text("text\n", encoding="utf-8")
     result = CliRunner().invoke(module.main, ["--wikitext", str(wikitext), "--seeds", "0,one"])
     assert result.exit_code == 2 and result.output.strip() == "error: --seeds takes comma-separated integers, got '0,one'"
+
+
+def test_the_quantization_table_has_one_line_per_configuration_with_the_seeds_spread() -> None:
+    table = load_script(BENCHMARKS / "smollm2_quantize.py").table
+    storage = {"output_bytes": 200 * 2**20, "quantized_bits_per_weight": None}
+    packed = {"output_bytes": 50 * 2**20, "quantized_bits_per_weight": 4.25}
+    rows = [{"configuration": "dense", "seed": 0, "perplexity": 30.0, "storage": storage, "prune_seconds": 1.0, "peak_memory_mb": 1000.0}] + [
+        {"configuration": "int4 (GPTQ)", "seed": seed, "perplexity": value, "storage": packed, "prune_seconds": 10.0 + seed, "peak_memory_mb": 1100.0}
+        for seed, value in enumerate((40.0, 42.0, 44.0))]
+    lines = table(rows).splitlines()
+    assert lines[2] == "| dense | 30.00 | 200.0 | 1.000x | dense | 1.0 | 1000 |"
+    assert lines[3] == "| int4 (GPTQ) | 42.00 ± 2.00 | 50.0 | 0.250x | 4.250 | 11.0 | 1100 |"
+
+
+@pytest.mark.parametrize(("options", "message"), [(["--seeds", "0,one"], "comma-separated integers"), (["--only", "int5"], "unknown configuration")])
+def test_the_quantization_benchmark_refuses_bad_options_before_any_run(options, message, monkeypatch) -> None:
+    module = load_script(BENCHMARKS / "smollm2_quantize.py")
+    monkeypatch.setattr(module, "prune", lambda *args, **kwargs: pytest.fail("a run started"))
+    result = CliRunner().invoke(module.main, options)
+    assert result.exit_code == 2 and message in result.output
