@@ -12,6 +12,8 @@ from methods.base import PruningError
 
 BITS = (4, 8)  # the integer widths compressed-tensors' packed format and the serving kernels take
 DEFAULT_GROUP_SIZE = 128
+SHRINKS = 80  # scale search: candidates s · (1 − i/100) for i < 80, as GPTQ's reference quantizer (grid 100, maxshrink 0.8)
+ERROR_NORM = 2.4  # the search's error Σ |q·s − w|^2.4 (that quantizer's norm)
 
 
 @dataclass(frozen=True)
@@ -19,12 +21,15 @@ class QuantGrid:
     """Signed `bits`-bit integers times a scale per output row and group of `group_size` inputs (None: one scale per
     row); scales stored in `scale_dtype` (the model's), as the loader reads them back. With `act_order` the sweep
     rounds the columns in decreasing order of diag H (GPTQ's activation order) and each group's scales are fixed
-    before it from the group's original columns ("static groups"), so the saved layout needs no permutation."""
+    before it from the group's original columns ("static groups"), so the saved layout needs no permutation. With
+    `search_scales` each group's scale is the one of `SHRINKS` shrunk candidates that rounds the group with the least
+    error instead of max|w|'s."""
 
     bits: int
     group_size: int | None = DEFAULT_GROUP_SIZE
     scale_dtype: torch.dtype = torch.float32
     act_order: bool = False
+    search_scales: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in BITS:
@@ -41,7 +46,8 @@ class QuantGrid:
         return 2 ** (self.bits - 1) - 1
 
     def describe(self) -> str:
-        return f"int{self.bits} " + (f"g{self.group_size}" if self.group_size else "per channel") + (", activation order" if self.act_order else "")
+        return (f"int{self.bits} " + (f"g{self.group_size}" if self.group_size else "per channel") + (", activation order" if self.act_order else "")
+                + (", searched scales" if self.search_scales else ""))
 
     def check_layer(self, name: str, in_features: int) -> None:
         """Raise if a layer with `in_features` inputs cannot be split into whole groups."""
@@ -63,10 +69,28 @@ class QuantGrid:
 def scales(weights: Tensor, grid: QuantGrid) -> Tensor:
     """One scale per row of `weights` (rows, inputs of a group): s = max|w| / ((highest − lowest) / 2), so that the
     largest magnitude maps to the grid's end (GPTQ's symmetric rule); an all-zero row gets the scale of max|w| = 1.
-    Rounded to the dtype the scales are stored in, so that the rounding below uses the scale the loader reads."""
+    With `grid.search_scales`, the candidate s · (1 − i/100), i < SHRINKS, of least Σ |q·s − w|^2.4 (clipping the
+    largest weights for a finer grid for the rest). Rounded to the dtype the scales are stored in, so that the
+    rounding below uses the scale the loader reads."""
     largest = weights.abs().amax(dim=-1)
     largest = torch.where(largest > 0, largest, torch.ones_like(largest))
-    return (largest / ((grid.highest - grid.lowest) / 2)).to(grid.scale_dtype).to(weights.dtype)
+    full = largest / ((grid.highest - grid.lowest) / 2)
+    best = full.to(grid.scale_dtype).to(weights.dtype)
+    if not grid.search_scales:
+        return best
+    best_error = rounding_error(weights, best, grid)
+    for step in range(1, SHRINKS):
+        candidate = (full * (1 - step / 100)).to(grid.scale_dtype).to(weights.dtype)
+        error = rounding_error(weights, candidate, grid)
+        better = error < best_error
+        best, best_error = torch.where(better, candidate, best), torch.where(better, error, best_error)
+    return best
+
+
+def rounding_error(weights: Tensor, scale: Tensor, grid: QuantGrid) -> Tensor:
+    """Σ over each row of |q·s − w|^ERROR_NORM for one scale per row."""
+    per_row = scale.unsqueeze(-1)
+    return (rounded(weights, per_row, grid) * per_row - weights).abs().pow(ERROR_NORM).sum(dim=-1)
 
 
 def group_scales(weight: Tensor, grid: QuantGrid) -> Tensor:

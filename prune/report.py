@@ -43,7 +43,7 @@ class Report:
     tasks: dict | None = None  # lm-eval: {"tasks", "limit", "path", "unavailable", "dense": {task: {"acc", "acc_norm", ...}}, "pruned": ...}
     refine: dict | None = None  # the MaskPro refinement: steps, residual curve, changed groups, held-out losses, time split
     recover: dict | None = None  # the recovery fine-tune: optimizer, steps, loss curve, seconds, perplexity before/after
-    quantization: dict | None = None  # --quantize: {"bits", "group_size", "symmetric", "in_sweep"}
+    quantization: dict | None = None  # --quantize: {"bits", "group_size", "symmetric", "in_sweep", "act_order", "search_scales"}
     storage: dict | None = None  # the output: {"format", "input_bytes", "output_bytes", "ratio", "quantized_bits_per_weight", "bits_per_weight"}
     peak_memory_mb: float = 0.0  # peak resident memory of the process
     peak_device_memory_mb: float | None = None  # peak CUDA memory allocated, when run on CUDA
@@ -137,7 +137,8 @@ class Report:
         if self.quantization:
             grid = self.quantization
             lines.append(f"quantized to int{grid['bits']} " + (f"g{grid['group_size']}" if grid["group_size"] else "per channel") + " (symmetric, "
-                         + ("in the pruning sweep)" if grid["in_sweep"] else "GPTQ after the mask)"))
+                         + ("in the pruning sweep" if grid["in_sweep"] else "GPTQ after the mask")
+                         + (", activation order" if grid.get("act_order") else "") + (", searched scales" if grid.get("search_scales") else "") + ")")
         if self.storage:
             stored = self.storage
             against = f", {stored['ratio']:.3f}x the input's {stored['input_bytes'] / 2**20:.1f} MB" if stored.get("ratio") else ""

@@ -34,7 +34,7 @@ def folders(tmp_path_factory, tokenizer) -> dict[str, Path]:
     ("llama", ("--method", "sparsegpt", "--sparsity", "0.5", "--quantize", "int4", "--group-size", "32")),
     ("opt", ("--method", "sparsegpt", "--pattern", "2:4", "--quantize", "int8", "--group-size", "0")),
     ("llama", ("--method", "wanda", "--sparsity", "0.5", "--quantize", "int4", "--group-size", "64", "--act-order")),
-    ("llama", ("--method", "magnitude", "--sparsity", "0", "--quantize", "int4", "--group-size", "32")),
+    ("llama", ("--method", "magnitude", "--sparsity", "0", "--quantize", "int4", "--group-size", "32", "--search-scales")),
 ])
 def test_the_compressed_output_loads_back_bit_for_bit_as_the_dense_save(folders, text_file, tmp_path, capsys, architecture, options) -> None:
     folder = folders[architecture]
@@ -72,6 +72,7 @@ def test_the_compressed_output_loads_back_bit_for_bit_as_the_dense_save(folders,
     (("--sparsity", "0.5", "--quantize", "int4", "--recover", "adamw"), "--recover trains them afterwards"),
     (("--sparsity", "0.5", "--group-size", "64"), "--group-size applies to --quantize"),
     (("--sparsity", "0.5", "--act-order"), "--act-order applies to --quantize"),
+    (("--sparsity", "0.5", "--search-scales"), "--search-scales applies to --quantize"),
     (("--method", "obert", "--sparsity", "0.5", "--quantize", "int4"), "needs the layer Hessian"),
 ])
 def test_a_quantization_the_run_cannot_hold_is_refused_before_any_forward(folders, text_file, tmp_path, capsys, options, message) -> None:

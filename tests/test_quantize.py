@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from methods import PruningError, Target, sparsegpt, wanda
-from methods.quantize import QuantGrid, on_grid
+from methods.quantize import QuantGrid, on_grid, rounding_error, scales
 
 PERCDAMP = 0.01
 
@@ -204,6 +204,37 @@ def test_activation_order_moves_whole_n_m_groups() -> None:
     assert sparsegpt.activation_order(hessian, Target(0.5)).tolist() == [4, 1, 3, 2, 0, 5, 6, 7]
     assert sparsegpt.activation_order(hessian, Target.from_options(pattern="2:4")).tolist() == [0, 1, 2, 3, 4, 5, 6, 7]  # 11 > 10.5
     assert sparsegpt.activation_order(hessian, Target.from_options(pattern="1:2")).tolist() == [4, 5, 0, 1, 2, 3, 6, 7]
+
+
+def searched_row_scale(row: torch.Tensor, bits: int) -> torch.Tensor:
+    """GPTQ's reference quantizer's search (grid 100, maxshrink 0.8, norm 2.4), by brute force in float64: of the scales
+    (1 − i/100) · 2 max|w| / (2^b − 1), i = 0 … 79, the one whose rounding has the least Σ |q − w|^2.4 (the first on a tie)."""
+    row = row.double()
+    full = 2 * row.abs().max() / (2**bits - 1)
+    errors = [(quantize_column(row, full * (1 - i / 100), bits) - row).abs().pow(2.4).sum().item() for i in range(80)]
+    return full * (1 - errors.index(min(errors)) / 100)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_searched_scales_are_the_brute_force_minimum_and_beat_max_scales(bits: int) -> None:
+    weight = torch.randn(16, 32, generator=torch.Generator().manual_seed(5)) ** 3  # heavy tails: clipping pays
+    grid = QuantGrid(bits, None, search_scales=True)
+    searched = scales(weight, grid)
+    expected = torch.stack([searched_row_scale(row, bits) for row in weight])
+    torch.testing.assert_close(searched.double(), expected, rtol=1e-5, atol=0)
+    plain = scales(weight, QuantGrid(bits, None))
+    assert torch.all(rounding_error(weight, searched, grid) <= rounding_error(weight, plain, grid))
+    if bits == 4:  # 15 levels: clipping the tail pays on some rows; 255 levels (int8) need no clipping here
+        assert (searched < plain).any() and rounding_error(weight, searched, grid).sum() < rounding_error(weight, plain, grid).sum()
+
+
+def test_the_sweep_uses_the_searched_scales() -> None:
+    weight, _, hessian = outlier_problem(8, 64, 200, seed=6)
+    grid = QuantGrid(4, 16, act_order=True, search_scales=True)  # static groups: the scales of the original columns
+    result = sparsegpt.quantize_kept([weight], [torch.ones_like(weight, dtype=torch.bool)], hessian, grid, blocksize=32)[0]
+    expected = torch.stack([scales(weight[:, g * 16 : (g + 1) * 16], grid) for g in range(4)], dim=1)
+    assert torch.equal(result.scale, expected)
+    assert not torch.equal(result.scale, torch.stack([scales(weight[:, g * 16 : (g + 1) * 16], QuantGrid(4, 16)) for g in range(4)], dim=1))
 
 
 def test_a_grid_the_layer_or_the_sweep_cannot_hold_is_refused() -> None:

@@ -158,6 +158,8 @@ class OneShotSettings:
     act_order: bool = option(False, "--act-order", "With --quantize, round the columns in decreasing order of the layer Hessian's "
                              "diagonal (GPTQ's activation order), each group's scale fixed beforehand from its own columns (static "
                              "groups: the checkpoint needs no permutation); N:M groups move whole.")
+    search_scales: bool = option(False, "--search-scales", "With --quantize, give each group the scale (of 80 candidates from max|w| down "
+                                 "to 0.21 max|w|, as GPTQ's reference quantizer) that rounds it with the least error, instead of max|w|'s.")
 
     def __post_init__(self) -> None:
         self.targets, self.ignore, self.sparsity_override = map(as_tuple, (self.targets, self.ignore, self.sparsity_override))
@@ -178,16 +180,16 @@ class OneShotSettings:
         if self.quantize is None:
             return None
         with about("--quantize", "--group-size"):
-            return QuantGrid(QUANTIZE_CHOICES[self.quantize], self.group_size or None, scale_dtype, self.act_order)
+            return QuantGrid(QUANTIZE_CHOICES[self.quantize], self.group_size or None, scale_dtype, self.act_order, self.search_scales)
 
     def check(self) -> Target:
         """Check every one-shot option; return the target."""
         check_fields(self)
-        if self.quantize is None and self.group_size != DEFAULT_GROUP_SIZE:
-            raise PruningError("--group-size applies to --quantize")
-        if self.quantize is None and self.act_order != OneShotSettings.act_order:
-            given = flag_of(self, "act_order")
-            raise PruningError(f"{given if self.act_order else negated(given)} applies to --quantize")
+        for name in ("group_size", "act_order", "search_scales") if self.quantize is None else ():
+            value, default = getattr(self, name), getattr(OneShotSettings, name)
+            if value != default:
+                given = negated(flag_of(self, name)) if value is False else flag_of(self, name)
+                raise PruningError(f"{given} applies to --quantize")
         if self.quantize is not None and get_method(self.method).gradients is not None:
             calibrated = ", ".join(name for name, method in METHODS.items() if method.gradients is None)
             raise PruningError(f"--quantize needs the layer Hessian: --method {self.method} prunes from task-loss gradients; use a "
@@ -296,7 +298,7 @@ class OneShot(Stage):
                     raise PruningError(f"--save-format compressed packs nn.Linear layers; {transposed} is a {type(run.model.get_submodule(transposed)).__name__} "
                                        "(GPT-2's transposed layer), which compressed-tensors does not load: use --save-format dense")
             report.quantization = {"bits": self.grid.bits, "group_size": self.grid.group_size, "symmetric": True,
-                                   "in_sweep": self.method.quantizes, "act_order": self.grid.act_order}
+                                   "in_sweep": self.method.quantizes, "act_order": self.grid.act_order, "search_scales": self.grid.search_scales}
         report.method = self.method.name
         report.target = {"sparsity": target.sparsity, "pattern": target.pattern}
         report.model["blocks"] = f"{blocks_name} ({len(blocks)})"
