@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,8 @@ from prune.training import FinetuneSettings, fresh_copy, load_or_finetune
 RESUME_KEYS = ("model", "classifier", "test_sentences", "nsamples", "owl", "training", "seed")  # what must match for runs to be kept
 # --quick: every method once, at 50 %, uniform, on small sizes; exact OBS on block 0 only (on all six blocks one run takes
 # ~140 s here); within 3 minutes on 2 CPU cores, fine-tuning included.
+COMMITTED_RESULTS = Path(__file__).resolve().parent / "results" / "conll_bert"
+NOT_MEASURED = {"output", "device", "cache_dir", "resume"}  # options that leave the figures as the full study's
 QUICK = {"sparsities": "0.5", "allocations": "uniform", "nsamples": 32, "sample_sizes": "16,32", "sample_methods": "sparsegpt",
          "sample_sparsities": "0.5", "test_limit": 200, "train_limit": 1000, "epochs": 1, "obert_grads": 32, "gradual_epochs": 2,
          "train_steps": 10, "obs_blocks": "0"}
@@ -160,6 +163,15 @@ def write_results(output: Path, study: Study, table: str | None) -> None:
         replace_file(output / "table.md", lambda path: path.write_text(table, encoding="utf-8"))
 
 
+def default_output(context: click.Context) -> Path:
+    """Where a run writes when --output is not given: the committed results for the full study only; a quick or
+    reduced run (any option that changes what is measured) gets a new temporary folder, so the tables stay as
+    committed."""
+    changed = [name for name in context.params if name not in NOT_MEASURED
+               and context.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+    return COMMITTED_RESULTS if not changed else Path(tempfile.mkdtemp(prefix="conll_bert-"))
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100})
 @click.option("--data", default=None, help="A folder of CoNLL files (train/dev/test), 'hub' for the hub dataset. Default: ../shared/data/conll2003.")
 @click.option("--model", default=MINILM, help="The encoder to fine-tune (an embedded name, a local folder or a hub name).")
@@ -197,11 +209,13 @@ def write_results(output: Path, study: Study, table: str | None) -> None:
               "batches: every run is repeated with each, and the table shows F1 mean ± standard deviation. Default: --seed.")
 @click.option("--device", default="auto", help="auto, cpu or cuda.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Where fine-tuned models are kept (default: ~/.cache/obs-prune).")
-@click.option("--output", type=click.Path(path_type=Path), default=Path("benchmarks/results/conll_bert"), help="Folder of table.md, results.json, sample_size.png.")
+@click.option("--output", type=click.Path(path_type=Path), default=None, help="Folder of table.md, results.json, sample_size.png. Default: "
+              "benchmarks/results/conll_bert for the full study (every option at its default), a new temporary folder for any other run.")
 def main(data, model, methods, sparsities, allocations, nsamples, sample_sizes, sample_methods, sample_sparsities, owl_rule, owl_m,
          owl_lambda, calibration_batch, test_limit, epochs, lr, train_limit, finetune_only, resume, obert_grads, obert_block, gradual_epochs,
          train_steps, train_lr, movement_lr, train_batch, soft_penalties, obs_blocks, quick, seed, calibration_seeds, device, cache_dir, output) -> None:
     """Fine-tune a token classifier on CoNLL-2003, prune it with every method, and compare test F1 and time."""
+    output = output or default_output(click.get_current_context())
     if quick:
         sparsities, allocations, nsamples, sample_sizes = QUICK["sparsities"], QUICK["allocations"], QUICK["nsamples"], QUICK["sample_sizes"]
         sample_methods, sample_sparsities = QUICK["sample_methods"], QUICK["sample_sparsities"]

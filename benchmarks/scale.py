@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -191,7 +192,11 @@ def main(depths: str, hidden: int, intermediate: int, heads: int, seven_b: bool,
     if len(rows) >= 2:
         ratio = rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]
         click.echo(f"peak RSS at depth {rows[-1]['depth']} / depth {rows[0]['depth']}: {ratio:.3f} (target <= 1.15)")
-        (RESULTS / "depths.json").write_text(json.dumps({"rows": rows, "peak_ratio": ratio}, indent=2))
+        context = click.get_current_context()
+        reduced = any(context.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT for name in ("depths", "hidden", "intermediate", "heads"))
+        folder = Path(tempfile.mkdtemp(prefix="scale-")) if reduced else RESULTS  # the committed table is the default shapes' only
+        (folder / "depths.json").write_text(json.dumps({"rows": rows, "peak_ratio": ratio}, indent=2))
+        click.echo(f"written to {folder / 'depths.json'}")
     if smollm2:
         (RESULTS / "smollm2_bfloat16.json").write_text(json.dumps(smollm2_in_bfloat16(work), indent=2))
     if quantized_depth:

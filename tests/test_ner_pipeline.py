@@ -133,6 +133,21 @@ def load_benchmark():
     return load_script(BENCHMARK)
 
 
+@pytest.mark.parametrize(("arguments", "committed"), [([], True), (["--device", "cpu", "--resume"], True), (["--quick"], False),
+                                                     (["--sparsities", "0.5"], False), (["--test-limit", "100"], False)])
+def test_only_the_full_study_writes_to_the_committed_results(monkeypatch, arguments, committed) -> None:
+    """A quick or reduced run goes to a temporary folder unless --output names one, so the committed tables stay."""
+    module = load_benchmark()
+    outputs = []
+    monkeypatch.setattr(module, "run_study", lambda *args: outputs.append(args[-2]))
+    result = CliRunner().invoke(module.main, arguments)
+    assert result.exit_code == 0, result.output
+    assert (outputs[0] == module.COMMITTED_RESULTS) == committed
+    if not committed:
+        assert outputs[0].is_dir() and not any(outputs[0].iterdir())
+        outputs[0].rmdir()
+
+
 def test_benchmark_quick_mode_writes_the_table_json_and_figure(model_folders, splits, tmp_path) -> None:
     data = write_conll(tmp_path / "data", splits)
     assert {split: len(sentences) for split, sentences in read_conll_folder(data).items()} == {"train": 240, "dev": 60, "test": 60}
