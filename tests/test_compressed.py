@@ -33,7 +33,7 @@ def folders(tmp_path_factory, tokenizer) -> dict[str, Path]:
 @pytest.mark.parametrize("architecture, options", [
     ("llama", ("--method", "sparsegpt", "--sparsity", "0.5", "--quantize", "int4", "--group-size", "32")),
     ("opt", ("--method", "sparsegpt", "--pattern", "2:4", "--quantize", "int8", "--group-size", "0")),
-    ("llama", ("--method", "wanda", "--sparsity", "0.5", "--quantize", "int4", "--group-size", "64", "--act-order")),
+    ("llama", ("--method", "wanda", "--sparsity", "0.5", "--quantize", "int4", "--group-size", "64", "--no-act-order")),
     ("llama", ("--method", "magnitude", "--sparsity", "0", "--quantize", "int4", "--group-size", "32", "--search-scales")),
 ])
 def test_the_compressed_output_loads_back_bit_for_bit_as_the_dense_save(folders, text_file, tmp_path, capsys, architecture, options) -> None:
@@ -50,7 +50,7 @@ def test_the_compressed_output_loads_back_bit_for_bit_as_the_dense_save(folders,
     config = json.loads((tmp_path / "compressed" / "config.json").read_text())["quantization_config"]
     assert config["format"] == "pack-quantized" and config["quant_method"] == "compressed-tensors"
     weights = [group["weights"] for group in config["config_groups"].values()]
-    assert all(args.get("actorder") == ("weight" if "--act-order" in options else None) for args in weights)  # static groups: no g_idx
+    assert all(args.get("actorder") == (None if "--no-act-order" in options else "weight") for args in weights)  # static groups: no g_idx
     dense, compressed = (AutoModelForCausalLM.from_pretrained(tmp_path / name) for name in ("dense", "compressed"))
     ids = torch.arange(12).unsqueeze(0)
     with torch.no_grad():
@@ -71,7 +71,7 @@ def test_the_compressed_output_loads_back_bit_for_bit_as_the_dense_save(folders,
     (("--sparsity", "0.5", "--quantize", "int4", "--group-size", "48"), "not a multiple of the group size 48"),
     (("--sparsity", "0.5", "--quantize", "int4", "--recover", "adamw"), "--recover trains them afterwards"),
     (("--sparsity", "0.5", "--group-size", "64"), "--group-size applies to --quantize"),
-    (("--sparsity", "0.5", "--act-order"), "--act-order applies to --quantize"),
+    (("--sparsity", "0.5", "--no-act-order"), "--no-act-order applies to --quantize"),
     (("--sparsity", "0.5", "--search-scales"), "--search-scales applies to --quantize"),
     (("--method", "obert", "--sparsity", "0.5", "--quantize", "int4"), "needs the layer Hessian"),
 ])

@@ -21,6 +21,8 @@ from prune import prune_model
 from prune.models import all_prunable_layers, layer_weight
 from tests.conftest import TASK
 
+pytestmark = pytest.mark.slow  # make test-fast leaves it out; make test (CI) runs it
+
 SIZES = {"nsamples": 16, "seqlen": 32, "batch_size": 4, "progress": False}
 RUNS = [
     ("llama", {"method": "sparsegpt", "sparsity": 0.5}),

@@ -8,6 +8,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+pytestmark = pytest.mark.slow  # make test-fast leaves it out; make test (CI) runs it
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "benchmarks" / "prune_smollm2.ipynb"
 

@@ -141,7 +141,7 @@ def test_static_groups_take_each_scale_from_the_original_columns_and_act_order_h
     width = group_size or 128
     expected = torch.stack([row_scales(weight[:, g * width : (g + 1) * width], 4) for g in range(128 // width)], dim=1)
     torch.testing.assert_close(ordered.scale, expected, rtol=1e-6, atol=0)
-    plain = sparsegpt.quantize_kept([weight], ones, hessian, QuantGrid(4, group_size), blocksize=64)[0]
+    plain = sparsegpt.quantize_kept([weight], ones, hessian, QuantGrid(4, group_size, act_order=False), blocksize=64)[0]
     assert output_error(weight, ordered.weight, inputs) < 0.9 * output_error(weight, plain.weight, inputs)
 
 
@@ -241,7 +241,9 @@ def test_a_grid_the_layer_or_the_sweep_cannot_hold_is_refused() -> None:
     weight, _, hessian = problem(4, 96, 100)
     with pytest.raises(PruningError, match="not a multiple of the group size 64"):
         sparsegpt.prune(weight, hessian, Target(0.5), grid=QuantGrid(4, 64))
-    with pytest.raises(PruningError, match="must divide the sweep's blocksize"):
-        sparsegpt.prune(weight, hessian, Target(0.5), blocksize=32, mask_blocksize=32, grid=QuantGrid(4, 96))
+    with pytest.raises(PruningError, match="must divide the sweep's blocksize"):  # a group's scale is taken at its first column
+        sparsegpt.prune(weight, hessian, Target(0.5), blocksize=32, mask_blocksize=32, grid=QuantGrid(4, 96, act_order=False))
+    static = sparsegpt.prune(weight, hessian, Target(0.5), blocksize=32, mask_blocksize=32, grid=QuantGrid(4, 96))  # scales fixed first
+    assert static.scale.shape == (4, 1)
     with pytest.raises(PruningError, match="3-bit weights are not supported"):
         QuantGrid(3)

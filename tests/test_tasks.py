@@ -11,6 +11,8 @@ import pytest
 from prune import prune_model
 from tests.conftest import FAST, TASK, assert_one_line_error, run, write_task
 
+pytestmark = pytest.mark.slow  # make test-fast leaves it out; make test (CI) runs it
+
 
 def test_task_figures_before_and_after_equal_lm_evals_own_run_on_the_saved_model(lm_folders, text_file, task_folder, tmp_path, capsys) -> None:
     import lm_eval

@@ -20,7 +20,7 @@ from eval.sparsity import nm_valid, zero_fraction
 from methods import DEFAULT_METHOD, METHODS, Method, PruningError, Target, get_method
 from methods.base import HESSIAN, masks_lowest_across
 from methods.gptq import prune_and_quantize
-from methods.quantize import DEFAULT_GROUP_SIZE, QuantGrid
+from methods.quantize import DEFAULT_ACT_ORDER, DEFAULT_GROUP_SIZE, DEFAULT_SEARCH_SCALES, QuantGrid
 from methods.schedules import cubic_sparsity
 from prune.compressed import keep_scales
 from prune.devices import available_memory, on_device, synchronize, timed
@@ -155,10 +155,10 @@ class OneShotSettings:
                                   "methods; with --sparsity 0, plain GPTQ.", choices=tuple(QUANTIZE_CHOICES))
     group_size: int = option(DEFAULT_GROUP_SIZE, "--group-size", "Inputs sharing one scale per output row with --quantize (0: one scale "
                              "per output channel).", minimum=0)
-    act_order: bool = option(False, "--act-order", "With --quantize, round the columns in decreasing order of the layer Hessian's "
+    act_order: bool = option(DEFAULT_ACT_ORDER, "--act-order", "With --quantize, round the columns in decreasing order of the layer Hessian's "
                              "diagonal (GPTQ's activation order), each group's scale fixed beforehand from its own columns (static "
                              "groups: the checkpoint needs no permutation); N:M groups move whole.")
-    search_scales: bool = option(False, "--search-scales", "With --quantize, give each group the scale (of 80 candidates from max|w| down "
+    search_scales: bool = option(DEFAULT_SEARCH_SCALES, "--search-scales", "With --quantize, give each group the scale (of 80 candidates from max|w| down "
                                  "to 0.21 max|w|, as GPTQ's reference quantizer) that rounds it with the least error, instead of max|w|'s.")
 
     def __post_init__(self) -> None:
