@@ -12,7 +12,7 @@ LOCK_VENV := .venv-lock
 # so that it finishes in a few minutes on 2 CPU cores.
 DEMO_ARGS ?= --method sparsegpt --sparsity 0.5 --nsamples 32 --seqlen 256 --eval-windows 32
 
-.PHONY: venv demo test lint clean gpu-check gpu-bundle lock
+.PHONY: venv demo test test-fast lint clean gpu-check gpu-bundle lock
 
 $(STAMP): setup.cfg pyproject.toml Makefile $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# A developer's loop: everything but the tests marked slow (the real models, the notebook, several processes, lm-eval
+# tasks, the GPU bundle). CI runs `make test`.
+test-fast: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -m "not slow" -q
 
 # On a CUDA machine: the cuda tests, SmolLM2 on the GPU, 2:4 kernel speed (benchmarks/gpu_check.py). On a CPU it
 # says that the GPU checks did not run and exits 0.
