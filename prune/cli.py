@@ -31,7 +31,7 @@ from prune.weights import StreamingError
 USER_ERRORS = (PruningError, CorpusError, ModelError, OutputError, NerDataError)
 MODEL_HELP = "; ".join(f"{name}: {what}" for name, what in EMBEDDED_MODELS.items())
 # the command's own options, which are not settings of a stage
-COMMAND_OPTIONS = {"model", "no_eval", "cache_dir", "quiet", "rank_timeout"}
+COMMAND_OPTIONS = {"model", "no_eval", "cache_dir", "quiet", "verbose", "rank_timeout"}
 
 
 def settings_option(field: dataclasses.Field) -> click.Option:
@@ -77,6 +77,7 @@ def command_parameters() -> list[click.Parameter]:
         click.Option(["--cache-dir"], type=click.Path(path_type=Path), default=None,
                      help="Where converted embedded models are kept (default ~/.cache/obs-prune)."),
         click.Option(["--quiet"], is_flag=True, help="No progress bars."),
+        click.Option(["--verbose"], is_flag=True, help="Also print the per-layer table (always in report.json) before the summary."),
         click.Option(["--rank-timeout"], type=click.FloatRange(min=1), default=600.0, show_default=True,
                      help="Launched by torchrun: seconds a rank waits for the others before the run stops with an error (a rank that died)."),
     ]
@@ -195,10 +196,10 @@ def run_command(**options: Any) -> None:
     pipeline = Pipeline(settings_from(options, given))  # every setting is checked before the model is loaded
     loaded, seconds = pipeline.load(options["model"], cache_dir=options["cache_dir"])
     report = pipeline.run(loaded, load_seconds=seconds)
-    if ranks.writer:
-        click.echo(report.table())
+    if ranks.writer:  # the summary comes last, where the user looks
         if pipeline.settings.output is not None:
             click.echo(f"saved the pruned model, tokenizer and report.json to {pipeline.settings.output}")
+        click.echo(report.table() if options["verbose"] else report.summary())
     if ranks.several:
         torch.distributed.destroy_process_group()
 

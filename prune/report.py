@@ -82,6 +82,11 @@ class Report:
 
     def table(self) -> str:
         """A readable per-layer table with the summary under it."""
+        return f"{self.layer_table()}\n\n{self.summary()}"
+
+    def layer_table(self) -> str:
+        """One line per pruned layer: shape, sparsity, N:M validity, the method's loss, seconds and notes (and OWL's
+        per-block allocation)."""
         width = max([len(layer.name) for layer in self.layers] + [5])
         lines = [f"{'layer':<{width}}  {'shape':>11}  {'sparsity':>8}  {'N:M ok':>6}  {'loss':>10}  {'seconds':>7}"]
         for layer in self.layers:
@@ -90,11 +95,16 @@ class Report:
             shape = f"{layer.shape[0]}x{layer.shape[1]}"
             note = f"  ({'; '.join(layer.notes)})" if layer.notes else ""
             lines.append(f"{layer.name:<{width}}  {shape:>11}  {layer.sparsity:>8.2%}  {valid:>6}  {loss:>10}  {layer.seconds:>7.2f}{note}")
-        lines.append("")
         if self.allocation:
+            lines.append("")
             lines.append(f"OWL allocation ({self.allocation['rule']} rule, M = {self.allocation['owl_m']:g}): block, outlier ratio, sparsity")
             lines.extend(f"  {entry['block']:>3}  {entry['outlier_ratio']:.4f}  {entry['sparsity']:.4f}" for entry in self.allocation["blocks"])
-            lines.append("")
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        """What the run cost, in a few lines: sparsity reached, the evaluations before and after, quantization and sizes
+        on disk, time, peak memory."""
+        lines = []
         target = self.target["pattern"] or f"{self.target['sparsity']:.0%}"
         lines.append(f"method {self.method}, target {target}, sparsity reached {self.sparsity:.2%} over {len(self.layers)} layers")
         if self.perplexity:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,23 @@ def test_cli_prunes_each_architecture(model_folders, text_file, tmp_path, archit
     assert code == 0, err
     assert "sparsity reached 50.00%" in out
     assert (output / "report.json").is_file() and (output / "config.json").is_file() and (output / "tokenizer.json").is_file()
+
+
+def test_the_summary_is_the_last_thing_printed_and_the_layer_table_needs_verbose(model_folders, text_file, tmp_path, capsys) -> None:
+    common = ["--model", str(model_folders["llama"]), "--sparsity", "0.5", "--calibration", str(text_file), "--eval-data", str(text_file),
+              "--eval-windows", "2", *FAST]
+    code, out, err = run([*common, "--output", str(tmp_path / "short")], capsys)
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("saved the pruned model") and lines[1].startswith("method sparsegpt, target 50%")
+    assert lines[-1].startswith("peak memory") and len(lines) <= 8 and not any("self_attn" in line for line in lines)
+    layers = json.loads((tmp_path / "short" / "report.json").read_text())["layers"]
+    assert len(layers) == 14 and all(layer["sparsity"] == pytest.approx(0.5, abs=0.02) for layer in layers)  # the table is in the report
+    code, out, err = run([*common, "--verbose"], capsys)
+    assert code == 0, err
+    verbose = out.strip().splitlines()
+    assert verbose[0].split() == ["layer", "shape", "sparsity", "N:M", "ok", "loss", "seconds"] and sum("self_attn" in line for line in verbose) == 8
+    assert verbose[-1].startswith("peak memory")
 
 
 @pytest.fixture()

@@ -125,7 +125,7 @@ def test_owl_refuses_n_m_and_plots_the_allocation(model_folders, text_file, tmp_
     backend = matplotlib.get_backend()
     matplotlib.use("svg")  # a backend of the caller's (a notebook's inline one, say): writing the figure leaves it alone
     try:
-        main([*common, "--sparsity", "0.5", "--allocation", "owl", "--owl-rule", "proportional", "--output", str(tmp_path / "out")])
+        main([*common, "--sparsity", "0.5", "--allocation", "owl", "--owl-rule", "proportional", "--output", str(tmp_path / "out"), "--verbose"])
         assert matplotlib.get_backend() == "svg"
     finally:
         matplotlib.use(backend)
