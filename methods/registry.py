@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from methods import magnitude, obert, obs, ria, sparsegpt, wanda
+from methods import alps, magnitude, obert, obs, ria, sparsegpt, wanda
 from methods.base import Method, PruningError
 
-METHODS: dict[str, Method] = {module.METHOD.name: module.METHOD for module in (magnitude, wanda, ria, sparsegpt, obs, obert)}
+METHODS: dict[str, Method] = {module.METHOD.name: module.METHOD for module in (magnitude, wanda, ria, sparsegpt, alps, obs, obert)}
 DEFAULT_METHOD = sparsegpt.METHOD.name
 
 
