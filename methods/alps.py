@@ -67,7 +67,7 @@ def admm(start: Tensor, hessian: Tensor, target: Target, layers: Sequence[tuple[
          iterations: int) -> tuple[Tensor, Tensor, int, float]:
     """ADMM on W = D from Ŵ = `start` (rows, inputs) for the normalised `hessian`: the last D, its keep-mask, the
     iterations run and the last ρ."""
-    eigenvalues, basis = torch.linalg.eigh(hessian)
+    eigenvalues, basis = (part.to(hessian.dtype) for part in torch.linalg.eigh(hessian.to(torch.float64)))  # in float64, as the released code
     towards = start @ hessian  # Ŵ H
     keep = support(start, target, layers)
     split, dual = start * keep, torch.zeros_like(start)
@@ -134,8 +134,10 @@ def prune_together(weights: Sequence[Tensor], hessian: Tensor, target: Target, *
     layers = list(zip(bounds, bounds[1:], strict=False))
     with exact_matmul():
         start, scaled, scale, dead = normalized(torch.cat([weight.detach() for weight in weights]), hessian, percdamp)
+        compute = torch.float64 if weights[0].dtype == torch.float64 else torch.float32  # the loop in float32 unless given float64
+        start, scaled = start.to(compute), scaled.to(compute)
         split, keep, done, last_rho = admm(start, scaled, target, layers, alps_rho, alps_iterations)
-        refined = refine_on_support(start, scaled, keep, split, alps_pcg_iterations) * keep / scale  # CG from D, on D's support
+        refined = refine_on_support(start, scaled, keep, split, alps_pcg_iterations).to(torch.float64) * keep / scale  # CG from D, on D's support
     results = []
     for weight, (first, last) in zip(weights, layers, strict=True):
         change = refined[first:last] - weight.detach().to(torch.float64)
