@@ -139,9 +139,10 @@ def prune_together(weights: Sequence[Tensor], hessian: Tensor, target: Target, *
         split, keep, done, last_rho = admm(start, scaled, target, layers, alps_rho, alps_iterations)
         refined = refine_on_support(start, scaled, keep, split, alps_pcg_iterations).to(torch.float64) * keep / scale  # CG from D, on D's support
     results = []
+    undamped = hessian.to(torch.float64)
     for weight, (first, last) in zip(weights, layers, strict=True):
         change = refined[first:last] - weight.detach().to(torch.float64)
-        loss = ((change @ hessian.to(change)) * change).sum().item() / 2  # ½ tr(ΔW H ΔWᵀ): the output error (SparseGPT's scale)
+        loss = ((change @ undamped) * change).sum().item() / 2  # ½ tr(ΔW H ΔWᵀ): the output error (SparseGPT's scale)
         results.append(LayerResult(weight=refined[first:last].to(weight.dtype).contiguous(), mask=keep[first:last].contiguous(), loss=loss,
                                    details={"iterations": done, "rho": last_rho, "dead_inputs": int(dead.sum().item())}))
     return results

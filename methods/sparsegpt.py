@@ -99,16 +99,17 @@ def prune_together(
         # the rows of all layers side by side, transposed: column j of the weights is row j here, contiguous
         work = torch.cat([weight.detach().to(torch.float32).T for weight in weights], dim=1)
         keep = None if masks is None else torch.cat([mask.T.to(device) for mask in masks], dim=1)
+        restore = None
         if order is not None:
             order = order.to(device)
+            restore = torch.argsort(order)  # swept position -> the layer's own column order
             work, keep = work[order], None if keep is None else keep[order]
         work[inverse.dead.to(device)] = 0
-        static = None if order is None else group_scales(work[torch.argsort(order)], grid)  # from the original columns
+        static = None if order is None else group_scales(work[restore], grid)  # from the original columns
         keep, errors, scale_rows = sweep(work, hinv, target, blocksize, mask_blocksize, list(zip(bounds, bounds[1:], strict=False)),
                                          grid=grid, keep=keep, static_scales=static, column_order=order)
         del hinv
-    if order is not None:  # back to the layer's own column order
-        restore = torch.argsort(order)
+    if restore is not None:  # back to the layer's own column order
         work, keep = work[restore], keep[restore]
     work.mul_(keep)  # the updates leave pruned weights at zero up to rounding: make it exact
     results = []
