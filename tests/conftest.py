@@ -153,7 +153,9 @@ def load_script(path: Path) -> ModuleType:
 
 # Helpers shared by several test modules (no test module imports another).
 
-FAST = ["--nsamples", "8", "--seqlen", "32", "--batch-size", "4", "--quiet"]
+SMALL = {"nsamples": 8, "seqlen": 32, "batch_size": 4, "progress": False}  # the calibration of a test run (Python API)
+FAST = [argument for name, value in SMALL.items() if name != "progress"
+        for argument in (f"--{name.replace('_', '-')}", str(value))] + ["--quiet"]  # the same on the command line
 
 
 def run(argv: list[str], capsys) -> tuple[int, str, str]:

@@ -18,10 +18,10 @@ from prune import load_model, prune_model
 from prune.models import layer_weight, prunable_layers, transformer_blocks
 from prune.stages.recover import RecoverSettings
 from prune.stages.refine import RefineSettings
+from tests.conftest import SMALL
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-SMALL = {"nsamples": 8, "seqlen": 32, "batch_size": 4, "progress": False}
 MASK_AGREEMENT = 0.999  # float summation order differs between devices: a few near-ties may flip
 LOSS_RTOL = 1e-3
 PERPLEXITY_RTOL = 0.01

@@ -12,9 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from prune import load_model, prune_model
 from prune.models import layer_weight, prunable_layers, transformer_blocks
-from tests.conftest import FAST, HALF, run, tiny_model
-
-SMALL = {"nsamples": 8, "seqlen": 32, "batch_size": 4, "progress": False}
+from tests.conftest import FAST, HALF, SMALL, run, tiny_model
 
 
 @pytest.fixture(scope="module")

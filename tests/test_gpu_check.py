@@ -15,12 +15,11 @@ from calibration.corpora import local_corpus, wiki_sample
 from eval.sparsity import nm_valid
 from prune import prune_model
 from prune.models import SMOLLM2_GGUF, package_folder, prunable_layers, transformer_blocks
-from tests.conftest import load_script
+from tests.conftest import SMALL, load_script
 
 pytestmark = pytest.mark.slow  # make test-fast leaves it out; make test (CI) runs it
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
-SMALL = {"nsamples": 8, "seqlen": 32, "batch_size": 4, "progress": False}
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from prune import load_model, prune_model
 from prune.models import all_prunable_layers, layer_weight
 from tests.conftest import FAST, assert_one_line_error, forward_passes, run, write_conll
 
-SMALL = {"seqlen": 16, "eval_data": None, "progress": False}
+OBERT_RUN = {"seqlen": 16, "eval_data": None, "progress": False}
 
 
 def hand_obert(model: torch.nn.Module, samples: list[dict], sparsity: float, block_size: int, damp: float) -> dict[str, torch.Tensor]:
@@ -49,7 +49,7 @@ def hand_obert(model: torch.nn.Module, samples: list[dict], sparsity: float, blo
 @pytest.mark.parametrize("architecture", ["llama", "gpt2"])
 def test_one_shot_obert_equals_the_seeds_formulas_by_hand(model_folders, text_file, architecture) -> None:
     options = {"obert_grads": 6, "obert_block": 16, "obert_damp": 1e-3, "hessian_dtype": "float64"}
-    pruned, report = prune_model(str(model_folders[architecture]), method="obert", sparsity=0.5, calibration=str(text_file), **options, **SMALL)
+    pruned, report = prune_model(str(model_folders[architecture]), method="obert", sparsity=0.5, calibration=str(text_file), **options, **OBERT_RUN)
     reference = load_model(str(model_folders[architecture]))
     windows = sample_windows(TextSources(reference.tokenizer, calibration=str(text_file), evaluation=None).calibration_ids(), 6, 16, 0)
     expected = hand_obert(reference.model, [{"input_ids": w[None], "labels": w[None]} for w in windows], 0.5, 16, 1e-3)
@@ -65,16 +65,16 @@ def test_gradual_and_global_obert(model_folders, text_file) -> None:
     sparsity, a zero weight has the lowest saliency); global ranking reaches the target over all layers together,
     unevenly per layer."""
     gradual, report = prune_model(str(model_folders["llama"]), method="obert", sparsity=0.7, calibration=str(text_file), obert_grads=4,
-                                  obert_block=16, obert_epochs=3, **SMALL)
+                                  obert_block=16, obert_epochs=3, **OBERT_RUN)
     assert report.sparsity == pytest.approx(0.7, abs=1e-3)
     assert all(layer.sparsity == pytest.approx(0.7, abs=1e-3) and "3 pruning epochs" in layer.notes for layer in report.layers)
     one_shot, _ = prune_model(str(model_folders["llama"]), method="obert", sparsity=0.7, calibration=str(text_file), obert_grads=4,
-                              obert_block=16, **SMALL)
+                              obert_block=16, **OBERT_RUN)
     assert any(not torch.equal(layer_weight(a), layer_weight(b)) for a, b in
                zip(all_prunable_layers(gradual).values(), all_prunable_layers(one_shot).values(), strict=True))
 
     _, ranked = prune_model(str(model_folders["llama"]), method="obert", sparsity=0.5, calibration=str(text_file), obert_grads=4,
-                            obert_block=16, obert_global=True, **SMALL)
+                            obert_block=16, obert_global=True, **OBERT_RUN)
     total = sum(layer.shape[0] * layer.shape[1] for layer in ranked.layers)
     zeros = sum(layer.sparsity * layer.shape[0] * layer.shape[1] for layer in ranked.layers)
     assert zeros / total == pytest.approx(0.5, abs=1e-3)

@@ -14,8 +14,7 @@ from methods import METHODS, PruningError, owl
 from prune import load_model, prune_model
 from prune.cli import main
 from prune.models import layer_weight, prunable_layers, transformer_blocks
-
-SMALL = {"nsamples": 8, "seqlen": 32, "batch_size": 4, "progress": False}
+from tests.conftest import SMALL
 
 ratios_and_sizes = st.integers(2, 12).flatmap(
     lambda count: st.tuples(

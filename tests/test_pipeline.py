@@ -17,9 +17,7 @@ from eval.perplexity import perplexity
 from methods import METHODS, PruningError, Target, wanda
 from prune import load_model, prune_model
 from prune.models import layer_weight, prunable_layers, transformer_blocks
-from tests.conftest import ARCHITECTURES
-
-SMALL = {"nsamples": 8, "seqlen": 32, "batch_size": 4, "progress": False}
+from tests.conftest import ARCHITECTURES, SMALL
 
 
 def weights_outside_blocks(model) -> dict[str, torch.Tensor]:

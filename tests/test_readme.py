@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow  # each command loads the real SmolLM2 or MiniLM
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 COMMAND = ".venv/bin/prune"
-SMALL = ["--nsamples", "4", "--seqlen", "32", "--batch-size", "4", "--blocks", "0", "--quiet"]
+SMALL_SIZES = ["--nsamples", "4", "--seqlen", "32", "--batch-size", "4", "--blocks", "0", "--quiet"]
 SMALL_EVALUATION = ["--eval-windows", "2", "--eval-seqlen", "32"]
 SMALL_STAGES = {  # a stage's sizes, appended when the command turns the stage on
     "--refine": ["--refine-steps", "2", "--refine-batch", "1", "--refine-seqlen", "32", "--refine-windows", "4", "--refine-holdout", "2",
@@ -37,7 +37,7 @@ def as_run_here(command: str, places: dict[str, Path]) -> list[str]:
     argv = [str(places["out"] / word.removeprefix("out/")) if word.startswith("out/") else word for word in argv]
     if "--help" in argv:
         return argv
-    extra = [*SMALL, *([] if "--no-eval" in argv else SMALL_EVALUATION)]
+    extra = [*SMALL_SIZES, *([] if "--no-eval" in argv else SMALL_EVALUATION)]
     for switch, sizes in SMALL_STAGES.items():
         if switch in argv:
             extra += sizes

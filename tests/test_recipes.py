@@ -12,9 +12,7 @@ import yaml
 
 from prune import load_model, prune_model
 from prune.models import all_prunable_layers, layer_weight
-from tests.conftest import FAST, assert_one_line_error, run, stored
-
-SMALL = {"nsamples": 8, "seqlen": 32, "batch_size": 4, "progress": False}
+from tests.conftest import FAST, SMALL, assert_one_line_error, run, stored
 
 
 def weights(model) -> dict[str, torch.Tensor]:

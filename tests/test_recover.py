@@ -13,9 +13,7 @@ from eval.sparsity import nm_valid
 from prune import load_model, prune_model
 from prune.models import layer_weight, prunable_layers, transformer_blocks
 from prune.stages.recover import RecoverSettings, recover, split_parameters
-from tests.conftest import FAST, assert_one_line_error, run, tiny_model
-
-SMALL = {"nsamples": 8, "seqlen": 32, "batch_size": 4, "progress": False}
+from tests.conftest import FAST, SMALL, assert_one_line_error, run, tiny_model
 
 
 def layer_weights(model) -> list[torch.Tensor]:

@@ -12,9 +12,8 @@ from methods import PruningError, Target
 from prune import load_model, prune_model
 from prune.models import layer_weight, prunable_layers, transformer_blocks
 from prune.stages.refine import RefineSettings, put_weights_under_mask, refine
-from tests.conftest import FAST, assert_one_line_error, run, tiny_model
+from tests.conftest import FAST, SMALL, assert_one_line_error, run, tiny_model
 
-SMALL = {"nsamples": 8, "seqlen": 32, "batch_size": 4, "progress": False}
 QUICK = {"steps": 12, "batch": 2, "seqlen": 32, "windows": 8, "holdout": 4, "log_every": 4}
 
 

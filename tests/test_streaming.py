@@ -16,9 +16,7 @@ from prune.models import all_prunable_layers, layer_weight
 from prune.pipeline import Pipeline
 from prune.run import LayerPlan, Run
 from prune.stages.evaluate import sequential_perplexity
-from tests.conftest import FAST, HALF, run, stored, tiny_model
-
-SMALL = {"nsamples": 8, "seqlen": 32, "batch_size": 4, "progress": False}
+from tests.conftest import FAST, HALF, SMALL, run, stored, tiny_model
 
 
 def run_command(folder: Path, output: Path, text_file: Path, capsys, *extra: str) -> dict:
