@@ -34,6 +34,7 @@ def folders(tmp_path_factory, tokenizer) -> dict[str, Path]:
     ("llama", ("--method", "sparsegpt", "--sparsity", "0.5", "--quantize", "int4", "--group-size", "32")),
     ("opt", ("--method", "sparsegpt", "--pattern", "2:4", "--quantize", "int8", "--group-size", "0")),
     ("llama", ("--method", "wanda", "--sparsity", "0.5", "--quantize", "int4", "--group-size", "64", "--no-act-order")),
+    ("llama", ("--method", "alps", "--sparsity", "0.6", "--quantize", "int4", "--group-size", "32")),
     ("llama", ("--method", "magnitude", "--sparsity", "0", "--quantize", "int4", "--group-size", "32", "--search-scales")),
 ])
 def test_the_compressed_output_loads_back_bit_for_bit_as_the_dense_save(folders, text_file, tmp_path, capsys, architecture, options) -> None:

@@ -31,6 +31,7 @@ RUNS = [
     ("llama", {"method": "wanda", "pattern": "2:4"}),
     ("llama", {"method": "wanda", "sparsity": 0.5, "allocation": "owl", "owl_m": 3}),
     ("llama", {"method": "obs", "sparsity": 0.5}),
+    ("llama", {"method": "alps", "sparsity": 0.7, "allocation": "owl", "owl_m": 3}),
     ("llama", {"method": "magnitude", "sparsity": 0.5}),
     ("bert", {"method": "sparsegpt", "sparsity": 0.5}),
     ("bert", {"method": "wanda", "sparsity": 0.5}),
@@ -43,6 +44,11 @@ STREAMED = {"method": "sparsegpt", "sparsity": 0.5, "stream": "on"}
 TASKS = {"method": "wanda", "sparsity": 0.5}
 MASK_AGREEMENT = 0.999  # the Hessians are summed in another order: a few near-ties may flip
 LOSS_RTOL = 1e-4
+# ALPS's support follows its ADMM iterates, and its conjugate gradients on an ill-conditioned H amplify rounding
+# (a 1e-6 relative change of one block's H became 1e-4 in the next layer's); the flips then compound over the blocks.
+# Measured 2026-12-07 on this model at 70 %, in ONE process, batches of 2 against 4 (the same change of summation
+# order): 92-100 % of each layer's mask agreed (97 % overall). Several ranks are held to that same drift.
+ROUNDING_DRIFT = {"alps": {"mask_agreement": 0.95, "rtol": 0.01}}  # two ranks: 97.4 % of the masks, losses and perplexity within 0.12 %
 
 
 def free_port() -> int:
@@ -98,21 +104,26 @@ def test_two_ranks_prune_as_one_process_does(two_ranks, model_folders, text_file
     kept_alone = torch.cat([(weight != 0).flatten() for weight in alone["weights"].values()])
     kept_together = torch.cat([(weight != 0).flatten() for weight in together["weights"].values()])
     agreement = (kept_alone == kept_together).float().mean().item()
+    drift = ROUNDING_DRIFT.get(options["method"], {"mask_agreement": MASK_AGREEMENT, "rtol": LOSS_RTOL})
     if options["method"] in ("wanda", "magnitude"):
         assert agreement == 1.0
     else:
-        assert agreement >= MASK_AGREEMENT
+        assert agreement >= drift["mask_agreement"]
     if "pattern" in options:
         assert all(nm_valid(weight, 2, 4) for weight in together["weights"].values())
     for one, two in zip(alone["report"]["layers"], together["report"]["layers"], strict=True):
         assert one["name"] == two["name"]
-        if one["loss"] is not None:
+        if one["loss"] is not None and options["method"] not in ROUNDING_DRIFT:
             assert two["loss"] == pytest.approx(one["loss"], rel=LOSS_RTOL, abs=1e-9), one["name"]
+        assert two["sparsity"] == pytest.approx(one["sparsity"], abs=1e-9), one["name"]  # each layer reaches the same target
+    losses = [sum(layer["loss"] or 0.0 for layer in report["layers"]) for report in (alone["report"], together["report"])]
+    assert losses[1] == pytest.approx(losses[0], rel=drift["rtol"])
     if options.get("allocation") == "owl":
         assert [entry["sparsity"] for entry in together["report"]["allocation"]["blocks"]] == pytest.approx(
             [entry["sparsity"] for entry in alone["report"]["allocation"]["blocks"]], rel=1e-5)
     if evaluation:
-        assert together["report"]["perplexity"]["pruned"]["value"] == pytest.approx(alone["report"]["perplexity"]["pruned"]["value"], rel=1e-3)
+        assert together["report"]["perplexity"]["pruned"]["value"] == pytest.approx(alone["report"]["perplexity"]["pruned"]["value"],
+                                                                                   rel=max(1e-3, drift["rtol"]))
     ranks = together["report"]["distributed"]
     assert ranks["ranks"] == 2 and ranks["backend"] == "gloo"
     if options["method"] == "magnitude":  # no calibration: every rank prunes every layer alike

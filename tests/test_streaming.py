@@ -39,7 +39,7 @@ def bfloat16_folders(tmp_path_factory, tokenizer) -> dict[str, Path]:
 
 @pytest.mark.parametrize("architecture", ["llama", "gpt2", "opt"])
 @pytest.mark.parametrize("options", [("--method", "sparsegpt", "--pattern", "2:4"), ("--method", "wanda", "--sparsity", "0.6", "--allocation", "owl",
-                                                                                     "--owl-m", "3")])
+                                                                                     "--owl-m", "3"), ("--method", "alps", "--pattern", "2:4")])
 def test_streamed_equals_in_memory(bfloat16_folders, text_file, tmp_path, capsys, architecture, options) -> None:
     """The same masks, weights (bit for bit) and figures whether the model is read whole or one block at a time."""
     folder = bfloat16_folders[architecture]
