@@ -7,6 +7,8 @@ column norms gets them from its diagonal (‖X_j‖₂² = mean x_j² = H_jj / 2
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
@@ -35,3 +37,17 @@ def prune_and_quantize(method: Method, weights: list[Tensor], hessian: Tensor, t
     quantized = quantize_kept([result.weight for result in pruned], [result.mask for result in pruned], hessian, grid)
     return [LayerResult(weight=after.weight, mask=before.mask, loss=before.loss + after.loss, details={**after.details, **before.details},
                         scale=after.scale) for before, after in zip(pruned, quantized, strict=True)]
+
+
+def quantized(method: Method, grid: QuantGrid) -> Method:
+    """`method` that also rounds the weights it keeps to `grid` (prune_and_quantize): the same name, options, checks
+    and notes; its statistic is the layer Hessian, from which the method's own is taken."""
+
+    def prune_together(weights: list[Tensor], hessian: Tensor, target: Target, **options) -> list[LayerResult]:
+        return prune_and_quantize(method, weights, hessian, target, options, grid)
+
+    def prune(weight: Tensor, hessian: Tensor, target: Target, **options) -> LayerResult:
+        return prune_together([weight], hessian, target, **options)[0]
+
+    return dataclasses.replace(method, summary=f"{method.summary}, then rounded to {grid.describe()}", prune=prune,
+                               prune_together=prune_together, statistic=HESSIAN, gradients=None)

@@ -24,7 +24,7 @@ from prune.distributed import Ranks, RanksLost, join_process_group
 from prune.models import EMBEDDED_MODELS, SMOLLM2, ModelError
 from prune.output import OutputError
 from prune.pipeline import STAGE_SETTINGS, Pipeline, PruneSettings
-from prune.settings import has_cli_default, key_of, negated, option_fields
+from prune.settings import has_cli_default, key_of, negated, option_fields, renamed_hint
 from prune.stages.oneshot import method_flag
 from prune.weights import StreamingError
 
@@ -32,6 +32,19 @@ USER_ERRORS = (PruningError, CorpusError, ModelError, OutputError, NerDataError)
 MODEL_HELP = "; ".join(f"{name}: {what}" for name, what in EMBEDDED_MODELS.items())
 # the command's own options, which are not settings of a stage
 COMMAND_OPTIONS = {"model", "no_eval", "cache_dir", "quiet", "verbose", "rank_timeout"}
+
+
+class RenamedChoice(click.Choice):
+    """A choice whose former names are refused with what they are called now."""
+
+    def __init__(self, choices: tuple, renamed: dict[str, str]) -> None:
+        super().__init__(choices)
+        self.renamed = renamed
+
+    def convert(self, value, parameter, context):
+        if value in self.renamed:
+            self.fail(renamed_hint(value, self.renamed), parameter, context)
+        return super().convert(value, parameter, context)
 
 
 def settings_option(field: dataclasses.Field) -> click.Option:
@@ -43,7 +56,7 @@ def settings_option(field: dataclasses.Field) -> click.Option:
         return click.Option([names, key_of(field)], is_flag=True, default=default, help=meta["help"])
     if meta["multiple"]:
         return click.Option([meta["flag"], key_of(field)], type=meta["type"] or str, multiple=True, metavar=meta["metavar"], help=meta["help"])
-    kind = click.Choice(meta["choices"]) if meta["choices"] is not None else (meta["type"] or type(field.default))
+    kind = RenamedChoice(meta["choices"], meta["renamed"]) if meta["choices"] is not None else (meta["type"] or type(field.default))
     return click.Option([meta["flag"], key_of(field)], type=kind, default=default, show_default=default is not None, metavar=meta["metavar"],
                         help=meta["help"])
 

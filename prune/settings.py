@@ -19,16 +19,17 @@ _NO_CLI_DEFAULT = object()
 
 def option(default: Any, flag: str, help: str, *, type: type | None = None, choices: tuple | None = None, minimum: float | None = None,
            positive: bool = False, metavar: str | None = None, cli_default: Any = _NO_CLI_DEFAULT, switch: bool = False,
-           multiple: bool = False) -> Any:
+           multiple: bool = False, renamed: dict[str, str] | None = None) -> Any:
     """A settings field that is the command-line option `flag`.
 
     `minimum`: values below it are refused; `positive`: values <= 0 are refused; `choices`: the allowed values.
     `cli_default`: where the command's default differs from the API's (e.g. the command evaluates by default).
     `switch`: the field turns its (optional) stage on: without it the stage does not run, and the stage's other
     options may not be given. `multiple`: the option may be given several times; the field holds a tuple of values.
+    `renamed`: former names of choices and what they are called now (refused with that hint).
     """
     metadata = {"flag": flag, "help": help, "type": type, "choices": choices, "minimum": minimum, "positive": positive,
-                "metavar": metavar, "cli_default": cli_default, "switch": switch, "multiple": multiple}
+                "metavar": metavar, "cli_default": cli_default, "switch": switch, "multiple": multiple, "renamed": renamed or {}}
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -61,12 +62,18 @@ def has_cli_default(field: dataclasses.Field) -> bool:
     return field.metadata["cli_default"] is not _NO_CLI_DEFAULT
 
 
+def renamed_hint(value: str, renamed: dict[str, str]) -> str:
+    return f"{value!r} is now called {renamed[value]!r}"
+
+
 def check_fields(settings: Any) -> None:
     """Refuse any option value outside its declared choices or range (None means 'not set' and passes)."""
     for field in option_fields(type(settings)):
         value, meta = getattr(settings, field.name), field.metadata
         if value is None or meta["multiple"]:
             continue
+        if value in meta["renamed"]:
+            raise PruningError(f"{meta['flag']} {renamed_hint(value, meta['renamed'])}")
         if meta["choices"] is not None and value not in meta["choices"]:
             raise PruningError(f"{meta['flag']} must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
         if meta["minimum"] is not None and not value >= meta["minimum"]:

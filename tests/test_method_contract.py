@@ -8,6 +8,8 @@ import torch
 
 from methods import METHODS, PruningError, Target
 from methods.base import COLUMN_NORMS, FISHER, HESSIAN, Method
+from methods.gptq import quantized
+from methods.quantize import QuantGrid, on_grid
 
 ROWS, COLUMNS = 12, 32
 TARGETS = {"50%": Target(0.5), "30%": Target(0.3), "2:4": Target.from_options(pattern="2:4"), "1:4": Target.from_options(pattern="1:4")}
@@ -80,3 +82,26 @@ def test_a_weight_update_is_declared_by_what_the_method_returns(weight) -> None:
         result = prune(method, weight, Target(0.5))
         if method.statistic in (None, COLUMN_NORMS):
             assert torch.equal(result.weight[result.mask], weight[result.mask]), name
+
+
+@pytest.mark.parametrize("name", sorted(name for name, method in METHODS.items() if method.gradients is None))
+@pytest.mark.parametrize("target_name", ["50%", "2:4"])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_a_quantized_method_reaches_its_target_and_rounds_every_kept_weight_to_the_grid(name, target_name, act_order, weight) -> None:
+    """`quantized(method, grid)` (what --quantize runs) for every method that takes calibration activations: the
+    target reached with exact zeros, every kept weight q · s with q a `bits`-bit integer, and, unless the method
+    rounds inside its own sweep, the mask the method chose alone (GPTQ moves weights, never the mask)."""
+    method, target, grid = METHODS[name], TARGETS[target_name], QuantGrid(4, 16, act_order=act_order)
+    wrapped = quantized(method, grid)
+    assert wrapped.statistic == HESSIAN and wrapped.name == method.name and wrapped.options == method.options
+    hessian = statistic_for(wrapped, weight, seed=0)
+    result = wrapped.run(weight, hessian, target, method.resolved_options({}))
+    assert torch.equal(result.weight[~result.mask], torch.zeros_like(result.weight[~result.mask]))
+    assert result.mask.sum().item() == ROWS * COLUMNS // 2  # 50 % and 2:4 keep half
+    assert result.scale is not None and result.scale.shape == (ROWS, COLUMNS // 16)
+    assert torch.equal(on_grid(result.weight, result.scale, grid), result.weight)
+    levels = result.weight / result.scale.repeat_interleave(16, dim=1)
+    assert levels.round().abs().max() <= 2**3 and torch.allclose(levels, levels.round(), atol=1e-4)
+    if not method.quantizes:
+        alone = prune(method, weight, target)
+        assert torch.equal(result.mask, alone.mask)

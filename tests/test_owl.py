@@ -14,7 +14,7 @@ from methods import METHODS, PruningError, owl
 from prune import load_model, prune_model
 from prune.cli import main
 from prune.models import layer_weight, prunable_layers, transformer_blocks
-from tests.conftest import SMALL
+from tests.conftest import SMALL, assert_one_line_error, run
 
 ratios_and_sizes = st.integers(2, 12).flatmap(
     lambda count: st.tuples(
@@ -158,3 +158,13 @@ def test_outlier_ratios_equal_a_hand_computation_on_the_dense_model(model_folder
         expected = (scores > 3.0 * scores.mean()).double().mean().item()
         assert expected > 0
         assert report.allocation["blocks"][index]["outlier_ratio"] == pytest.approx(expected, abs=1.5 / scores.numel())
+
+
+def test_the_former_name_of_the_proportional_rule_is_refused_with_its_new_name(model_folders, text_file, tmp_path, capsys) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("allocation: owl\nowl_rule: seed\n", encoding="utf-8")
+    common = ["--model", str(model_folders["llama"]), "--calibration", str(text_file), "--sparsity", "0.5", "--no-eval"]
+    for argv in ([*common, "--allocation", "owl", "--owl-rule", "seed"], [*common, "--config", str(recipe)]):
+        assert_one_line_error(*run(argv, capsys)[::2], "'seed' is now called 'proportional'")
+    with pytest.raises(PruningError, match="--owl-rule 'seed' is now called 'proportional'"):
+        prune_model(str(model_folders["llama"]), sparsity=0.5, allocation="owl", owl_rule="seed", calibration=str(text_file), **SMALL)

@@ -25,7 +25,7 @@ class AllocationSettings:
                              choices=ALLOCATIONS)
     owl_rule: str = option(owl.LAMBDA_RULE, "--owl-rule", "lambda: the OWL paper's code (ratios scaled to [0, 2λ], centred on their mean, "
                            "not clipped); lambda-clipped: the same clipped to S ± λ and re-centred; proportional: block sparsity ∝ 1 − D (the pruning deep-dive's rule).",
-                           choices=owl.RULES)
+                           choices=owl.RULES, renamed={"seed": owl.PROPORTIONAL_RULE})
     owl_m: float = option(owl.DEFAULT_M, "--owl-m", "OWL outlier threshold M: a score is an outlier above M x the block's mean.", positive=True)
     owl_lambda: float = option(owl.DEFAULT_LAMBDA, "--owl-lambda", "OWL λ: the ratios span 2λ of sparsity (lambda rules; clipped to S ± λ by "
                                "lambda-clipped).")

@@ -19,7 +19,7 @@ from calibration.statistics import ACCUMULATORS
 from eval.sparsity import nm_valid, zero_fraction
 from methods import DEFAULT_METHOD, METHODS, Method, PruningError, Target, get_method
 from methods.base import HESSIAN, masks_lowest_across
-from methods.gptq import prune_and_quantize
+from methods.gptq import quantized
 from methods.quantize import DEFAULT_ACT_ORDER, DEFAULT_GROUP_SIZE, DEFAULT_SEARCH_SCALES, QuantGrid
 from methods.schedules import cubic_sparsity
 from prune.compressed import keep_scales
@@ -254,7 +254,6 @@ class OneShot(Stage):
         self.options = self.method.resolved_options(settings.method_options)
         self.hessian_dtype = HESSIAN_DTYPES[settings.hessian_dtype]
         gradients = self.method.gradients
-        self.grid: QuantGrid | None = None  # set by prepare, once the model's dtype is known
         self.statistic = HESSIAN if settings.quantize is not None else self.method.statistic  # what the blocks' inputs are made into
         self.needs_block_inputs = self.statistic is not None and gradients is None
         self.gradient_samples = None if gradients is None else (method_flag(gradients.count_option), int(self.options[gradients.count_option]))
@@ -287,18 +286,19 @@ class OneShot(Stage):
             run.note(f"{by_rules} layer(s) left dense by --targets / --ignore")
         if overrides:
             run.note(f"{len(overrides)} layer(s) pruned to their --sparsity-override instead of their block's sparsity")
-        self.grid = settings.grid(run.dtype)
-        if self.grid is not None:
+        grid = settings.grid(run.dtype)  # the method is wrapped to round to it once the model's dtype is known
+        if grid is not None:
             for name, layer in run.plan.pruned_layers().items():
                 with about("--group-size"):
-                    self.grid.check_layer(name, input_features(layer))
+                    grid.check_layer(name, input_features(layer))
             if run.settings.output is not None and run.settings.compressed():
                 transposed = next((name for name, layer in run.plan.pruned_layers().items() if not isinstance(layer, nn.Linear)), None)
                 if transposed is not None:
                     raise PruningError(f"--save-format compressed packs nn.Linear layers; {transposed} is a {type(run.model.get_submodule(transposed)).__name__} "
                                        "(GPT-2's transposed layer), which compressed-tensors does not load: use --save-format dense")
-            report.quantization = {"bits": self.grid.bits, "group_size": self.grid.group_size, "symmetric": True,
-                                   "in_sweep": self.method.quantizes, "act_order": self.grid.act_order, "search_scales": self.grid.search_scales}
+            report.quantization = {"bits": grid.bits, "group_size": grid.group_size, "symmetric": True,
+                                   "in_sweep": self.method.quantizes, "act_order": grid.act_order, "search_scales": grid.search_scales}
+            self.method = quantized(self.method, grid)  # from here on the method also rounds what it keeps
         report.method = self.method.name
         report.target = {"sparsity": target.sparsity, "pattern": target.pattern}
         report.model["blocks"] = f"{blocks_name} ({len(blocks)})"
@@ -493,10 +493,7 @@ class OneShot(Stage):
         synchronize(device)
         started = time.perf_counter()
         weights = [layer_weight(layer) for layer in layers.values()]
-        if self.grid is None:
-            results = self.method.run_together(weights, statistic, target, self.options)
-        else:
-            results = prune_and_quantize(self.method, weights, statistic, target, self.options, self.grid)
+        results = self.method.run_together(weights, statistic, target, self.options)
         for layer, result in zip(layers.values(), results, strict=True):
             set_layer_weight(layer, result.weight.to(stored))
             if result.scale is not None:
