@@ -3,7 +3,7 @@
     dense / SparseGPT 50 % / SparseGPT 2:4 / int4 (GPTQ) / 50 % + int4 in one sweep (joint) /
     50 % then GPTQ as a second pass (llm-compressor's order) / 2:4 + int4 joint / 2:4 then GPTQ,
     with GPTQ's plain column order (`--no-act-order`), and the quantized rows again with its activation order (the
-    default since it was measured here: `--act-order`, static groups)
+    default since it was measured here: `--act-order`, static groups), and with the scale search (`--search-scales`)
 
 int4 groups of 64 inputs by default: SmolLM2's hidden size, 576, is not a multiple of 128, and compressed-tensors
 (like the serving kernels) takes whole groups only, so the usual g128 cannot be stored for this model.
@@ -18,6 +18,8 @@ does); their prune seconds are the sum of both passes.
     .venv/bin/python benchmarks/smollm2_quantize.py --eval-windows 0    # the whole WikiText-2 test split
     .venv/bin/python benchmarks/smollm2_quantize.py --dtype float32 --eval-windows 40 --seeds 0,1,2 \
         --only "int4 (GPTQ)" --only "int4 (GPTQ), act-order"                # the activation-order comparison, 3 calibration seeds
+    .venv/bin/python benchmarks/smollm2_quantize.py --dtype float32 --eval-windows 40 --seeds 0,1,2 \
+        --only "int4 (GPTQ), act-order" --only "int4 (GPTQ), act-order, searched scales"    # the scale search, the same way
 
 Nothing is written under benchmarks/results unless --results names a file there.
 """
@@ -48,6 +50,8 @@ RUNS = {  # name -> (first pass options, second pass options or None); "int4" ge
     "int4 (GPTQ), act-order": (["--sparsity", "0", "--quantize", "int4", "--act-order"], None),
     "50% + int4 joint, act-order": (["--sparsity", "0.5", "--quantize", "int4", "--act-order"], None),
     "2:4 + int4 joint, act-order": (["--pattern", "2:4", "--quantize", "int4", "--act-order"], None),
+    "int4 (GPTQ), act-order, searched scales": (["--sparsity", "0", "--quantize", "int4", "--act-order", "--search-scales"], None),
+    "50% + int4 joint, act-order, searched scales": (["--sparsity", "0.5", "--quantize", "int4", "--act-order", "--search-scales"], None),
 }
 
 
