@@ -22,8 +22,8 @@ import torch
 from smollm2_methods import block_work, hessian_work, matmul_rate
 
 from calibration.capture import LayerInputStatistics, capture_block_inputs, input_groups, run_block, run_calls, run_in_lockstep
-from calibration.statistics import HessianAccumulator
 from methods.base import HESSIAN
+from methods.statistics import HessianAccumulator
 from prune import load_model
 from prune.models import prunable_layers, transformer_blocks
 

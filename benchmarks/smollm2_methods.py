@@ -24,11 +24,11 @@ import torch
 import yaml
 
 from calibration.corpora import local_corpus
-from calibration.statistics import HessianAccumulator
 from calibration.windows import evaluation_windows, tokenize
 from eval.perplexity import perplexity
 from eval.seeds import mean_and_spread, parse_seeds
 from methods import get_method
+from methods.statistics import HessianAccumulator
 from prune import PruneSettings, load_model, run_pipeline
 from prune.models import prunable_layers, transformer_blocks
 

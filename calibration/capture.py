@@ -10,7 +10,7 @@ import torch
 from greenlet import greenlet
 from torch import Tensor, nn
 
-from calibration.statistics import ACCUMULATORS
+from methods.statistics import ACCUMULATORS
 
 
 @dataclass

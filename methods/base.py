@@ -16,7 +16,7 @@ class PruningError(ValueError):
     """A request that cannot be carried out (bad target, a layer that cannot hold a pattern, a singular Hessian)."""
 
 
-# The calibration statistics a method can ask for (the accumulators live in calibration/statistics.py).
+# The calibration statistics a method can ask for (their accumulators live in methods/statistics.py).
 HESSIAN = "hessian"  # H = (2/n) Σ x xᵀ over the calibration tokens of a layer's input
 COLUMN_NORMS = "column_norms"  # ‖X_j‖₂ = sqrt(mean over tokens of x_j²) per input feature
 FISHER = "fisher"  # built from per-sample gradients of the task loss (the method says how: Method.gradients)
@@ -119,6 +119,7 @@ class GradientStatistic:
     batch: int  # k: gradients the caller gathers (per layer) before each `add`
     memory_bytes: Callable[..., int]  # (entries of a weight, options, dtype) -> bytes of its statistic
     saliency: Callable[[Tensor, Tensor], Tensor]  # (weight, statistic) -> each weight's score (the lowest go first)
+    merge: Callable[..., None] | None = None  # (statistic, sum_across) combines the processes' statistics; None: it cannot be
 
 
 def _no_notes(details: dict) -> list[str]:
@@ -143,6 +144,12 @@ class Method:
     gradients: GradientStatistic | None = None  # statistic FISHER: how it is built from task-loss gradients
     quantizes: bool = False  # rounds to a grid inside its own sweep: prune(..., grid=QuantGrid) (statistic HESSIAN)
 
+    @property
+    def statistic_merges(self) -> bool:
+        """Whether the statistic it needs can be combined across the processes of a run (activation statistics can;
+        one built from gradients says so itself)."""
+        return self.gradients is None or self.gradients.merge is not None
+
     def resolved_options(self, given: dict) -> dict:
         """Every option of the method: the given values over the defaults. An option the method does not take is an error."""
         unknown = sorted(set(given) - {option.name for option in self.options})
@@ -163,8 +170,10 @@ class Method:
         return self.prune(weight, statistic, target, **options)
 
     def run_together(self, weights: list[Tensor], statistic: Tensor | None, target: Target, options: dict) -> list[LayerResult]:
-        """Prune several weights that share one statistic (layers fed the same inputs): at once when the method can,
-        else one after the other."""
+        """Prune one weight, or several that share one statistic (layers fed the same inputs): at once when the method
+        can, else one after the other. The pipeline's one way to run a method (options resolved by `resolved_options`;
+        a method built on task-loss gradients takes only the cross-layer `mask`, its options having shaped the
+        statistic)."""
         if self.prune_together is not None and len(weights) > 1:
             return self.prune_together(weights, statistic, target, **options)
         return [self.run(weight, statistic, target, options) for weight in weights]

@@ -164,6 +164,7 @@ GRADIENTS = GradientStatistic(
     batch=GRADIENT_BATCH,
     memory_bytes=lambda size, options, dtype: inverse_memory_bytes(size, options["obert_block"], dtype),
     saliency=saliency,
+    merge=None,  # each process holds (λI + its gradients)⁻¹ built by Woodbury steps: their inverses do not add up to the run's
 )
 
 METHOD = Method(

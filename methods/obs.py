@@ -27,7 +27,7 @@ def check_options(target: Target, percdamp: float = DEFAULT_PERCDAMP) -> None:
     check_percdamp(percdamp)
 
 
-def prune(weight: Tensor, hessian: Tensor, target: Target, *, percdamp: float = DEFAULT_PERCDAMP, row_batch: int | None = None) -> LayerResult:
+def prune(weight: Tensor, hessian: Tensor, target: Target, *, percdamp: float = DEFAULT_PERCDAMP) -> LayerResult:
     """Prune each row of `weight` (out, in) to `target` by exact greedy OBS, given H = (2/n) X Xᵀ (in, in).
 
     Per row, repeatedly: remove the weight with the smallest w_j² / [H⁻¹]_jj, update the remaining
@@ -50,8 +50,7 @@ def prune(weight: Tensor, hessian: Tensor, target: Target, *, percdamp: float = 
         work_weight = weight.detach().to(dtype).clone()
         work_weight[:, inverse.dead.to(device)] = 0
         removals = columns * (target.m - target.n) // target.m if target.is_nm else prune_count(columns, target.sparsity)
-        if row_batch is None:
-            row_batch = max(1, ROW_BATCH_ELEMENTS // (columns * columns))
+        row_batch = max(1, ROW_BATCH_ELEMENTS // (columns * columns))
         mask = torch.ones_like(work_weight, dtype=torch.bool)
         loss = 0.0
         for start in range(0, rows, row_batch):

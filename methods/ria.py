@@ -34,7 +34,7 @@ def scores(weight: Tensor, column_norms: Tensor, activation_power: float = DEFAU
     return relative_importance(weight) * norms.pow(activation_power).unsqueeze(0)
 
 
-def prune(weight: Tensor, column_norms: Tensor, target: Target, activation_power: float = DEFAULT_POWER, ria_per_row: bool = False) -> LayerResult:
+def prune(weight: Tensor, column_norms: Tensor, target: Target, *, activation_power: float = DEFAULT_POWER, ria_per_row: bool = False) -> LayerResult:
     """Prune `weight` (out, in) to `target` by the lowest RIA scores of the layer (of each row with `ria_per_row`;
     N:M: the N highest of every M).
 

@@ -168,12 +168,7 @@ def sweep(work: Tensor, hinv: Tensor, target: Target, blocksize: int, mask_block
     inner = inner or inner_blocksize(step)
     width = columns if grid is None else grid.group_size or columns
     group_of = list(range(columns)) if column_order is None else column_order.tolist()  # the original column of each swept one
-    scale_rows = static_scales
-    if grid is not None and static_scales is None:
-        check_grid(grid, blocksize, inner)
-        scale_rows = torch.empty(columns // width, rows, device=work.device)
-        if grid.group_size is None:
-            scale_rows[0] = scales(work.T, grid)
+    scale_rows = static_scales if grid is None or static_scales is not None else scales_to_fill(work, grid, blocksize, inner)
     for start in range(0, columns, blocksize):
         end = min(start + blocksize, columns)
         block, hinv_block = work[start:end], hinv[start:end, start:end]
@@ -185,11 +180,7 @@ def sweep(work: Tensor, hinv: Tensor, target: Target, blocksize: int, mask_block
                 block[i:].addmm_(hinv_block[i - inner : i, i:].T, errors[i - inner : i], alpha=-1.0)
             if i % step == 0 and not fixed:
                 part = slice(i, min(i + step, end - start))
-                scores = block[part] ** 2 / diagonal[part].unsqueeze(1) ** 2
-                if target.is_nm:  # the N highest of the group's M members, per row (members are the rows of `scores` here)
-                    kept = torch.zeros_like(scores, dtype=torch.bool).scatter_(0, scores.topk(target.n, dim=0).indices, True)
-                else:
-                    kept = torch.cat([mask_lowest_overall(scores[:, first:last], target.sparsity) for first, last in layers], dim=1)
+                kept = kept_of(block[part] ** 2 / diagonal[part].unsqueeze(1) ** 2, target, layers)
                 keep[start + part.start : start + part.stop] = kept
                 torch.div((~kept).to(work.dtype), diagonal[part].unsqueeze(1), out=scale[part])
             if grid is None:
@@ -206,6 +197,25 @@ def sweep(work: Tensor, hinv: Tensor, target: Target, blocksize: int, mask_block
         squared_errors += errors.pow(2).sum(0)
         work[end:] -= hinv[start:end, end:].T @ errors  # the lazy update of the columns after the block
     return keep, squared_errors, scale_rows
+
+
+def kept_of(scores: Tensor, target: Target, layers: list[tuple[int, int]]) -> Tensor:
+    """The keep-mask of the columns the sweep reaches, from their scores w²/U_jj² (columns, rows): the N highest of
+    the group's M members per row (N:M), or the lowest of the columns over the rows of each layer go (unstructured)."""
+    if target.is_nm:
+        return torch.zeros_like(scores, dtype=torch.bool).scatter_(0, scores.topk(target.n, dim=0).indices, True)
+    return torch.cat([mask_lowest_overall(scores[:, first:last], target.sparsity) for first, last in layers], dim=1)
+
+
+def scales_to_fill(work: Tensor, grid: QuantGrid, blocksize: int, inner: int) -> Tensor:
+    """The (groups, rows) scales the sweep fills as it reaches each group (one scale per row, from the whole row, is
+    taken now)."""
+    check_grid(grid, blocksize, inner)
+    columns, rows = work.shape
+    scale_rows = torch.empty(columns // (grid.group_size or columns), rows, device=work.device)
+    if grid.group_size is None:
+        scale_rows[0] = scales(work.T, grid)
+    return scale_rows
 
 
 def check_grid(grid: QuantGrid | None, blocksize: int, inner: int) -> None:

@@ -64,7 +64,12 @@ def compress_tensors(tensors: dict[str, Tensor], grid: QuantGrid) -> dict[str, T
 
 def layer_scales(model: nn.Module) -> dict[str, Tensor]:
     """`<layer>.weight_scale` of every quantized layer of the model."""
-    return {f"{name}.{SCALE}": module.get_buffer(SCALE) for name, module in model.named_modules() if SCALE in module._buffers}
+    return {f"{name}.{SCALE}": scale for name, module in model.named_modules() if (scale := kept_scales(module)) is not None}
+
+
+def kept_scales(layer: nn.Module) -> Tensor | None:
+    """The scales a quantized layer carries (None: not quantized)."""
+    return layer.get_buffer(SCALE) if SCALE in layer._buffers else None
 
 
 def keep_scales(layer: nn.Module, scale: Tensor) -> None:

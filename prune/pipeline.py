@@ -183,10 +183,9 @@ class PruneSettings:
 
     def check_ranks(self, ranks: Ranks) -> None:
         """Refuse what does not run on several ranks yet (one line naming it)."""
-        if ranks.several and get_method(self.oneshot.method).gradients is not None:
-            raise PruningError(f"--method {self.oneshot.method} does not run on several ranks yet ({ranks.world} processes here): run it in one process")
-        if ranks.several and self.oneshot.quantize is not None:
-            raise PruningError(f"--quantize does not run on several ranks yet ({ranks.world} processes here): run it in one process")
+        if ranks.several and not get_method(self.oneshot.method).statistic_merges:
+            raise PruningError(f"--method {self.oneshot.method} does not run on several ranks yet ({ranks.world} processes here): its statistic "
+                               "cannot be combined across processes; run it in one process")
 
     def as_options(self) -> dict[str, Any]:
         """Every option of this run by its flat name (the command's flag with underscores), for the report."""

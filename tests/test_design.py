@@ -63,10 +63,11 @@ def help_text() -> str:
 
 
 def test_imports_flow_one_way() -> None:
-    """prune -> {methods, calibration, eval}; eval -> calibration; calibration and eval use only methods.base."""
+    """prune -> {methods, calibration, eval}; eval -> calibration; calibration uses only methods.base and the
+    statistics' accumulators (methods.statistics), eval only methods.base."""
     allowed = {
         "methods": {"methods"},
-        "calibration": {"calibration", "methods.base"},
+        "calibration": {"calibration", "methods.base", "methods.statistics"},
         "eval": {"eval", "calibration", "methods.base"},
         "prune": set(PACKAGES),
     }
@@ -83,6 +84,22 @@ def test_no_test_module_imports_another() -> None:
     for path in sorted((ROOT / "tests").glob("test_*.py")):
         others = {name for name in imported_modules(path) if name.startswith("tests.test_") or name.startswith("test_")}
         assert not others, f"{path.relative_to(ROOT)} imports {sorted(others)}"
+
+
+def test_a_method_reads_like_its_paper_in_functions_of_at_most_60_lines() -> None:
+    for path in modules("methods"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                assert node.end_lineno - node.lineno + 1 <= 60, f"{path.relative_to(ROOT)}: {node.name} is {node.end_lineno - node.lineno + 1} lines"
+
+
+def test_prune_calls_a_method_through_one_entry_point() -> None:
+    """Method.run_together (one layer, or several fed one input) is how prune/ runs any method: never its prune,
+    prune_together or run directly."""
+    for path in modules("prune"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in {"prune", "prune_together", "run"}:
+                assert not ast.unparse(node.func.value).endswith("method"), f"{path.relative_to(ROOT)}:{node.lineno} calls {ast.unparse(node.func)}"
 
 
 def test_prune_never_names_a_one_shot_method() -> None:

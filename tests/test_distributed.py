@@ -41,6 +41,7 @@ RECOVERY = {"method": "sparsegpt", "pattern": "2:4", "recover": "magma", "recove
 REFINEMENT = {"method": "sparsegpt", "pattern": "2:4", "refine": "maskpro", "refine_steps": 6, "refine_batch": 2, "refine_seqlen": 32,
               "refine_windows": 8, "refine_holdout": 4, "refine_log_every": 3, "refine_candidates": 2}
 STREAMED = {"method": "sparsegpt", "sparsity": 0.5, "stream": "on"}
+QUANTIZED = {"method": "sparsegpt", "sparsity": 0.5, "quantize": "int4", "group_size": 32}
 TASKS = {"method": "wanda", "sparsity": 0.5}
 MASK_AGREEMENT = 0.999  # the Hessians are summed in another order: a few near-ties may flip
 LOSS_RTOL = 1e-4
@@ -79,6 +80,8 @@ def rank_main(rank: int, world: int, port: int, folders: dict[str, str], text_fi
         model, report = prune_model(folders["llama"], calibration=text_file, eval_data=text_file, eval_windows=4, **REFINEMENT, **SIZES)
         torch.save(outcome(model, report), Path(results) / f"refinement-{rank}.pt")
         prune_model(folders["llama"], calibration=text_file, eval_data=text_file, eval_windows=4, output=str(Path(results) / "streamed"), **STREAMED,
+                    **SIZES)
+        prune_model(folders["llama"], calibration=text_file, eval_data=text_file, eval_windows=4, output=str(Path(results) / "quantized"), **QUANTIZED,
                     **SIZES)
         _, report = prune_model(folders["llama-eos"], calibration=text_file, eval_tasks=[TASK], eval_tasks_path=folders["tasks"], **TASKS, **SIZES)
         torch.save(report.tasks, Path(results) / f"tasks-{rank}.pt")
@@ -174,6 +177,23 @@ def test_streamed_on_two_ranks_rank_0_writes_what_one_process_writes(two_ranks, 
     assert agreement >= MASK_AGREEMENT
     assert together["perplexity"]["pruned"]["value"] == pytest.approx(report.perplexity["pruned"]["value"], rel=1e-3)
     assert not list(two_ranks.glob(".streamed*"))  # rank 0's staging folder was renamed into place
+
+
+def test_quantized_on_two_ranks_rank_0_writes_what_one_process_writes(two_ranks, model_folders, text_file, tmp_path) -> None:
+    """Each rank quantizes its share of the layers; the scales travel with the weights to rank 0, which writes the
+    compressed checkpoint."""
+    from tests.conftest import stored
+
+    _, report = prune_model(str(model_folders["llama"]), calibration=str(text_file), eval_data=str(text_file), eval_windows=4,
+                            output=str(tmp_path / "alone"), **QUANTIZED, **SIZES)
+    together = json.loads((two_ranks / "quantized" / "report.json").read_text())
+    assert together["distributed"]["ranks"] == 2 and together["quantization"] == report.quantization
+    alone, shared = stored(tmp_path / "alone"), stored(two_ranks / "quantized")
+    assert set(alone) == set(shared) and any(name.endswith(".weight_scale") for name in alone)
+    packed = [name for name in alone if name.endswith((".weight_packed", ".weight_scale"))]
+    agreement = sum(alone[name].eq(shared[name]).sum().item() for name in packed) / sum(alone[name].numel() for name in packed)
+    assert agreement >= 0.99  # the Hessians are summed in another order: a few weights round to the next level
+    assert together["perplexity"]["pruned"]["value"] == pytest.approx(report.perplexity["pruned"]["value"], rel=1e-2)
 
 
 def test_lm_eval_tasks_on_two_ranks_are_scored_once_and_known_to_both(two_ranks, lm_folders, task_folder, text_file) -> None:

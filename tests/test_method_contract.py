@@ -3,6 +3,8 @@ to methods/registry.py is held to it without a line here."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -105,3 +107,23 @@ def test_a_quantized_method_reaches_its_target_and_rounds_every_kept_weight_to_t
     if not method.quantizes:
         alone = prune(method, weight, target)
         assert torch.equal(result.mask, alone.mask)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_the_declared_options_are_what_the_method_takes(name) -> None:
+    """Every keyword a method's functions take is a declared option (so the pipeline resolves and checks it), and
+    every declared option is taken, but for the protocol's own: the `grid` of a method that rounds in its sweep (and
+    the fixed `masks` of its GPTQ), and the cross-layer `mask` of a method built on task-loss gradients, whose
+    options shape the statistic instead."""
+    method = METHODS[name]
+    declared = {option.name for option in method.options}
+    for function in filter(None, (method.prune, method.prune_together)):
+        parameters = list(inspect.signature(function).parameters.values())
+        leading = 2 if method.statistic is None else 3  # (weight, target) or (weight(s), statistic, target)
+        assert all(parameter.kind == parameter.KEYWORD_ONLY for parameter in parameters[leading:]), f"{name}: options are keyword-only"
+        taken = {parameter.name for parameter in parameters[leading:]}
+        if method.gradients is not None:
+            assert taken == {"mask"}, name
+            continue
+        protocol = ({"grid"} | ({"masks"} if function is method.prune_together else set())) if method.quantizes else set()
+        assert taken == declared | protocol, name

@@ -71,7 +71,9 @@ def test_every_group_keeps_exactly_n(rows: int, groups: int, pattern: str, seed:
 @given(rows=st.integers(1, 10), columns=st.sampled_from([8, 24, 40]), sparsity=st.floats(0.0, 0.95), seed=st.integers(0, 99))
 def test_every_row_holds_its_quota(rows: int, columns: int, sparsity: float, seed: int) -> None:
     weight, _, hessian = random_problem(rows, columns, 64, seed)
-    result = obs.prune(weight, hessian, Target(sparsity), row_batch=3)
+    with pytest.MonkeyPatch.context() as patch:  # batches of 3 rows
+        patch.setattr(obs, "ROW_BATCH_ELEMENTS", 3 * columns * columns)
+        result = obs.prune(weight, hessian, Target(sparsity))
     assert torch.all((~result.mask).sum(1) == round(columns * sparsity))
 
 

@@ -10,11 +10,11 @@ from transformers.pytorch_utils import Conv1D
 
 from calibration.capture import LayerInputStatistics, capture_block_inputs, run_block
 from calibration.corpora import load_corpus
-from calibration.statistics import ColumnNormAccumulator, HessianAccumulator
 from calibration.text import TextSources
 from calibration.windows import sample_windows, tokenize, tokenize_documents
 from eval.perplexity import perplexity
 from methods import METHODS, PruningError, Target, wanda
+from methods.statistics import ColumnNormAccumulator, HessianAccumulator
 from prune import load_model, prune_model
 from prune.models import layer_weight, prunable_layers, transformer_blocks
 from tests.conftest import ARCHITECTURES, SMALL

@@ -15,14 +15,14 @@ from tqdm.auto import tqdm
 
 from calibration.capture import LayerInputStatistics, input_groups, run_calls, run_in_lockstep
 from calibration.gradients import per_sample_gradients
-from calibration.statistics import ACCUMULATORS
 from eval.sparsity import nm_valid, zero_fraction
 from methods import DEFAULT_METHOD, METHODS, Method, PruningError, Target, get_method
 from methods.base import HESSIAN, masks_lowest_across
 from methods.gptq import quantized
 from methods.quantize import DEFAULT_ACT_ORDER, DEFAULT_GROUP_SIZE, DEFAULT_SEARCH_SCALES, QuantGrid
 from methods.schedules import cubic_sparsity
-from prune.compressed import keep_scales
+from methods.statistics import ACCUMULATORS
+from prune.compressed import keep_scales, kept_scales
 from prune.devices import available_memory, on_device, synchronize, timed
 from prune.models import (
     all_prunable_layers,
@@ -480,10 +480,14 @@ class OneShot(Stage):
         owner = ranks.owner(self.groups_pruned)  # with several ranks, groups are handed out in turn
         self.groups_pruned += 1
         reports = self.pruned_here(layers, full, statistic, target, run.device, run.dtype) if ranks.rank == owner else None
-        if ranks.several:  # every rank gets the owner's pruned weights and their report entries
+        if ranks.several:  # every rank gets the owner's pruned weights, their scales when quantized, and their report entries
             for layer in layers.values():
                 ranks.broadcast_(layer.weight.data, owner)
-            reports = ranks.broadcast_object(reports, owner)
+            scales = [kept_scales(layer) for layer in layers.values()] if ranks.rank == owner else None
+            reports, scales = ranks.broadcast_object((reports, scales), owner)
+            for layer, scale in zip(layers.values(), scales, strict=True):
+                if scale is not None:
+                    keep_scales(layer, scale)
             self.groups_by_rank[owner] = self.groups_by_rank.get(owner, 0) + 1
         return reports
 
@@ -534,7 +538,7 @@ class OneShot(Stage):
                 for name, layer in layers.items():
                     layer_seconds: dict = {}
                     with timed(layer_seconds, "method", device):
-                        result = self.method.prune(layer_weight(layer), statistics.pop(name), scheduled[name], mask=masks.get(name))
+                        result, = self.method.run_together([layer_weight(layer)], statistics.pop(name), scheduled[name], {"mask": masks.get(name)})
                         set_layer_weight(layer, result.weight.to(layer_weight(layer).dtype))
                     seconds[name] += layer_seconds["method"]
                     breakdown["method"] += layer_seconds["method"]

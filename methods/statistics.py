@@ -1,4 +1,9 @@
-"""Running accumulators of layer-input statistics: the Hessian H = (2/n) X Xᵀ and the column norms ‖X_j‖₂."""
+"""Running accumulators of layer-input statistics: the Hessian H = (2/n) X Xᵀ and the column norms ‖X_j‖₂.
+
+Each is started for a layer's input width, fed activations (`add`), combined with the same accumulator of the other
+processes of a run (`merge`), and read (`result`); calibration feeds them without naming one (ACCUMULATORS maps the
+statistic a method declares to its class). The statistics built from task-loss gradients are the method's own
+(Method.gradients), and say themselves whether they can be merged."""
 
 from __future__ import annotations
 
