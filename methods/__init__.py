@@ -2,11 +2,13 @@
 
 Four kinds of algorithm live here, each used by one stage of the pipeline (prune/stages):
 
-- One-shot layer methods (`magnitude`, `wanda`, `sparsegpt`, `obs`): pure functions
+- One-shot layer methods (`magnitude`, `wanda`, `ria`, `sparsegpt`, `alps`, `obs`): pure functions
   `prune(weight, statistic, target, **options) -> LayerResult`, each described by a `Method` record
   (methods/base.py) that names the calibration statistic it needs (`HESSIAN`, `COLUMN_NORMS` or none), its
   options with their defaults and their check, its work estimate and how its details read in a report.
-  `registry.METHODS` maps the command's method names to these records. `hessian` holds what the
+  `registry.METHODS` maps the command's method names to these records; `Method.run_together` is how the
+  pipeline runs one (a layer, or the layers fed one input), and `gptq.quantized(method, grid)` the same method
+  rounding what it keeps. `hessian` holds what the
   second-order methods share (dead inputs, damping, the damped inverse).
 - Task-loss second-order pruning (`obert`): the block-diagonal inverse empirical Fisher built from per-sample
   gradients by Woodbury steps, the OBS saliency and update on it (the pruning deep-dive §7); pure functions, fed gradients.

@@ -128,9 +128,9 @@ def _no_notes(details: dict) -> list[str]:
 
 @dataclass(frozen=True)
 class Method:
-    """A one-shot method: `prune(weight, statistic, target, **options) -> LayerResult` (`prune(weight, target,
-    **options)` when it needs no statistic), and everything a caller must know to run it: the statistic it needs,
-    its options, the check of their values, its work estimate and how its details read in a report."""
+    """A one-shot method: `prune(weight, statistic, target, **options) -> LayerResult` (the statistic is None for a
+    method that needs none), and everything a caller must know to run it: the statistic it needs, its options, the
+    check of their values, its work estimate and how its details read in a report."""
 
     name: str
     summary: str
@@ -165,8 +165,6 @@ class Method:
 
     def run(self, weight: Tensor, statistic: Tensor | None, target: Target, options: dict) -> LayerResult:
         """Prune one (out, in) weight to `target` given its statistic (None when the method needs none)."""
-        if self.statistic is None:
-            return self.prune(weight, target, **options)
         return self.prune(weight, statistic, target, **options)
 
     def run_together(self, weights: list[Tensor], statistic: Tensor | None, target: Target, options: dict) -> list[LayerResult]:

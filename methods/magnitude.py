@@ -7,8 +7,9 @@ from torch import Tensor
 from methods.base import LayerResult, Method, Target, mask_for_target
 
 
-def prune(weight: Tensor, target: Target) -> LayerResult:
-    """Prune `weight` (out, in) to `target` by magnitude; the loss is the sum of the removed weights squared."""
+def prune(weight: Tensor, statistic: None, target: Target) -> LayerResult:
+    """Prune `weight` (out, in) to `target` by magnitude (it takes no statistic: `statistic` is None); the loss is the
+    sum of the removed weights squared."""
     target.check_layer("weight", weight.shape[1])
     magnitude = weight.detach().abs()
     mask = mask_for_target(magnitude, target, per_row=False)

@@ -119,7 +119,7 @@ def test_the_declared_options_are_what_the_method_takes(name) -> None:
     declared = {option.name for option in method.options}
     for function in filter(None, (method.prune, method.prune_together)):
         parameters = list(inspect.signature(function).parameters.values())
-        leading = 2 if method.statistic is None else 3  # (weight, target) or (weight(s), statistic, target)
+        leading = 3  # (weight(s), statistic, target): a method without a statistic is given None
         assert all(parameter.kind == parameter.KEYWORD_ONLY for parameter in parameters[leading:]), f"{name}: options are keyword-only"
         taken = {parameter.name for parameter in parameters[leading:]}
         if method.gradients is not None:

@@ -54,7 +54,7 @@ def test_sparsegpt_beats_wanda_and_magnitude_on_a_pinned_correlated_problem() ->
         errors = {
             "sparsegpt": output_error(weight, sparsegpt.prune(weight, hessian, target, blocksize=16, mask_blocksize=16).weight, inputs),
             "wanda": output_error(weight, wanda.prune(weight, norms, target).weight, inputs),
-            "magnitude": output_error(weight, magnitude.prune(weight, target).weight, inputs),
+            "magnitude": output_error(weight, magnitude.prune(weight, None, target).weight, inputs),
         }
         assert errors["sparsegpt"] < errors["wanda"] and errors["sparsegpt"] < errors["magnitude"], errors
 
@@ -100,7 +100,7 @@ def test_wanda_ranks_within_each_row() -> None:
 
 def test_magnitude_ranks_across_the_layer() -> None:
     weight = torch.randn(10, 20) * torch.linspace(0.1, 3, 10).unsqueeze(1)  # rows of very different scale
-    result = magnitude.prune(weight, Target(0.5))
+    result = magnitude.prune(weight, None, Target(0.5))
     assert (~result.mask).sum().item() == 100
     assert weight.abs()[~result.mask].max() <= weight.abs()[result.mask].min()
     assert result.mask.sum(1)[0] < result.mask.sum(1)[-1]  # small rows lose more
