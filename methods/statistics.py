@@ -23,6 +23,16 @@ def _valid_rows(inputs: Tensor, token_mask: Tensor | None) -> Tensor:
     return rows
 
 
+def merge_running_mean(mean: Tensor, tokens: int, sum_across: Callable[[Tensor], Tensor]) -> int:
+    """Turn this process's running mean over `tokens` tokens, in place, into the mean over every process's tokens
+    (Σ_r n_r mean_r / Σ_r n_r; `sum_across` sums a tensor over the processes in place); returns Σ_r n_r."""
+    total = int(sum_across(torch.tensor([float(tokens)], dtype=torch.float64, device=mean.device)).item())
+    mean.mul_(tokens)
+    sum_across(mean)
+    mean.div_(max(total, 1))
+    return total
+
+
 class HessianAccumulator:
     """H = (2/n) Σ x xᵀ over the n tokens seen so far, kept as a running mean.
 
@@ -54,11 +64,7 @@ class HessianAccumulator:
     def merge(self, sum_across: Callable[[Tensor], Tensor]) -> None:
         """Combine with the same accumulator of the other processes of a run (`sum_across` sums a tensor over them in
         place): H becomes the running mean over all their tokens, H = Σ_r n_r H_r / Σ_r n_r."""
-        tokens = sum_across(torch.tensor([float(self.tokens)], dtype=torch.float64, device=self.hessian.device))
-        self.hessian.mul_(self.tokens)
-        sum_across(self.hessian)
-        self.tokens = int(tokens.item())
-        self.hessian.div_(max(self.tokens, 1))
+        self.tokens = merge_running_mean(self.hessian, self.tokens, sum_across)
 
     def result(self) -> Tensor:
         if not self.mirrored:  # the upper triangle copied below the diagonal: H is exactly symmetric
@@ -89,11 +95,7 @@ class ColumnNormAccumulator:
     def merge(self, sum_across: Callable[[Tensor], Tensor]) -> None:
         """Combine with the same accumulator of the other processes of a run (`sum_across` sums a tensor over them in
         place): the running mean over all their tokens."""
-        tokens = sum_across(torch.tensor([float(self.tokens)], dtype=torch.float64, device=self.mean_square.device))
-        self.mean_square.mul_(self.tokens)
-        sum_across(self.mean_square)
-        self.tokens = int(tokens.item())
-        self.mean_square.div_(max(self.tokens, 1))
+        self.tokens = merge_running_mean(self.mean_square, self.tokens, sum_across)
 
     def result(self) -> Tensor:
         return self.mean_square.sqrt()
