@@ -124,8 +124,10 @@ def obs_by_the_book(weight: torch.Tensor, hessian: torch.Tensor, target: Target,
     return result * mask, mask
 
 
+@pytest.mark.parametrize("block", [2, 64], ids=["compacted every few steps", "never compacted"])
 @pytest.mark.parametrize("target", [Target(0.25), Target(0.6), Target.from_options(pattern="2:4"), Target.from_options(pattern="1:4")])
-def test_obs_equals_greedy_removal_with_the_sub_hessian_inverted_at_every_step(target: Target) -> None:
+def test_obs_equals_greedy_removal_with_the_sub_hessian_inverted_at_every_step(target: Target, block: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(obs, "DOWNDATE_BLOCK", block)
     weight, _, hessian = random_problem(5, 24, 120, seed=40)
     hessian[7, :] = 0  # a dead input
     hessian[:, 7] = 0
