@@ -22,10 +22,9 @@ from torch import nn
 
 from methods import PruningError, Target
 from methods.quantize import QuantGrid
-from methods.registry import get_method, method_options
+from methods.registry import method_options
 from prune.compressed import check_available
 from prune.devices import resolve_device
-from prune.distributed import Ranks
 from prune.models import DTYPES, LoadedModel, load_model, prunable_layer_names, transformer_blocks
 from prune.output import check_output_dir, complete_streamed, put_in_place, save_pruned
 from prune.report import Report
@@ -124,28 +123,14 @@ class PruneSettings:
 
     def whole_model_needed_by(self) -> str | None:
         """The option that needs the whole model in memory at once, if any."""
-        if self.refine is not None:
-            return "--refine"
-        if self.recover is not None:
-            return "--recover"
-        if self.calibrate.conll_folder() is not None and self.evaluate.data is not None:
-            return "entity F1 (--calibration conll:DIR)"
-        if self.evaluate.tasks:
-            return "--eval-tasks (lm-eval runs the whole model)"
-        if get_method(self.oneshot.method).gradients is not None:
-            return f"--method {self.oneshot.method} (its gradients of the task loss)"
-        return None
+        return next((reason for settings in self.stages().values() if (reason := settings.whole_model_reason(self)) is not None), None)
 
     def compressed(self) -> bool:
         """Whether --output is written in the compressed-tensors format."""
         return (self.save_format or ("compressed" if self.oneshot.quantize is not None else "dense")) == "compressed"
 
-    def check_quantization(self) -> None:
-        """Refuse what --quantize and --save-format cannot do together with the other stages."""
-        if self.oneshot.quantize is not None and (stage := next((flag for flag, on in (("--refine", self.refine), ("--recover", self.recover))
-                                                                   if on is not None), None)):
-            raise PruningError(f"--quantize rounds the weights in the one-shot sweep; {stage} trains them afterwards, off the grid: run it "
-                               "without --quantize")
+    def check_output_format(self) -> None:
+        """Refuse a --save-format that cannot hold what the run makes."""
         if self.save_format == "compressed" and self.oneshot.quantize is None:
             raise PruningError("--save-format compressed stores quantized layers: compressed-tensors has no sparse format since 0.15 (which "
                                "transformers 5 needs), so an unquantized pruned model is saved dense; add --quantize int4 or int8")
@@ -168,24 +153,12 @@ class PruneSettings:
         if self.resume and not (self.output is not None and self.streams()):
             raise PruningError("--resume continues a streamed run into its --output: it needs --output, and no --stream off, --refine, --recover "
                                "or entity F1")
-        self.check_ranks(Ranks.current())
-        target = self.oneshot.check()
-        self.check_quantization()
-        self.calibrate.check()
-        self.allocate.check(target)
-        self.evaluate.check()
-        if self.refine is not None:
-            self.refine.check(target)
-        if self.recover is not None:
-            self.recover.check()
+        target = self.oneshot.target()
+        for settings in self.stages().values():
+            settings.check(target, self)
+        self.check_output_format()
         resolve_device(self.device)
         return target
-
-    def check_ranks(self, ranks: Ranks) -> None:
-        """Refuse what does not run on several ranks yet (one line naming it)."""
-        if ranks.several and not get_method(self.oneshot.method).statistic_merges:
-            raise PruningError(f"--method {self.oneshot.method} does not run on several ranks yet ({ranks.world} processes here): its statistic "
-                               "cannot be combined across processes; run it in one process")
 
     def as_options(self) -> dict[str, Any]:
         """Every option of this run by its flat name (the command's flag with underscores), for the report."""

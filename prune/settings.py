@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
-from methods import PruningError
+from methods import PruningError, Target
 
 _NO_CLI_DEFAULT = object()
 
@@ -80,6 +80,19 @@ def check_fields(settings: Any) -> None:
             raise PruningError(f"{meta['flag']} must be at least {meta['minimum']:g}, got {value:g}")
         if meta["positive"] and not value > 0:
             raise PruningError(f"{meta['flag']} must be positive, got {value:g}")
+
+
+class StageSettings:
+    """What every stage's settings show the pipeline: a check of their values against the run's target and the run's
+    other settings (`run`: the PruneSettings, None when a stage's function is called on its own), before any model is
+    loaded; and why, if at all, they need the whole model in memory at once (which rules out streaming)."""
+
+    def check(self, target: Target | None = None, run: Any = None) -> None:
+        check_fields(self)
+
+    def whole_model_reason(self, run: Any) -> str | None:
+        """The option that needs the whole model in memory, in the words of an error message; None when blocks stream."""
+        return None
 
 
 @contextlib.contextmanager

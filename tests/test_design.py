@@ -160,3 +160,16 @@ def test_flat_settings_reach_their_stage_and_refuse_what_cannot_apply() -> None:
     ):
         with pytest.raises(PruningError, match=message):
             PruneSettings(sparsity=0.5, **options)
+
+
+def test_every_stage_shows_the_pipeline_one_face() -> None:
+    """Every stage's settings are StageSettings: one check(target, run) and one whole_model_reason(run), which the
+    pipeline loops over; pipeline.py calls no stage's check by name."""
+    from prune.settings import StageSettings
+
+    for key, settings_class in STAGE_SETTINGS.items():
+        assert issubclass(settings_class, StageSettings), key
+    tree = ast.parse((ROOT / "prune" / "pipeline.py").read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in {"check", "whole_model_reason"}:
+            assert ast.unparse(node.func.value) == "settings", f"pipeline.py:{node.lineno} calls {ast.unparse(node.func)}"

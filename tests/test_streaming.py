@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -109,12 +110,25 @@ def test_the_api_streams_to_an_output_and_a_bin_checkpoint_is_loaded_whole(model
     assert not report.model["streamed"] and any("streaming needs safetensors" in note for note in report.notes)
 
 
-def test_streaming_refuses_stages_that_need_the_whole_model() -> None:
+@pytest.mark.parametrize(("options", "reason"), [
+    ({"recover": "adamw"}, "--recover"),
+    ({"pattern": "2:4", "refine": "maskpro"}, "--refine"),
+    ({"eval_tasks": ("arc_easy",)}, "--eval-tasks (lm-eval runs the whole model)"),
+    ({"calibration": "conll:.", "eval_data": "wiki-sample"}, "entity F1 (--calibration conll:DIR)"),
+    ({"method": "obert"}, "--method obert (its gradients of the task loss)"),
+])
+def test_streaming_refuses_stages_that_need_the_whole_model(options: dict, reason: str) -> None:
+    """Each stage's settings say themselves why they need the whole model; --stream on cites that reason."""
     from methods import PruningError
 
-    with pytest.raises(PruningError, match="--recover needs the whole model"):
-        Pipeline(PruneSettings(sparsity=0.5, stream="on", recover="adamw"))
-    assert not PruneSettings(sparsity=0.5, output="x", recover="adamw").streams()
+    settings = PruneSettings(**{"sparsity": 0.5, **options})
+    assert settings.whole_model_needed_by() == reason
+    with pytest.raises(PruningError, match=re.escape(f"--stream on reads one block at a time, but {reason} needs the whole model")):
+        Pipeline(PruneSettings(**{"sparsity": 0.5, "stream": "on", **options}))
+    assert not PruneSettings(**{"sparsity": 0.5, "output": "x", **options}).streams()
+
+
+def test_streaming_is_on_by_default_with_an_output() -> None:
     assert PruneSettings(sparsity=0.5, output="x").streams() and not PruneSettings(sparsity=0.5).streams()
     assert set(HALF) == {"bfloat16", "float16"}
 

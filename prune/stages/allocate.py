@@ -5,6 +5,7 @@ and the parameter-weighted mean sparsity is the target."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -12,13 +13,13 @@ from calibration.capture import LayerInputStatistics, run_calls
 from methods import PruningError, Target, owl
 from prune.models import layer_weight, prunable_layers
 from prune.run import Run, Stage
-from prune.settings import about, check_fields, option
+from prune.settings import StageSettings, about, check_fields, option
 
 ALLOCATIONS = ("uniform", "owl")
 
 
 @dataclass
-class AllocationSettings:
+class AllocationSettings(StageSettings):
     """How the target sparsity spreads over the blocks."""
 
     allocation: str = option("uniform", "--allocation", "Spread the sparsity uniformly, or by OWL outlier ratios (unstructured targets only).",
@@ -30,9 +31,9 @@ class AllocationSettings:
     owl_lambda: float = option(owl.DEFAULT_LAMBDA, "--owl-lambda", "OWL λ: the ratios span 2λ of sparsity (lambda rules; clipped to S ± λ by "
                                "lambda-clipped).")
 
-    def check(self, target: Target) -> None:
+    def check(self, target: Target | None = None, run: Any = None) -> None:
         check_fields(self)
-        if self.allocation != "owl":
+        if self.allocation != "owl" or target is None:
             return
         if target.is_nm:
             raise PruningError(f"--allocation owl allocates unstructured sparsity per block; it does not apply to pattern {target.pattern}")

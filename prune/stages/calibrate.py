@@ -6,20 +6,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from calibration.sentences import IGNORED_LABEL, sentence_batches
 from calibration.windows import sample_windows, window_count
-from methods import PruningError
+from methods import PruningError, Target
 from prune.models import CAUSAL_LM, TOKEN_CLASSIFICATION
 from prune.run import Run, Stage
-from prune.settings import check_fields, option
+from prune.settings import StageSettings, check_fields, option
 from prune.stages.evaluate import NAMED_TEXTS
 
 CONLL_PREFIX = "conll:"  # --calibration conll:DIR: sentences of a CoNLL train file, for a token classifier
 
 
 @dataclass
-class CalibrationSettings:
+class CalibrationSettings(StageSettings):
     """Where the calibration activations come from."""
 
     source: str = option("wiki-sample", "--calibration", "wiki-sample (Wikipedia text inside gensim), wikitext2, c4, a text file/folder, or "
@@ -32,7 +33,7 @@ class CalibrationSettings:
         """The folder named by `conll:DIR`, or None for text calibration."""
         return Path(self.source[len(CONLL_PREFIX):]).expanduser() if self.source.startswith(CONLL_PREFIX) else None
 
-    def check(self) -> None:
+    def check(self, target: Target | None = None, run: Any = None) -> None:
         check_fields(self)
         folder = self.conll_folder()
         if folder is not None:

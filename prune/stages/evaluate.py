@@ -9,6 +9,7 @@ import hashlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -20,18 +21,18 @@ from calibration.windows import evaluation_windows, window_count
 from eval.ner import evaluate_ner
 from eval.perplexity import Perplexity, from_losses, next_token_loss
 from eval.tasks import TaskError, evaluate_tasks, resolve_tasks
-from methods import PruningError
+from methods import PruningError, Target
 from prune.devices import on_device
 from prune.models import CAUSAL_LM, TOKEN_CLASSIFICATION
 from prune.resume import tensor_digest
 from prune.run import Evaluator, Run
-from prune.settings import check_fields, option
+from prune.settings import StageSettings, check_fields, option
 
 NAMED_TEXTS = (WIKI_SAMPLE, *HUB_CORPORA)
 
 
 @dataclass
-class EvaluationSettings:
+class EvaluationSettings(StageSettings):
     """What the model is measured on."""
 
     data: str | None = option(None, "--eval-data", "Perplexity text: wiki-sample (its held-out part), wikitext2, c4, or a text file/folder. "
@@ -51,7 +52,14 @@ class EvaluationSettings:
         given = (self.tasks,) if isinstance(self.tasks, str) else self.tasks or ()
         self.tasks = tuple(name.strip() for item in given for name in str(item).split(",") if name.strip())
 
-    def check(self) -> None:
+    def whole_model_reason(self, run: Any) -> str | None:
+        if run.calibrate.conll_folder() is not None and self.data is not None:
+            return "entity F1 (--calibration conll:DIR)"
+        if self.tasks:
+            return "--eval-tasks (lm-eval runs the whole model)"
+        return None
+
+    def check(self, target: Target | None = None, run: Any = None) -> None:
         check_fields(self)
         if self.data is not None and self.data not in NAMED_TEXTS and not Path(self.data).expanduser().exists():
             raise PruningError(f"--eval-data: no such file or folder: {self.data}")

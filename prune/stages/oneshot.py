@@ -8,6 +8,7 @@ import dataclasses
 import re
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,6 +25,7 @@ from methods.schedules import cubic_sparsity
 from methods.statistics import ACCUMULATORS
 from prune.compressed import keep_scales, kept_scales
 from prune.devices import available_memory, on_device, synchronize, timed
+from prune.distributed import Ranks
 from prune.models import (
     all_prunable_layers,
     input_features,
@@ -35,7 +37,7 @@ from prune.models import (
 )
 from prune.report import LayerReport
 from prune.run import LayerPlan, Run, Stage
-from prune.settings import about, check_fields, flag_of, negated, option
+from prune.settings import StageSettings, about, check_fields, flag_of, negated, option
 
 PROPAGATE_CHOICES = ("pruned", "dense")
 ORDERS = ("one-pass", "two-pass")
@@ -122,7 +124,7 @@ def as_tuple(value) -> tuple[str, ...]:
 
 
 @dataclass
-class OneShotSettings:
+class OneShotSettings(StageSettings):
     """What each layer becomes and how."""
 
     method: str = option(DEFAULT_METHOD, "--method", "; ".join(f"{name}: {method.summary}" for name, method in METHODS.items()),
@@ -182,9 +184,18 @@ class OneShotSettings:
         with about("--quantize", "--group-size"):
             return QuantGrid(QUANTIZE_CHOICES[self.quantize], self.group_size or None, scale_dtype, self.act_order, self.search_scales)
 
-    def check(self) -> Target:
-        """Check every one-shot option; return the target."""
+    def whole_model_reason(self, run: Any) -> str | None:
+        if get_method(self.method).gradients is not None:
+            return f"--method {self.method} (its gradients of the task loss)"
+        return None
+
+    def check(self, target: Target | None = None, run: Any = None) -> None:
+        """Check every one-shot option against the target (which --sparsity / --pattern give, see `target`)."""
         check_fields(self)
+        ranks = Ranks.current()
+        if ranks.several and not get_method(self.method).statistic_merges:
+            raise PruningError(f"--method {self.method} does not run on several ranks yet ({ranks.world} processes here): its statistic "
+                               "cannot be combined across processes; run it in one process")
         for name in ("group_size", "act_order", "search_scales") if self.quantize is None else ():
             value, default = getattr(self, name), getattr(OneShotSettings, name)
             if value != default:
@@ -198,7 +209,7 @@ class OneShotSettings:
         if self.propagate == "dense" and self.order == "one-pass":
             raise PruningError("--propagate dense feeds the next block the dense block's outputs, which a one-pass block never computes: "
                                "use --order two-pass")
-        target = self.target()
+        target = target or self.target()
         if self.layer_rules().overrides and target.is_nm:
             raise PruningError(f"--sparsity-override gives layers unstructured sparsities: it cannot be combined with --pattern {target.pattern}")
         method = get_method(self.method)
@@ -207,7 +218,13 @@ class OneShotSettings:
             raise PruningError(f"{', '.join(map(method_flag, unsupported))} does not apply to method {method.name}")
         with about(*map(method_flag, self.method_options or [option.name for option in method.options])):
             method.check_options(target, self.method_options)
-        return target
+
+
+def refuse_after_quantization(flag: str, run: Any) -> None:
+    """Refuse a stage that trains the weights after --quantize put them on its grid."""
+    if run is not None and run.oneshot.quantize is not None:
+        raise PruningError(f"--quantize rounds the weights in the one-shot sweep; {flag} trains them afterwards, off the grid: run it "
+                           "without --quantize")
 
 
 def parse_blocks(spec: str | None, count: int) -> list[int]:

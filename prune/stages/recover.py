@@ -9,6 +9,7 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -18,13 +19,14 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from calibration.conll import NerDataError
 from calibration.sentences import labelled_batches
 from calibration.windows import language_model_batches, window_count
-from methods import PruningError
+from methods import PruningError, Target
 from methods.magma import DEFAULT_P, DEFAULT_TAU, GRANULARITIES, Magma
 from prune.devices import on_device
 from prune.distributed import Ranks
 from prune.models import CAUSAL_LM, TOKEN_CLASSIFICATION, all_prunable_layers
 from prune.run import Run, Stage
-from prune.settings import check_fields, option
+from prune.settings import StageSettings, check_fields, option
+from prune.stages.oneshot import refuse_after_quantization
 from prune.training import train
 
 RECOVER_OPTIMIZERS = ("magma", "adamw", "skipupdate")
@@ -32,7 +34,7 @@ WRAPPER_MODE = {"magma": "magma", "adamw": "none", "skipupdate": "skipupdate"}
 
 
 @dataclass
-class RecoverSettings:
+class RecoverSettings(StageSettings):
     """What the recovery stage does. `optimizer`: 'magma' (AdamW under Magma), 'adamw' (the plain baseline)
     or 'skipupdate' (AdamW under random masking scaled by 1/p). The schedule is the Magma paper's
     (the Magma paper, App. C): linear warm-up over `warmup` of the steps, then cosine decay to `min_lr_rate` x lr."""
@@ -55,8 +57,12 @@ class RecoverSettings:
     log_every: int = option(10, "--recover-log-every", "Steps per point of the loss curve in the report and recover.png.", minimum=1)
     debug: bool = option(False, "--recover-debug", "Check after every recovery step that no pruned weight moved.")
 
-    def check(self) -> None:
+    def whole_model_reason(self, run: Any) -> str | None:
+        return "--recover"
+
+    def check(self, target: Target | None = None, run: Any = None) -> None:
         check_fields(self)
+        refuse_after_quantization("--recover", run)
         if not 0 <= self.warmup < 1:
             raise PruningError(f"--recover-warmup must be in [0, 1), got {self.warmup:g}")
         if not 0 < self.p <= 1:

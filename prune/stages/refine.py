@@ -17,6 +17,7 @@ import math
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +33,8 @@ from prune.devices import on_device, synchronize
 from prune.distributed import Ranks
 from prune.models import CAUSAL_LM, layer_weight
 from prune.run import Run, Stage
-from prune.settings import check_fields, option
+from prune.settings import StageSettings, check_fields, option
+from prune.stages.oneshot import refuse_after_quantization
 
 REFINE_METHODS = ("maskpro",)
 REFINE_ESTIMATORS = ("auto", *ESTIMATORS)
@@ -40,7 +42,7 @@ UNDER_MASK = ("oneshot", "dense")
 
 
 @dataclass
-class RefineSettings:
+class RefineSettings(StageSettings):
     """What the refinement stage does (the MaskPro paper's defaults for lr, logit scale and α)."""
 
     method: str = option("maskpro", "--refine", "After pruning to N:M, learn better masks of the pruned layers by MaskPro policy gradient "
@@ -61,8 +63,12 @@ class RefineSettings:
                             "order (sequence, any N, more variance), or auto: set when N <= 4.", choices=REFINE_ESTIMATORS)
     log_every: int = option(10, "--refine-log-every", "Steps per point of the residual curve in the report and refine.png.", minimum=1)
 
-    def check(self, target: Target | None = None) -> None:
+    def whole_model_reason(self, run: Any) -> str | None:
+        return "--refine"
+
+    def check(self, target: Target | None = None, run: Any = None) -> None:
         check_fields(self)
+        refuse_after_quantization("--refine", run)
         if self.windows < self.batch:
             raise PruningError(f"--refine-windows ({self.windows}) must hold at least one batch of --refine-batch ({self.batch})")
         if not 0 <= self.alpha < 1:
