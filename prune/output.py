@@ -10,9 +10,10 @@ from pathlib import Path
 from methods.quantize import QuantGrid
 from prune.compressed import SCALE, add_quantization_config, compress_tensors, layer_scales, on_disk, storage_figures
 from prune.models import LoadedModel, transformer_blocks
-from prune.plots import plot_allocation, plot_recover, plot_refine
-from prune.report import Report
+from prune.report import Report, Section
 from prune.weights import Checkpoint, ShardWriter, current_umask, parameter_names, writing
+
+STORAGE = "storage"  # the report section of the output: its format, bytes on disk against the input's, bits per weight
 
 
 class OutputError(ValueError):
@@ -62,13 +63,18 @@ def put_in_place(staging: Path, directory: Path) -> None:
 
 
 def write_figures(report: Report, folder: Path) -> None:
-    """The figures of the stages that ran: allocation.png, refine.png, recover.png."""
-    if report.allocation is not None:
-        plot_allocation(report.allocation, report.target["sparsity"], folder / "allocation.png")
-    if report.refine is not None:
-        plot_refine(report.refine, folder / "refine.png")
-    if report.recover is not None:
-        plot_recover(report.recover, folder / "recover.png")
+    """The figures each section of the report draws (allocation.png, refine.png, ...)."""
+    for section in report.sections.values():
+        if section.draw is not None:
+            section.draw(section.figures, folder)
+
+
+def storage_lines(stored: dict) -> list[str]:
+    against = f", {stored['ratio']:.3f}x the input's {stored['input_bytes'] / 2**20:.1f} MB" if stored.get("ratio") else ""
+    quantized = (f"; quantized layers {stored['quantized_bits_per_weight']:.3f} bits per weight (values + scales)"
+                 if stored.get("quantized_bits_per_weight") else "")
+    return [f"output ({stored['format']}): {stored['output_bytes'] / 2**20:.1f} MB on disk{against}, "
+            f"{stored['bits_per_weight']:.2f} bits per weight overall{quantized}"]
 
 
 def write_companions(loaded: LoadedModel, report: Report, folder: Path) -> None:
@@ -97,7 +103,7 @@ def save_pruned(loaded: LoadedModel, report: Report, directory: Path, *, overwri
         else:
             model.save_pretrained(folder, state_dict=compress_tensors({**model.state_dict(), **layer_scales(model)}, grid))
             add_quantization_config(folder, model, grid)
-        report.storage = storage_figures(folder, loaded.dtype, input_bytes(loaded))
+        report.put(STORAGE, Section(storage_figures(folder, loaded.dtype, input_bytes(loaded)), lines=storage_lines))
         write_companions(loaded, report, folder)
 
     write_atomically(directory, write, overwrite)
@@ -123,7 +129,7 @@ def complete_streamed(loaded: LoadedModel, report: Report, writer: ShardWriter, 
             add_quantization_config(writer.folder, loaded.model, grid)
         if getattr(loaded.model, "generation_config", None) is not None and loaded.model.can_generate():
             loaded.model.generation_config.save_pretrained(writer.folder)
-        report.storage = storage_figures(writer.folder, stored, input_bytes(loaded))
+        report.put(STORAGE, Section(storage_figures(writer.folder, stored, input_bytes(loaded)), lines=storage_lines))
         write_companions(loaded, report, writer.folder)
 
 

@@ -26,14 +26,14 @@ from methods.registry import method_options
 from prune.compressed import check_available
 from prune.devices import resolve_device
 from prune.models import DTYPES, LoadedModel, load_model, prunable_layer_names, transformer_blocks
-from prune.output import check_output_dir, complete_streamed, put_in_place, save_pruned
-from prune.report import Report
+from prune.output import STORAGE, check_output_dir, complete_streamed, put_in_place, save_pruned
+from prune.report import Report, Section
 from prune.resume import NOT_FINGERPRINTED, ResumeState, model_fingerprint, tensor_digest
 from prune.run import Run, Stage
 from prune.settings import check_fields, flag_of, key_of, option, option_fields, switch_field
 from prune.stages.allocate import Allocate, AllocationSettings
 from prune.stages.calibrate import Calibrate, CalibrationSettings
-from prune.stages.evaluate import EvaluationSettings, evaluators
+from prune.stages.evaluate import EVALUATOR_SECTIONS, EvaluationSettings, evaluators
 from prune.stages.oneshot import OneShot, OneShotSettings
 from prune.stages.recover import Recover, RecoverSettings
 from prune.stages.refine import Refine, RefineSettings
@@ -44,6 +44,9 @@ STAGES: tuple[type[Stage], ...] = (Calibrate, Allocate, OneShot, Refine, Recover
 # Each part's settings, under the attribute of PruneSettings that holds them. An optional stage is off (None)
 # unless its switch field is set (e.g. `refine="maskpro"`, `--refine maskpro`).
 STAGE_SETTINGS: dict[str, type] = {**{stage.key: stage.settings_class for stage in STAGES}, "evaluate": EvaluationSettings}
+RANKS = "distributed"  # the report section of several ranks: what each did
+# Every report section a run may write (report.json holds the ones a run did not write as null).
+SECTIONS = (*EVALUATOR_SECTIONS, *(key for stage in STAGES for key in stage.sections), RANKS, STORAGE)
 STREAM_CHOICES = ("auto", "on", "off")
 SAVE_FORMATS = ("dense", "compressed")
 SWITCHES = {stage: switch.name for stage, settings_class in STAGE_SETTINGS.items() if (switch := switch_field(settings_class)) is not None}
@@ -241,7 +244,8 @@ class Pipeline:
             loaded.model.to(DTYPES[settings.dtype])  # a model given in memory is cast as a loaded one would be
         run = Run(loaded, settings, resolve_device(settings.device), calibration_batches=calibration_batches,
                   needs_block_inputs=any(stage.needs_block_inputs for stage in self.stages),
-                  gradient_samples=next((stage.gradient_samples for stage in self.stages if stage.gradient_samples is not None), None))
+                  gradient_samples=next((stage.gradient_samples for stage in self.stages if stage.gradient_samples is not None), None),
+                  sections=SECTIONS)
         output = Path(settings.output).expanduser() if settings.output is not None else None
         written = output if run.ranks.writer else None  # only rank 0 writes the output; other ranks keep their shards apart
         staging = None
@@ -288,17 +292,26 @@ class Pipeline:
                 previous = figures
         run.report.seconds["total"] = sum(run.report.seconds.values())
         if run.ranks.several:
-            run.report.distributed = ranks_section(run, next((stage for stage in self.stages if isinstance(stage, OneShot)), None))
+            run.report.put(RANKS, Section(ranks_section(run, self.stages), lines=ranks_lines))
         run.report.finish()
 
 
-def ranks_section(run: Run, oneshot: OneShot | None) -> dict:
-    """How many ranks ran and what each did."""
+def ranks_section(run: Run, stages: list[Stage]) -> dict:
+    """How many ranks ran and what each did (each stage adds its own figures per rank)."""
     mine = {"calibration_windows": sum(len(batch["input_ids"]) for batch in run.calibration_batches or []), **run.ranks.traffic,
             "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    groups = oneshot.groups_by_rank if oneshot is not None else {}
-    per_rank = [{"rank": rank, **figures, "layer_groups_pruned": groups.get(rank, 0)} for rank, figures in enumerate(run.ranks.gather_objects(mine))]
+    per_rank = [{"rank": rank, **figures} for rank, figures in enumerate(run.ranks.gather_objects(mine))]
+    for stage in stages:
+        for entry, figures in zip(per_rank, stage.rank_figures(run.ranks.world), strict=True):
+            entry.update(figures)
     return {"ranks": run.ranks.world, "backend": torch.distributed.get_backend(), "per_rank": per_rank}
+
+
+def ranks_lines(ranks: dict) -> list[str]:
+    work = "; ".join(f"rank {entry['rank']}: {entry['calibration_windows']} calibration windows, {entry.get('layer_groups_pruned', 0)} layer groups "
+                     f"pruned, {entry.get('bytes_summed', 0) / 2**20:.1f} MB summed, {entry.get('bytes_broadcast', 0) / 2**20:.1f} MB broadcast"
+                     for entry in ranks["per_rank"])
+    return [f"{ranks['ranks']} ranks ({ranks['backend']}): {work}"]
 
 
 def discard_unwritable(staging: Path, run: Run) -> str:

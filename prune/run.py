@@ -98,6 +98,7 @@ class Stage:
     settings_class: type = object
     name: str = ""  # its entry in report.seconds
     label: str | None = None
+    sections: tuple[str, ...] = ()  # the keys of the report sections it may write
     needs_block_inputs: bool = False  # whether it runs the captured block inputs through the blocks
     gradient_samples: tuple[str, int] | None = None  # (the option that asks, how many): task-loss samples it takes gradients on
 
@@ -118,13 +119,17 @@ class Stage:
     def evaluated(self, run: Run, before: dict, after: dict) -> None:
         pass
 
+    def rank_figures(self, world: int) -> list[dict]:
+        """Several ranks: what each of the `world` ranks did in this stage, for the report's ranks section."""
+        return [{} for _ in range(world)]
+
 
 class Run:
     """The state of one run. Stages read what earlier stages (in the order of the pipeline) put here."""
 
     def __init__(self, loaded: LoadedModel, settings: PruneSettings, device: torch.device, *,
                  calibration_batches: list[dict] | None = None, needs_block_inputs: bool = False,
-                 gradient_samples: tuple[str, int] | None = None) -> None:
+                 gradient_samples: tuple[str, int] | None = None, sections: tuple[str, ...] = ()) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.settings = settings
@@ -144,7 +149,7 @@ class Run:
         self.block_sources: dict[int, Checkpoint] = {}  # streamed: blocks read from the output instead of the checkpoint
         self.resume: ResumeState | None = None  # streamed: the finished part of the run, saved as it grows
         self.report = Report(model={"name": loaded.name, "source": loaded.source, "kind": loaded.kind, "dtype": str(self.dtype).removeprefix("torch."),
-                                    "streamed": loaded.checkpoint is not None}, device=str(device))
+                                    "streamed": loaded.checkpoint is not None}, device=str(device), keys=sections)
         self.report.notes.extend(loaded.notes)
         self._text: TextSources | None = None
         self._ids: dict[str, Tensor] = {}

@@ -173,3 +173,25 @@ def test_every_stage_shows_the_pipeline_one_face() -> None:
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in {"check", "whole_model_reason"}:
             assert ast.unparse(node.func.value) == "settings", f"pipeline.py:{node.lineno} calls {ast.unparse(node.func)}"
+
+
+def test_the_report_and_the_output_name_no_stage() -> None:
+    """Each stage writes its own report section (figures, summary lines, details, figure files): report.py and
+    output.py loop over the sections, and pipeline.py reads no stage's section nor tests for a stage's class."""
+    from prune.pipeline import SECTIONS, STAGES
+
+    stage_names = {stage.__name__ for stage in STAGES} | {stage.key for stage in STAGES}
+    stage_sections = {key for stage in STAGES for key in stage.sections} | {"perplexity", "entity_f1", "tasks"}
+    assert stage_sections <= set(SECTIONS)
+    for name in ("report.py", "output.py"):
+        path = ROOT / "prune" / name
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)} | {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+        named = (used | set(code_strings(path))) & (stage_names | stage_sections)
+        assert not named, f"prune/{name} names {sorted(named)}"
+    tree = ast.parse((ROOT / "prune" / "pipeline.py").read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in stage_sections:
+            assert not ast.unparse(node.value).endswith("report"), f"pipeline.py:{node.lineno} reads {ast.unparse(node)}"
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "isinstance":
+            assert not {arg.id for arg in ast.walk(node.args[1]) if isinstance(arg, ast.Name)} & stage_names, f"pipeline.py:{node.lineno}"

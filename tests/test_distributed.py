@@ -3,7 +3,6 @@ models as one process does; torchrun runs the command; what is not built for sev
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import socket
@@ -60,7 +59,7 @@ def free_port() -> int:
 
 def outcome(model, report) -> dict:
     return {"weights": {name: layer_weight(layer).clone() for name, layer in all_prunable_layers(model).items()},
-            "report": dataclasses.asdict(report)}
+            "report": report.to_dict()}
 
 
 def rank_main(rank: int, world: int, port: int, folders: dict[str, str], text_file: str, results: str) -> None:

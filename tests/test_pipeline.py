@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 
 import pytest
 import torch
@@ -201,6 +202,9 @@ def test_report_has_the_promised_fields(model_folders, text_file) -> None:
                             eval_data=str(text_file), eval_seqlen=32, eval_windows=4, **SMALL)
     data = report.to_dict()
     assert {"method", "target", "model", "calibration", "layers", "sparsity", "seconds", "perplexity", "peak_memory_mb"} <= set(data)
+    unwritten = {"allocation", "entity_f1", "distributed", "tasks", "refine", "recover", "quantization", "storage"}
+    assert unwritten <= set(data) and all(data[key] is None for key in unwritten)  # report.json keeps every key, null when not run
+    assert json.loads(report.to_json()) == json.loads(json.dumps(data))
     assert data["target"] == {"sparsity": 0.5, "pattern": "2:4"}
     assert set(data["layers"][0]) >= {"name", "shape", "sparsity", "pattern_valid", "loss", "seconds"}
     assert set(data["seconds"]) >= {"load", "calibrate", "prune", "evaluate"}

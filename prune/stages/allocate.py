@@ -12,6 +12,8 @@ from tqdm.auto import tqdm
 from calibration.capture import LayerInputStatistics, run_calls
 from methods import PruningError, Target, owl
 from prune.models import layer_weight, prunable_layers
+from prune.plots import plot_allocation
+from prune.report import Section
 from prune.run import Run, Stage
 from prune.settings import StageSettings, about, check_fields, option
 
@@ -42,9 +44,16 @@ class AllocationSettings(StageSettings):
                 owl.check_lambda(target.sparsity, self.owl_lambda)
 
 
+def allocation_lines(allocation: dict) -> list[str]:
+    lines = [f"OWL allocation ({allocation['rule']} rule, M = {allocation['owl_m']:g}): block, outlier ratio, sparsity"]
+    lines.extend(f"  {entry['block']:>3}  {entry['outlier_ratio']:.4f}  {entry['sparsity']:.4f}" for entry in allocation["blocks"])
+    return lines
+
+
 class Allocate(Stage):
     key, settings_class = "allocate", AllocationSettings
     name = "allocate"
+    sections = ("allocation",)
     needs_block_inputs = True
 
     @classmethod
@@ -55,7 +64,7 @@ class Allocate(Stage):
         plan, settings = run.plan, self.settings
         saved = run.resume.report.get("allocation") if run.resume is not None else None
         if saved is not None:  # a resumed run: the earlier part measured the dense model's outliers
-            run.report.allocation = saved
+            self.report(run, saved)
             for entry in saved["blocks"]:
                 plan.targets[entry["block"]] = Target(entry["sparsity"])
             return
@@ -64,7 +73,7 @@ class Allocate(Stage):
         sparsities = owl.allocate(settings.owl_rule, ratios, parameters, self.target.sparsity, settings.owl_lambda)
         for index, sparsity in zip(plan.selected, sparsities, strict=True):
             plan.targets[index] = Target(sparsity)
-        run.report.allocation = {
+        allocation = self.report(run, {
             "rule": settings.owl_rule,
             "owl_m": settings.owl_m,
             "owl_lambda": settings.owl_lambda if settings.owl_rule != owl.PROPORTIONAL_RULE else None,
@@ -72,10 +81,16 @@ class Allocate(Stage):
                 {"block": index, "outlier_ratio": ratio, "sparsity": sparsity, "parameters": count}
                 for index, ratio, sparsity, count in zip(plan.selected, ratios, sparsities, parameters, strict=True)
             ],
-        }
+        })
         if run.resume is not None:
-            run.resume.report["allocation"] = run.report.allocation
+            run.resume.report["allocation"] = allocation
             run.resume.save()
+
+    def report(self, run: Run, allocation: dict) -> dict:
+        """Write the allocation's section: its per-block table in the verbose report, allocation.png in the output."""
+        sparsity = self.target.sparsity
+        return run.report.put("allocation", Section(allocation, details=allocation_lines,
+                                                    draw=lambda figures, folder: plot_allocation(figures, sparsity, folder / "allocation.png")))
 
     def outlier_ratios(self, run: Run) -> tuple[list[float], list[int]]:
         """For each selected block of the dense model, D and its number of prunable weights. Consumes `run.calls`."""

@@ -24,6 +24,7 @@ from eval.tasks import TaskError, evaluate_tasks, resolve_tasks
 from methods import PruningError, Target
 from prune.devices import on_device
 from prune.models import CAUSAL_LM, TOKEN_CLASSIFICATION
+from prune.report import Section
 from prune.resume import tensor_digest
 from prune.run import Evaluator, Run
 from prune.settings import StageSettings, check_fields, option
@@ -86,7 +87,7 @@ class PerplexityEvaluator:
         if window_count(ids, self.seqlen) < 1:
             raise PruningError(f"--eval-data {self.text}: {len(ids)} tokens, less than one window of {self.seqlen} (--eval-seqlen)")
         self.windows = evaluation_windows(ids, self.seqlen, self.settings.windows)
-        run.report.perplexity = {"data": self.text}
+        run.report.put(self.key, Section({"data": self.text}, lines=perplexity_lines))
 
     def fingerprint(self) -> str:
         return tensor_digest([self.windows])
@@ -112,7 +113,7 @@ class EntityF1Evaluator:
             raise PruningError(f"the model's labels ({', '.join(labels)}) lack tags of the test file in {self.folder}: "
                                f"{', '.join(sorted(unknown))}; is it a token classifier for this data?")
         self.labels = [run.model.config.id2label[index] for index in range(len(labels))]
-        run.report.entity_f1 = {"data": str(self.folder), "sentences": len(self.sentences)}
+        run.report.put(self.key, Section({"data": str(self.folder), "sentences": len(self.sentences)}, lines=entity_f1_lines))
 
     def fingerprint(self) -> str:
         return hashlib.sha256(repr([(sentence.tokens, sentence.tags) for sentence in self.sentences]).encode()).hexdigest()
@@ -150,8 +151,9 @@ class TasksEvaluator:
             run.note(message)
             if run.ranks.writer:
                 print(f"prune: warning: {message}", file=sys.stderr)
-        run.report.tasks = {"harness": "lm-evaluation-harness, zero-shot", "tasks": list(self.suite.names), "limit": self.settings.limit,
-                            "path": str(self.path) if self.path is not None else None, "unavailable": dict(self.suite.unavailable)}
+        run.report.put(self.key, Section({"harness": "lm-evaluation-harness, zero-shot", "tasks": list(self.suite.names), "limit": self.settings.limit,
+                                          "path": str(self.path) if self.path is not None else None, "unavailable": dict(self.suite.unavailable)},
+                                         lines=task_lines))
 
     def fingerprint(self) -> str:
         return hashlib.sha256(repr((self.suite.names, self.settings.limit, str(self.path))).encode()).hexdigest()
@@ -163,6 +165,47 @@ class TasksEvaluator:
                 figures = evaluate_tasks(run.model, run.loaded.tokenizer, self.suite, limit=self.settings.limit,
                                          batch_size=self.settings.batch_size, seed=run.settings.seed)
         return run.ranks.broadcast_object(figures, 0)
+
+
+EVALUATOR_SECTIONS = tuple(evaluator.key for evaluator in (PerplexityEvaluator, EntityF1Evaluator, TasksEvaluator))
+
+
+def measured(figures: dict, *, besides: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
+    """An evaluator's figures at each point of the run ('dense', 'pruned', ...), in the order they were measured: the
+    entries of its section that are dicts, but for those named in `besides`."""
+    return [(label, value) for label, value in figures.items() if isinstance(value, dict) and label not in besides]
+
+
+def perplexity_lines(figures: dict) -> list[str]:
+    points = measured(figures)
+    if not points:
+        return []
+    window = points[0][1]
+    values = ", ".join(f"{label} {value['value']:.3f}" for label, value in points)
+    return [f"perplexity ({figures['data']}, {window['windows']} windows of {window['seqlen']} tokens): {values}"]
+
+
+def entity_f1_lines(figures: dict) -> list[str]:
+    points = measured(figures)
+    if len(points) < 2:
+        return []
+    values = ", ".join(f"{label} {value['f1']:.4f}" for label, value in points)
+    return [f"entity F1 ({figures['data']} test split, {figures['sentences']} sentences): {values}"]
+
+
+def task_lines(tasks: dict) -> list[str]:
+    """One line per lm-eval task: its accuracies at each point of the run."""
+    limit = f", at most {tasks['limit']} examples each" if tasks["limit"] is not None else ""
+    lines = [f"zero-shot tasks ({tasks['harness']}{limit}):"]
+    points = [(label, value) for label, value in measured(tasks, besides=("unavailable",)) if value]
+    for task in tasks["tasks"]:
+        rows = [(label, value.get(task, {})) for label, value in points]
+        parts = [f"{metric} " + ", ".join(f"{label} {row[metric]:.4f}" for label, row in rows if metric in row)
+                 for metric in ("acc", "acc_norm") if any(metric in row for _, row in rows)]
+        samples = next((row["samples"] for _, row in rows if row.get("samples") is not None), None)
+        lines.append(f"  {task} ({samples} examples): " + "; ".join(parts))
+    lines.extend(f"  {task}: not evaluated ({reason})" for task, reason in tasks["unavailable"].items())
+    return lines
 
 
 @torch.no_grad()

@@ -35,7 +35,7 @@ from prune.models import (
     set_layer_weight,
     transformer_blocks,
 )
-from prune.report import LayerReport
+from prune.report import LayerReport, Section
 from prune.run import LayerPlan, Run, Stage
 from prune.settings import StageSettings, about, check_fields, flag_of, negated, option
 
@@ -220,6 +220,12 @@ class OneShotSettings(StageSettings):
             method.check_options(target, self.method_options)
 
 
+def quantization_lines(grid: dict) -> list[str]:
+    return [f"quantized to int{grid['bits']} " + (f"g{grid['group_size']}" if grid["group_size"] else "per channel") + " (symmetric, "
+            + ("in the pruning sweep" if grid["in_sweep"] else "GPTQ after the mask")
+            + (", activation order" if grid.get("act_order") else "") + (", searched scales" if grid.get("search_scales") else "") + ")"]
+
+
 def refuse_after_quantization(flag: str, run: Any) -> None:
     """Refuse a stage that trains the weights after --quantize put them on its grid."""
     if run is not None and run.oneshot.quantize is not None:
@@ -263,6 +269,7 @@ def skipped_layer(name: str, layer: nn.Module, reason: str) -> LayerReport:
 class OneShot(Stage):
     key, settings_class = "oneshot", OneShotSettings
     name = "prune"
+    sections = ("quantization",)
     label = "pruned"
 
     def __init__(self, settings: OneShotSettings, target: Target) -> None:
@@ -313,8 +320,8 @@ class OneShot(Stage):
                 if transposed is not None:
                     raise PruningError(f"--save-format compressed packs nn.Linear layers; {transposed} is a {type(run.model.get_submodule(transposed)).__name__} "
                                        "(GPT-2's transposed layer), which compressed-tensors does not load: use --save-format dense")
-            report.quantization = {"bits": grid.bits, "group_size": grid.group_size, "symmetric": True,
-                                   "in_sweep": self.method.quantizes, "act_order": grid.act_order, "search_scales": grid.search_scales}
+            report.put("quantization", Section({"bits": grid.bits, "group_size": grid.group_size, "symmetric": True, "in_sweep": self.method.quantizes,
+                                                "act_order": grid.act_order, "search_scales": grid.search_scales}, lines=quantization_lines))
             self.method = quantized(self.method, grid)  # from here on the method also rounds what it keeps
         report.method = self.method.name
         report.target = {"sparsity": target.sparsity, "pattern": target.pattern}
@@ -335,6 +342,9 @@ class OneShot(Stage):
             run.note(f"{len(incompatible)} layer(s) left dense: input size not a multiple of M={target.m}")
         if len(selected) < len(blocks):
             run.note(f"only blocks {settings.blocks} pruned ({len(selected)} of {len(blocks)}); the others stay dense")
+
+    def rank_figures(self, world: int) -> list[dict]:
+        return [{"layer_groups_pruned": self.groups_by_rank.get(rank, 0)} for rank in range(world)]
 
     def check_gradient_memory(self, run: Run) -> None:
         """A statistic built from gradients is held for every pruned layer at once: say how much memory it takes, and

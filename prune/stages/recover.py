@@ -24,6 +24,8 @@ from methods.magma import DEFAULT_P, DEFAULT_TAU, GRANULARITIES, Magma
 from prune.devices import on_device
 from prune.distributed import Ranks
 from prune.models import CAUSAL_LM, TOKEN_CLASSIFICATION, all_prunable_layers
+from prune.plots import plot_recover
+from prune.report import Section
 from prune.run import Run, Stage
 from prune.settings import StageSettings, check_fields, option
 from prune.stages.oneshot import refuse_after_quantization
@@ -183,9 +185,19 @@ def recover(model: nn.Module, batches: Iterator[dict], settings: RecoverSettings
     return result
 
 
+def recover_lines(recovered: dict) -> list[str]:
+    curve = recovered["curve"]
+    return [
+        f"recovery ({recovered['optimizer']}, {recovered['steps']} steps, lr {recovered['lr']:g}, batch {recovered['batch']} x {recovered['seqlen']} tokens): "
+        f"training loss {curve[0]['loss']:.3f} -> {curve[-1]['loss']:.3f}, {recovered['seconds_per_step']:.2f} s/step "
+        f"(optimizer {recovered['seconds_optimizer'] / recovered['steps']:.3f} s), pruned weights kept at zero: {'yes' if recovered['zeros_kept'] else 'NO'}"
+    ]
+
+
 class Recover(Stage):
     key, settings_class = "recover", RecoverSettings
     name = "recover"
+    sections = ("recover",)
     label = "recovered"
 
     def prepare(self, run: Run) -> None:
@@ -212,7 +224,8 @@ class Recover(Stage):
         batches = itertools.islice(self.batches, run.ranks.rank, None, run.ranks.world)  # with several ranks: every world-th batch each
         with on_device(run.model, run.device, run.compute_dtype):  # trained in the compute dtype, stored back in the model's
             result = recover(run.model, batches, self.settings, run.device, seed=run.settings.seed, progress=run.settings.progress, ranks=run.ranks)
-        run.report.recover = result.as_dict()
+        run.report.put("recover", Section(result.as_dict(), lines=recover_lines,
+                                          draw=lambda figures, folder: plot_recover(figures, folder / "recover.png")))
         if not result.zeros_kept:
             raise PruningError("internal error: pruned weights moved during recovery")
 

@@ -32,6 +32,8 @@ from methods.maskpro import ESTIMATORS, MAX_SET_N, PAPER_ALPHA, PAPER_LOGIT_SCAL
 from prune.devices import on_device, synchronize
 from prune.distributed import Ranks
 from prune.models import CAUSAL_LM, layer_weight
+from prune.plots import plot_refine
+from prune.report import Section
 from prune.run import Run, Stage
 from prune.settings import StageSettings, check_fields, option
 from prune.stages.oneshot import refuse_after_quantization
@@ -305,9 +307,21 @@ def dense_snapshot(layers: dict[str, nn.Module]) -> dict[str, Tensor]:
     return {name: layer_weight(layer).detach().to("cpu", copy=True) for name, layer in layers.items()}
 
 
+def refine_lines(refined: dict) -> list[str]:
+    curve, heldout, seconds = refined["curve"], refined["heldout"]["losses"], max(refined["seconds"], 1e-12)
+    return [
+        f"refinement ({refined['method']}, {refined['steps']} steps, lr {refined['lr']:g}, C {refined['logit_scale']:g}, α {refined['alpha']:g}, "
+        f"{refined['weights']} weights under the mask): residual {curve[0]['residual']:+.4f} -> {curve[-1]['residual']:+.4f}, "
+        f"{refined['changed_groups']:.2%} of groups changed, held-out loss one-shot {heldout['one-shot']:.4f} / top-N {heldout['top-N']:.4f} "
+        f"(kept {refined['heldout']['kept']}), {refined['seconds_per_step']:.2f} s/step (sampling {refined['seconds_sampling'] / seconds:.0%}, "
+        f"forward {refined['seconds_forward'] / seconds:.0%}, update {refined['seconds_update'] / seconds:.0%})"
+    ]
+
+
 class Refine(Stage):
     key, settings_class = "refine", RefineSettings
     name = "refine"
+    sections = ("refine",)
     label = "refined"
 
     def prepare(self, run: Run) -> None:
@@ -334,7 +348,8 @@ class Refine(Stage):
         with on_device(run.model, run.device, run.compute_dtype):
             result = refine(run.model, layers, initial, self.target, self.windows[: settings.windows], self.windows[settings.windows :], settings,
                             run.device, seed=run.settings.seed, progress=run.settings.progress, ranks=run.ranks)
-        run.report.refine = result.as_dict()
+        run.report.put("refine", Section(result.as_dict(), lines=refine_lines,
+                                         draw=lambda figures, folder: plot_refine(figures, folder / "refine.png")))
         for layer_report in run.report.layers:  # every refined layer must still hold the pattern
             if layer_report.loss is None:
                 continue
