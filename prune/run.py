@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -18,44 +17,14 @@ from methods import PruningError, Target
 from prune.compressed import layer_scales
 from prune.devices import cast_while_running, compute_dtype, on_device, timed
 from prune.distributed import Ranks
-from prune.models import LoadedModel, max_positions, prunable_layers
+from prune.models import LoadedModel, max_positions
+from prune.plan import LayerPlan
 from prune.report import Report
 from prune.resume import ResumeState
 from prune.weights import Checkpoint, ShardWriter, materialise, parameter_names, release
 
 if TYPE_CHECKING:
     from prune.pipeline import PruneSettings
-
-
-@dataclass
-class LayerPlan:
-    """Which layers the one-shot stage prunes, and to what: set by that stage before any stage runs."""
-
-    blocks_name: str
-    blocks: nn.ModuleList
-    targets: list[Target | None]  # per block; None: the block stays dense
-    skipped: dict[str, str] = field(default_factory=dict)  # full name -> why the layer stays dense (--targets, --ignore, N:M input size)
-    overrides: dict[str, Target] = field(default_factory=dict)  # full name -> the layer's own target (--sparsity-override)
-
-    @property
-    def selected(self) -> list[int]:
-        return [index for index, target in enumerate(self.targets) if target is not None]
-
-    def target_of(self, name: str) -> Target | None:
-        """What the layer `name` (full name) becomes: its override, else its block's target; None when it stays dense."""
-        block = self.targets[int(name[len(self.blocks_name) + 1 :].split(".")[0])]
-        if block is None or name in self.skipped:
-            return None
-        return self.overrides.get(name, block)
-
-    def pruned_layers(self) -> dict[str, nn.Module]:
-        """Full name -> layer, for every layer the one-shot stage prunes."""
-        return {
-            f"{self.blocks_name}.{index}.{name}": layer
-            for index in self.selected
-            for name, layer in prunable_layers(self.blocks[index]).items()
-            if f"{self.blocks_name}.{index}.{name}" not in self.skipped
-        }
 
 
 class Evaluator(Protocol):

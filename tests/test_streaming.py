@@ -15,7 +15,8 @@ from eval.perplexity import perplexity
 from prune import PruneSettings, load_model
 from prune.models import all_prunable_layers, layer_weight
 from prune.pipeline import Pipeline
-from prune.run import LayerPlan, Run
+from prune.plan import LayerPlan
+from prune.run import Run
 from prune.stages.evaluate import sequential_perplexity
 from tests.conftest import FAST, HALF, SMALL, run, stored, tiny_model
 

@@ -5,7 +5,6 @@ the next block's inputs. The stage knows methods only through their `Method` rec
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,10 +32,10 @@ from prune.models import (
     layer_weight,
     prunable_layers,
     set_layer_weight,
-    transformer_blocks,
 )
+from prune.plan import LayerRules, layer_pattern, layer_plan, parsed_override
 from prune.report import LayerReport, Section
-from prune.run import LayerPlan, Run, Stage
+from prune.run import Run, Stage
 from prune.settings import StageSettings, about, check_fields, flag_of, negated, option
 
 PROPAGATE_CHOICES = ("pruned", "dense")
@@ -49,66 +48,6 @@ LARGE_WORK_FLOP = 2e13  # above this much estimated work (minutes on a CPU), say
 def method_flag(name: str) -> str:
     """The command-line flag of a method option."""
     return "--" + name.replace("_", "-")
-
-
-REGEX_PREFIX = "re:"  # how llm-compressor recipes mark a regular expression in `targets` and `ignore`
-
-
-def layer_pattern(text: str, flag: str) -> re.Pattern:
-    """A regular expression searched in full layer names (model.layers.3.mlp.down_proj); a leading 're:' is dropped."""
-    try:
-        return re.compile(text.removeprefix(REGEX_PREFIX))
-    except re.error as error:
-        raise PruningError(f"{flag} {text!r} is not a regular expression: {error}") from None
-
-
-def parsed_override(text: str) -> tuple[str, float]:
-    """'REGEX=SPARSITY' -> (REGEX, SPARSITY), the sparsity in [0, 1)."""
-    pattern, equals, value = text.rpartition("=")
-    if not equals or not pattern:
-        raise PruningError(f"--sparsity-override {text!r}: expected REGEX=SPARSITY")
-    try:
-        sparsity = float(value)
-    except ValueError:
-        raise PruningError(f"--sparsity-override {text!r}: {value!r} is not a number") from None
-    if not 0 <= sparsity < 1:
-        raise PruningError(f"--sparsity-override {text!r}: the sparsity must be in [0, 1)")
-    return pattern, sparsity
-
-
-@dataclass(frozen=True)
-class LayerRules:
-    """Which layers of the selected blocks are pruned, and to what sparsity, by name: --targets, --ignore,
-    --sparsity-override (a layer that --targets does not match, or that --ignore matches, stays dense; the first
-    override that matches a pruned layer replaces its block's sparsity)."""
-
-    targets: tuple[tuple[str, re.Pattern], ...] = ()
-    ignore: tuple[tuple[str, re.Pattern], ...] = ()
-    overrides: tuple[tuple[str, re.Pattern, float], ...] = ()
-
-    def __bool__(self) -> bool:
-        return bool(self.targets or self.ignore or self.overrides)
-
-    def dense_reason(self, name: str) -> str | None:
-        """Why the layer `name` stays dense, or None when it is pruned."""
-        if self.targets and not any(pattern.search(name) for _, pattern in self.targets):
-            return "not matched by --targets; left dense"
-        ignored = next((text for text, pattern in self.ignore if pattern.search(name)), None)
-        return None if ignored is None else f"matched --ignore {ignored!r}; left dense"
-
-    def sparsity_of(self, name: str) -> float | None:
-        """The sparsity of the first override that matches `name`, if any."""
-        return next((sparsity for _, pattern, sparsity in self.overrides if pattern.search(name)), None)
-
-    def unmatched(self, names: list[str]) -> str | None:
-        """The complaint about the first rule that matches none of `names` (a misspelt regex would silently do nothing)."""
-        rules = [("--targets", text, pattern) for text, pattern in self.targets] + [("--ignore", text, pattern) for text, pattern in self.ignore]
-        rules += [("--sparsity-override", f"{text}={sparsity:g}", pattern) for text, pattern, sparsity in self.overrides]
-        for flag, text, pattern in rules:
-            if not any(pattern.search(name) for name in names):
-                example = names[0] if names else "(none)"
-                return f"{flag} {text!r} matches no layer of the model (its layers are named like {example})"
-        return None
 
 
 def as_tuple(value) -> tuple[str, ...]:
@@ -233,34 +172,6 @@ def refuse_after_quantization(flag: str, run: Any) -> None:
                            "without --quantize")
 
 
-def parse_blocks(spec: str | None, count: int) -> list[int]:
-    """Block indices from a spec like '0-9,12' (None: all `count` blocks)."""
-    if spec is None:
-        return list(range(count))
-    selected = set()
-    for part in spec.split(","):
-        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
-        if match is None:
-            raise PruningError(f"--blocks must look like 0-9,12, got {spec!r}")
-        first, last = int(match.group(1)), int(match.group(2) or match.group(1))
-        if first > last or last >= count:
-            raise PruningError(f"--blocks {spec}: the model has blocks 0-{count - 1}")
-        selected.update(range(first, last + 1))
-    return sorted(selected)
-
-
-def incompatible_layers(blocks: nn.ModuleList, blocks_name: str, target: Target, selected: list[int]) -> list[str]:
-    """Names of the layers of the selected blocks whose input size is not a multiple of the target's M."""
-    if not target.is_nm:
-        return []
-    return [
-        f"{blocks_name}.{index}.{name}"
-        for index in selected
-        for name, layer in prunable_layers(blocks[index]).items()
-        if input_features(layer) % target.m
-    ]
-
-
 def skipped_layer(name: str, layer: nn.Module, reason: str) -> LayerReport:
     weight = layer_weight(layer)
     return LayerReport(name, tuple(weight.shape), zero_fraction(weight), None, None, 0.0, [reason])
@@ -287,24 +198,9 @@ class OneShot(Stage):
 
     def prepare(self, run: Run) -> None:
         settings, target, report = self.settings, self.target, run.report
-        blocks_name, blocks = transformer_blocks(run.model)
-        selected = parse_blocks(settings.blocks, len(blocks))
-        rules = settings.layer_rules()
-        names = list(all_prunable_layers(run.model))
-        if (problem := rules.unmatched(names)) is not None:
-            raise PruningError(problem)
-        in_selected = [f"{blocks_name}.{index}.{name}" for index in selected for name in prunable_layers(blocks[index])]
-        skipped = {name: reason for name in in_selected if (reason := rules.dense_reason(name)) is not None}
-        incompatible = [name for name in incompatible_layers(blocks, blocks_name, target, selected) if name not in skipped]
-        if incompatible and not settings.skip_incompatible:
-            raise PruningError(
-                f"{len(incompatible)} layer(s) cannot hold pattern {target.pattern}: {incompatible[0]} has "
-                f"{input_features(run.model.get_submodule(incompatible[0]))} inputs, not a multiple of {target.m} "
-                "(--skip-incompatible leaves such layers dense)"
-            )
-        skipped.update({name: f"input size not a multiple of M={target.m}; left dense" for name in incompatible})
-        overrides = {name: Target(sparsity) for name in in_selected if name not in skipped and (sparsity := rules.sparsity_of(name)) is not None}
-        run.plan = LayerPlan(blocks_name, blocks, [target if index in selected else None for index in range(len(blocks))], skipped, overrides)
+        run.plan = layer_plan(run.model, target, settings.layer_rules(), settings.blocks, settings.skip_incompatible)
+        blocks_name, blocks, skipped, incompatible = run.plan.blocks_name, run.plan.blocks, run.plan.skipped, run.plan.incompatible
+        overrides, selected = run.plan.overrides, run.plan.selected
         by_rules = len(skipped) - len(incompatible)
         if by_rules:
             run.note(f"{by_rules} layer(s) left dense by --targets / --ignore")
