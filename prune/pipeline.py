@@ -34,13 +34,15 @@ from prune.settings import check_fields, flag_of, key_of, option, option_fields,
 from prune.stages.allocate import Allocate, AllocationSettings
 from prune.stages.calibrate import Calibrate, CalibrationSettings
 from prune.stages.evaluate import EVALUATOR_SECTIONS, EvaluationSettings, evaluators
+from prune.stages.gradients import GradientPrune
 from prune.stages.oneshot import OneShot, OneShotSettings
 from prune.stages.recover import Recover, RecoverSettings
 from prune.stages.refine import Refine, RefineSettings
 from prune.weights import ShardWriter, StreamingError, writing
 
-# The stages, in the order they run. Adding a stage: its module in prune/stages, one line here, one field below.
-STAGES: tuple[type[Stage], ...] = (Calibrate, Allocate, OneShot, Refine, Recover)
+# The stages, in the order they run (the one-shot stage, or its gradient form, by the method's statistic). Adding a
+# stage: its module in prune/stages, one line here, one field below.
+STAGES: tuple[type[Stage], ...] = (Calibrate, Allocate, OneShot, GradientPrune, Refine, Recover)
 # Each part's settings, under the attribute of PruneSettings that holds them. An optional stage is off (None)
 # unless its switch field is set (e.g. `refine="maskpro"`, `--refine maskpro`).
 STAGE_SETTINGS: dict[str, type] = {**{stage.key: stage.settings_class for stage in STAGES}, "evaluate": EvaluationSettings}

@@ -113,7 +113,7 @@ def test_obert_refuses_what_cannot_work_before_any_forward_pass(model_folders, t
             code, _, err = run([*llama, *arguments], capsys)
             assert_one_line_error(code, err, fragment)
             assert not forwards, (arguments, forwards[:3])
-        monkeypatch.setattr("prune.stages.oneshot.available_memory", lambda device: 1024)
+        monkeypatch.setattr("prune.stages.gradients.available_memory", lambda device: 1024)
         code, _, err = run([*llama, "--sparsity", "0.5"], capsys)
         assert_one_line_error(code, err, "GiB are free")
         assert not forwards
