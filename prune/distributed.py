@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -55,6 +56,14 @@ class Ranks:
     def owner(self, index: int) -> int:
         """The rank that does the `index`-th piece of work handed out in turn."""
         return index % self.world
+
+    def on_owner(self, owner: int, work: Callable[[], Item], tensors: list[Tensor]) -> Item:
+        """Run `work` on the rank `owner` alone; then every rank holds the owner's values of `tensors` (which `work`
+        filled in place there) and what `work` returned."""
+        made = work() if self.rank == owner else None
+        for tensor in tensors if self.several else ():
+            self.broadcast_(tensor, owner)
+        return self.broadcast_object(made, owner)
 
     def sum_(self, tensor: Tensor) -> Tensor:
         """Sum `tensor` over the ranks, in place (every rank gets the sum)."""

@@ -375,12 +375,14 @@ class OneShot(Stage):
         ranks = run.ranks
         owner = ranks.owner(self.groups_pruned)  # with several ranks, groups are handed out in turn
         self.groups_pruned += 1
-        reports = self.pruned_here(layers, full, statistic, target, run.device, run.dtype) if ranks.rank == owner else None
-        if ranks.several:  # every rank gets the owner's pruned weights, their scales when quantized, and their report entries
-            for layer in layers.values():
-                ranks.broadcast_(layer.weight.data, owner)
-            scales = [kept_scales(layer) for layer in layers.values()] if ranks.rank == owner else None
-            reports, scales = ranks.broadcast_object((reports, scales), owner)
+
+        def work() -> tuple[list[LayerReport], list]:
+            reports = self.pruned_here(layers, full, statistic, target, run.device, run.dtype)
+            return reports, [kept_scales(layer) for layer in layers.values()]
+
+        # every rank gets the owner's pruned weights, their scales when quantized, and their report entries
+        reports, scales = ranks.on_owner(owner, work, [layer.weight.data for layer in layers.values()])
+        if ranks.several:
             for layer, scale in zip(layers.values(), scales, strict=True):
                 if scale is not None:
                     keep_scales(layer, scale)
