@@ -25,7 +25,7 @@ from prune.models import EMBEDDED_MODELS, SMOLLM2, ModelError
 from prune.output import OutputError
 from prune.pipeline import STAGE_SETTINGS, Pipeline, PruneSettings
 from prune.settings import has_cli_default, key_of, negated, option_fields, renamed_hint
-from prune.stages.oneshot import method_flag
+from prune.stages.oneshot_settings import method_flag
 from prune.weights import StreamingError
 
 USER_ERRORS = (PruningError, CorpusError, ModelError, OutputError, NerDataError)

@@ -35,7 +35,8 @@ from prune.stages.allocate import Allocate, AllocationSettings
 from prune.stages.calibrate import Calibrate, CalibrationSettings
 from prune.stages.evaluate import EVALUATOR_SECTIONS, EvaluationSettings, evaluators
 from prune.stages.gradients import GradientPrune
-from prune.stages.oneshot import OneShot, OneShotSettings
+from prune.stages.oneshot import OneShot
+from prune.stages.oneshot_settings import OneShotSettings
 from prune.stages.recover import Recover, RecoverSettings
 from prune.stages.refine import Refine, RefineSettings
 from prune.weights import ShardWriter, StreamingError, writing

@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from eval.sparsity import zero_fraction
 from methods import PruningError, Target
-from prune.models import all_prunable_layers, input_features, prunable_layers, transformer_blocks
+from prune.models import all_prunable_layers, input_features, layer_weight, prunable_layers, transformer_blocks
+from prune.report import LayerReport
 
 REGEX_PREFIX = "re:"  # how llm-compressor recipes mark a regular expression in `targets` and `ignore`
 
@@ -152,3 +154,22 @@ def layer_plan(model: nn.Module, target: Target, rules: LayerRules, block_spec: 
     overrides = {name: Target(sparsity) for name in in_selected if name not in skipped and (sparsity := rules.sparsity_of(name)) is not None}
     return LayerPlan(blocks_name, blocks, [target if index in selected else None for index in range(len(blocks))], skipped, overrides,
                      incompatible)
+
+
+def plan_notes(plan: LayerPlan, target: Target, block_spec: str | None) -> list[str]:
+    """What the plan leaves dense or prunes differently, for the report's notes."""
+    notes = []
+    if by_rules := len(plan.skipped) - len(plan.incompatible):
+        notes.append(f"{by_rules} layer(s) left dense by --targets / --ignore")
+    if plan.overrides:
+        notes.append(f"{len(plan.overrides)} layer(s) pruned to their --sparsity-override instead of their block's sparsity")
+    if plan.incompatible:
+        notes.append(f"{len(plan.incompatible)} layer(s) left dense: input size not a multiple of M={target.m}")
+    if len(plan.selected) < len(plan.blocks):
+        notes.append(f"only blocks {block_spec} pruned ({len(plan.selected)} of {len(plan.blocks)}); the others stay dense")
+    return notes
+
+
+def skipped_layer(name: str, layer: nn.Module, reason: str) -> LayerReport:
+    weight = layer_weight(layer)
+    return LayerReport(name, tuple(weight.shape), zero_fraction(weight), None, None, 0.0, [reason])

@@ -15,9 +15,11 @@ from methods.base import masks_lowest_across
 from methods.schedules import cubic_sparsity
 from prune.devices import available_memory, on_device, timed
 from prune.models import all_prunable_layers, layer_gradient, layer_weight, set_layer_weight
+from prune.plan import skipped_layer
 from prune.report import LayerReport
 from prune.run import Run
-from prune.stages.oneshot import OneShot, OneShotSettings, method_flag, skipped_layer
+from prune.stages.oneshot import OneShot
+from prune.stages.oneshot_settings import OneShotSettings, method_flag
 
 
 class GradientPrune(OneShot):

@@ -28,7 +28,7 @@ from prune.plots import plot_recover
 from prune.report import Section
 from prune.run import Run, Stage
 from prune.settings import StageSettings, check_fields, option
-from prune.stages.oneshot import refuse_after_quantization
+from prune.stages.oneshot_settings import refuse_after_quantization
 from prune.training import train
 
 RECOVER_OPTIMIZERS = ("magma", "adamw", "skipupdate")

@@ -36,7 +36,7 @@ from prune.plots import plot_refine
 from prune.report import Section
 from prune.run import Run, Stage
 from prune.settings import StageSettings, check_fields, option
-from prune.stages.oneshot import refuse_after_quantization
+from prune.stages.oneshot_settings import refuse_after_quantization
 
 REFINE_METHODS = ("maskpro",)
 REFINE_ESTIMATORS = ("auto", *ESTIMATORS)
