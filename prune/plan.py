@@ -11,8 +11,10 @@ from torch import nn
 
 from eval.sparsity import zero_fraction
 from methods import PruningError, Target
+from methods.quantize import QuantGrid
 from prune.models import all_prunable_layers, input_features, layer_weight, prunable_layers, transformer_blocks
 from prune.report import LayerReport
+from prune.settings import about
 
 REGEX_PREFIX = "re:"  # how llm-compressor recipes mark a regular expression in `targets` and `ignore`
 
@@ -123,6 +125,17 @@ class LayerPlan:
         if block is None or name in self.skipped:
             return None
         return self.overrides.get(name, block)
+
+    def check_grid(self, grid: QuantGrid, *, packed: bool) -> None:
+        """Refuse a --quantize grid a pruned layer cannot hold, or (`packed`: a compressed output) a layer that
+        compressed-tensors cannot load."""
+        for name, layer in self.pruned_layers().items():
+            with about("--group-size"):
+                grid.check_layer(name, input_features(layer))
+        transposed = next((name for name, layer in self.pruned_layers().items() if not isinstance(layer, nn.Linear)), None) if packed else None
+        if transposed is not None:
+            raise PruningError(f"--save-format compressed packs nn.Linear layers; {transposed} is a {type(self.pruned_layers()[transposed]).__name__} "
+                               "(GPT-2's transposed layer), which compressed-tensors does not load: use --save-format dense")
 
     def pruned_layers(self) -> dict[str, nn.Module]:
         """Full name -> layer, for every layer the one-shot stage prunes."""

@@ -10,6 +10,7 @@ uninterrupted run would have written.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -63,6 +64,12 @@ class ResumeState:
         if differences:
             raise PruningError(f"--resume: the unfinished run in {folder} had other {differences}; start it again without --resume")
         return cls(folder, fingerprint, saved["finished"], saved["report"]), f"resumed after {saved['finished']} finished blocks of an earlier run"
+
+    def finished_block(self, index: int, layers: list, breakdown: dict) -> None:
+        """Block `index` is written: save it as finished, with the report's layer entries (LayerReports) and time so far."""
+        self.finished = index + 1
+        self.report.update(layers=[dataclasses.asdict(layer) for layer in layers], prune_breakdown=breakdown)
+        self.save()
 
     def save(self) -> None:
         if self.writable:

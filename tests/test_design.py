@@ -195,3 +195,22 @@ def test_the_report_and_the_output_name_no_stage() -> None:
             assert not ast.unparse(node.value).endswith("report"), f"pipeline.py:{node.lineno} reads {ast.unparse(node)}"
         if isinstance(node, ast.Call) and ast.unparse(node.func) == "isinstance":
             assert not {arg.id for arg in ast.walk(node.args[1]) if isinstance(arg, ast.Name)} & stage_names, f"pipeline.py:{node.lineno}"
+
+
+def function_lengths(path: Path) -> dict[str, int]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return {node.name: node.end_lineno - node.lineno + 1 for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+
+
+def test_the_orchestration_reads_in_functions_of_at_most_60_lines() -> None:
+    for package in ("prune", "calibration", "eval"):
+        for path in modules(package):
+            for name, length in function_lengths(path).items():
+                assert length <= 60, f"{path.relative_to(ROOT)}: {name} is {length} lines"
+
+
+def test_the_one_shot_stage_is_one_job() -> None:
+    """The one-shot stage is its block loop: settings, plan, gradient pruning and rank ownership live elsewhere."""
+    path = ROOT / "prune" / "stages" / "oneshot.py"
+    assert len(path.read_text(encoding="utf-8").splitlines()) <= 250
+    assert max(function_lengths(path).values()) <= 40

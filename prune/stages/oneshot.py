@@ -4,7 +4,6 @@ the next block's inputs. The stage knows methods only through their `Method` rec
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import torch
@@ -13,33 +12,19 @@ from tqdm.auto import tqdm
 
 from calibration.capture import LayerInputStatistics, input_groups, run_calls, run_in_lockstep
 from eval.sparsity import nm_valid, zero_fraction
-from methods import Method, PruningError, Target, get_method
+from methods import Method, Target, get_method
 from methods.base import HESSIAN
 from methods.gptq import quantized
-from methods.quantize import QuantGrid
 from methods.statistics import ACCUMULATORS
 from prune.compressed import keep_scales, kept_scales
 from prune.devices import synchronize, timed
-from prune.models import input_features, layer_weight, prunable_layers, set_layer_weight
+from prune.models import layer_weight, prunable_layers, set_layer_weight
 from prune.plan import layer_plan, plan_notes, skipped_layer
 from prune.report import LayerReport, Section
 from prune.run import Run, Stage
-from prune.settings import about
 from prune.stages.oneshot_settings import HESSIAN_DTYPES, OneShotSettings, method_flag, quantization_lines
 
 LARGE_WORK_FLOP = 2e13  # above this much estimated work (minutes on a CPU), say so before starting
-
-
-def check_grid(run: Run, grid: QuantGrid) -> None:
-    """Refuse a --quantize grid a pruned layer cannot hold, or a compressed output of a layer compressed-tensors cannot load."""
-    for name, layer in run.plan.pruned_layers().items():
-        with about("--group-size"):
-            grid.check_layer(name, input_features(layer))
-    if run.settings.output is not None and run.settings.compressed():
-        transposed = next((name for name, layer in run.plan.pruned_layers().items() if not isinstance(layer, nn.Linear)), None)
-        if transposed is not None:
-            raise PruningError(f"--save-format compressed packs nn.Linear layers; {transposed} is a {type(run.model.get_submodule(transposed)).__name__} "
-                               "(GPT-2's transposed layer), which compressed-tensors does not load: use --save-format dense")
 
 
 class OneShot(Stage):
@@ -73,7 +58,7 @@ class OneShot(Stage):
             run.note(note)
         grid = settings.grid(run.dtype)  # the method is wrapped to round to it once the model's dtype is known
         if grid is not None:
-            check_grid(run, grid)
+            run.plan.check_grid(grid, packed=run.settings.output is not None and run.settings.compressed())
             report.put("quantization", Section({"bits": grid.bits, "group_size": grid.group_size, "symmetric": True, "in_sweep": self.method.quantizes,
                                                 "act_order": grid.act_order, "search_scales": grid.search_scales}, lines=quantization_lines))
             self.method = quantized(self.method, grid)  # from here on the method also rounds what it keeps
@@ -96,8 +81,7 @@ class OneShot(Stage):
 
     def execute(self, run: Run) -> None:
         calls, run.calls = (run.calls if self.needs_block_inputs else None), None
-        plan = run.plan
-        report = run.report
+        plan, report = run.plan, run.report
         report.layers, report.prune_breakdown = [], {"statistics": 0.0, "method": 0.0, "propagate": 0.0}
         chosen = [target for target in plan.targets if target is not None]
         description = f"{self.method.name} {chosen[0].describe()}" if len(set(chosen)) == 1 else f"{self.method.name} OWL"
@@ -110,9 +94,7 @@ class OneShot(Stage):
             if losses:
                 bar.set_postfix(loss=f"{sum(losses):.3g}")
             if run.resume is not None:  # the block's shard is written: it is finished
-                run.resume.finished = index + 1
-                run.resume.report.update(layers=[dataclasses.asdict(layer) for layer in report.layers], prune_breakdown=report.prune_breakdown)
-                run.resume.save()
+                run.resume.finished_block(index, report.layers, report.prune_breakdown)
 
     def resumed(self, run: Run, calls: list | None) -> int:
         """With the finished blocks of an earlier part of a resumed run: take their report entries, read them from
