@@ -31,28 +31,38 @@ from prune.report import Report, Section
 from prune.resume import NOT_FINGERPRINTED, ResumeState, model_fingerprint, tensor_digest
 from prune.run import Run, Stage
 from prune.settings import check_fields, flag_of, key_of, option, option_fields, switch_field
-from prune.stages.allocate import Allocate, AllocationSettings
-from prune.stages.calibrate import Calibrate, CalibrationSettings
+from prune.stages import STAGES
+from prune.stages.allocate import AllocationSettings
+from prune.stages.calibrate import CalibrationSettings
 from prune.stages.evaluate import EVALUATOR_SECTIONS, EvaluationSettings, evaluators
-from prune.stages.gradients import GradientPrune
-from prune.stages.oneshot import OneShot
 from prune.stages.oneshot_settings import OneShotSettings
-from prune.stages.recover import Recover, RecoverSettings
-from prune.stages.refine import Refine, RefineSettings
+from prune.stages.recover import RecoverSettings
+from prune.stages.refine import RefineSettings
 from prune.weights import ShardWriter, StreamingError, writing
 
-# The stages, in the order they run (the one-shot stage, or its gradient form, by the method's statistic). Adding a
-# stage: its module in prune/stages, one line here, one field below.
-STAGES: tuple[type[Stage], ...] = (Calibrate, Allocate, OneShot, GradientPrune, Refine, Recover)
-# Each part's settings, under the attribute of PruneSettings that holds them. An optional stage is off (None)
-# unless its switch field is set (e.g. `refine="maskpro"`, `--refine maskpro`).
-STAGE_SETTINGS: dict[str, type] = {**{stage.key: stage.settings_class for stage in STAGES}, "evaluate": EvaluationSettings}
 RANKS = "distributed"  # the report section of several ranks: what each did
-# Every report section a run may write (report.json holds the ones a run did not write as null).
-SECTIONS = (*EVALUATOR_SECTIONS, *(key for stage in STAGES for key in stage.sections), RANKS, STORAGE)
 STREAM_CHOICES = ("auto", "on", "off")
 SAVE_FORMATS = ("dense", "compressed")
-SWITCHES = {stage: switch.name for stage, settings_class in STAGE_SETTINGS.items() if (switch := switch_field(settings_class)) is not None}
+
+
+def stage_settings(stages: tuple[type[Stage], ...]) -> dict[str, type]:
+    """Each part's settings class, under the attribute of PruneSettings that holds them. An optional stage is off
+    (None) unless its switch field is set (e.g. `refine="maskpro"`, `--refine maskpro`)."""
+    return {**{stage.key: stage.settings_class for stage in stages}, "evaluate": EvaluationSettings}
+
+
+def switches(stages: tuple[type[Stage], ...]) -> dict[str, str]:
+    """Optional stage -> the name of the field that turns it on."""
+    return {key: switch.name for key, settings_class in stage_settings(stages).items() if (switch := switch_field(settings_class)) is not None}
+
+
+def report_sections(stages: tuple[type[Stage], ...]) -> tuple[str, ...]:
+    """Every report section a run may write (report.json holds the ones a run did not write as null)."""
+    return (*EVALUATOR_SECTIONS, *dict.fromkeys(key for stage in stages for key in stage.sections), RANKS, STORAGE)
+
+
+STAGE_SETTINGS = stage_settings(STAGES)  # the command's options come from these
+SECTIONS = report_sections(STAGES)
 
 
 @dataclasses.dataclass(init=False)
@@ -87,17 +97,19 @@ class PruneSettings:
                           "settings, model and data: anything else is refused); its output equals an uninterrupted run's.")
     progress: bool = True  # progress bars (the command's --quiet turns them off)
 
-    def __init__(self, **options: Any) -> None:
-        given: dict[str, dict] = {stage: {} for stage in STAGE_SETTINGS}
+    def __init__(self, *, stages: tuple[type[Stage], ...] = STAGES, **options: Any) -> None:
+        self.stage_classes = tuple(stages)
+        settings_classes, optional = stage_settings(self.stage_classes), switches(self.stage_classes)
+        given: dict[str, dict] = {stage: {} for stage in settings_classes}
         whole: dict[str, Any] = {}
         shared = {field.name for field in dataclasses.fields(PruneSettings) if field.name not in STAGE_SETTINGS}
         for name in shared:
             setattr(self, name, next(field.default for field in dataclasses.fields(PruneSettings) if field.name == name))
-        routes = option_routes()
+        routes = option_routes(settings_classes)
         for key, value in options.items():
             if key in shared:
                 setattr(self, key, value)
-            elif key in STAGE_SETTINGS and isinstance(value, STAGE_SETTINGS[key]):
+            elif key in settings_classes and isinstance(value, settings_classes[key]):
                 whole[key] = value
             elif key == "method_options":
                 given["oneshot"].setdefault("method_options", {}).update(value)
@@ -109,23 +121,23 @@ class PruneSettings:
                     given[stage][name] = value
             else:
                 raise PruningError(f"unknown setting {key!r}")
-        for stage, settings_class in STAGE_SETTINGS.items():
+        for stage, settings_class in settings_classes.items():
             if stage in whole:
                 if given[stage]:
                     raise PruningError(f"{stage} settings given both whole and as options ({', '.join(given[stage])})")
                 setattr(self, stage, whole[stage])
-            elif stage in SWITCHES and given[stage].get(SWITCHES[stage]) is None:
+            elif stage in optional and given[stage].get(optional[stage]) is None:
                 if given[stage]:
                     flags = ", ".join(flag_of(settings_class, name) for name in given[stage])
                     raise PruningError(f"{flags} appl{'ies' if len(given[stage]) == 1 else 'y'} only with "
-                                       f"{flag_of(settings_class, SWITCHES[stage])}")
+                                       f"{flag_of(settings_class, optional[stage])}")
                 setattr(self, stage, None)
             else:
                 setattr(self, stage, settings_class(**given[stage]))
 
     def stages(self) -> dict[str, Any]:
         """The settings of each stage that runs."""
-        return {stage: getattr(self, stage) for stage in STAGE_SETTINGS if getattr(self, stage) is not None}
+        return {stage: getattr(self, stage) for stage in stage_settings(self.stage_classes) if getattr(self, stage) is not None}
 
     def whole_model_needed_by(self) -> str | None:
         """The option that needs the whole model in memory at once, if any."""
@@ -172,15 +184,15 @@ class PruneSettings:
         for settings in self.stages().values():
             options.update({key_of(field): getattr(settings, field.name) for field in option_fields(type(settings))})
         options.update(self.oneshot.method_options)
-        for stage in SWITCHES:
+        for stage in switches(self.stage_classes):
             if getattr(self, stage) is None:
                 options[stage] = None
         return {key: list(value) if isinstance(value, tuple) else value for key, value in options.items()}  # as JSON holds them
 
 
-def option_routes() -> dict[str, tuple[str, str]]:
+def option_routes(settings_classes: dict[str, type] = STAGE_SETTINGS) -> dict[str, tuple[str, str]]:
     """Flat option name -> (stage, field). Method options route to the one-shot stage's `method_options`."""
-    routes = {key_of(field): (stage, field.name) for stage, settings_class in STAGE_SETTINGS.items() for field in option_fields(settings_class)}
+    routes = {key_of(field): (stage, field.name) for stage, settings_class in settings_classes.items() for field in option_fields(settings_class)}
     routes.update({name: ("oneshot", "method_options") for name in method_options()})
     return routes
 
@@ -191,7 +203,8 @@ class Pipeline:
     def __init__(self, settings: PruneSettings) -> None:
         target = settings.check()
         self.settings = settings
-        self.stages: list[Stage] = [stage(getattr(settings, stage.key), target) for stage in STAGES if stage.wanted(getattr(settings, stage.key))]
+        self.stages: list[Stage] = [stage(getattr(settings, stage.key), target) for stage in settings.stage_classes
+                                    if stage.wanted(getattr(settings, stage.key))]
 
     def resume_state(self, run: Run) -> ResumeState:
         """What an earlier part of this streamed run finished (with --resume), or a fresh state; an unfinished run
@@ -248,7 +261,7 @@ class Pipeline:
         run = Run(loaded, settings, resolve_device(settings.device), calibration_batches=calibration_batches,
                   needs_block_inputs=any(stage.needs_block_inputs for stage in self.stages),
                   gradient_samples=next((stage.gradient_samples for stage in self.stages if stage.gradient_samples is not None), None),
-                  sections=SECTIONS)
+                  sections=report_sections(settings.stage_classes))
         output = Path(settings.output).expanduser() if settings.output is not None else None
         written = output if run.ranks.writer else None  # only rank 0 writes the output; other ranks keep their shards apart
         staging = None

@@ -178,7 +178,8 @@ def test_every_stage_shows_the_pipeline_one_face() -> None:
 def test_the_report_and_the_output_name_no_stage() -> None:
     """Each stage writes its own report section (figures, summary lines, details, figure files): report.py and
     output.py loop over the sections, and pipeline.py reads no stage's section nor tests for a stage's class."""
-    from prune.pipeline import SECTIONS, STAGES
+    from prune.pipeline import SECTIONS
+    from prune.stages import STAGES
 
     stage_names = {stage.__name__ for stage in STAGES} | {stage.key for stage in STAGES}
     stage_sections = {key for stage in STAGES for key in stage.sections} | {"perplexity", "entity_f1", "tasks"}
@@ -190,6 +191,8 @@ def test_the_report_and_the_output_name_no_stage() -> None:
         named = (used | set(code_strings(path))) & (stage_names | stage_sections)
         assert not named, f"prune/{name} names {sorted(named)}"
     tree = ast.parse((ROOT / "prune" / "pipeline.py").read_text(encoding="utf-8"))
+    named_classes = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)} & {stage.__name__ for stage in STAGES}
+    assert not named_classes, f"pipeline.py names {sorted(named_classes)}: the stages are listed in prune/stages"
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and node.attr in stage_sections:
             assert not ast.unparse(node.value).endswith("report"), f"pipeline.py:{node.lineno} reads {ast.unparse(node)}"

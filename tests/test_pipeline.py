@@ -326,3 +326,40 @@ def test_an_error_inside_a_one_pass_block_leaves_grad_mode_as_it_was(model_folde
         prune_model(str(model_folders["llama"]), method="sparsegpt", sparsity=0.5, calibration=str(text_file), order="one-pass", **SMALL)
     gc.collect()  # calls left waiting inside the block would end here, and with them their no_grad
     assert torch.is_grad_enabled()
+
+
+def test_a_stage_written_in_this_module_runs_through_the_pipeline_and_the_report(model_folders, text_file, tmp_path) -> None:
+    """A new stage is one class (its settings, its work, its report section) handed to prune_model: it is checked,
+    timed, reported (report.json, the summary) and its option is routed and recorded like the built-in ones'."""
+    from dataclasses import dataclass
+
+    from prune.models import all_prunable_layers
+    from prune.report import Section
+    from prune.run import Stage
+    from prune.settings import StageSettings, option
+    from prune.stages import STAGES
+
+    @dataclass
+    class CountSettings(StageSettings):
+        count_scale: float = option(1.0, "--count-scale", "Scale of the count.", positive=True)
+
+        def whole_model_reason(self, run) -> str | None:
+            return "the zero count (it reads every layer at once)"
+
+    class CountZeros(Stage):
+        key, settings_class, name, sections = "count", CountSettings, "count", ("zeros",)
+
+        def execute(self, run) -> None:
+            zeros = sum(int((layer_weight(layer) == 0).sum()) for layer in all_prunable_layers(run.model).values())
+            run.report.put("zeros", Section({"zeros": zeros * self.settings.count_scale}, lines=lambda figures: [f"zeros counted: {figures['zeros']:g}"]))
+
+    model, report = prune_model(str(model_folders["llama"]), method="magnitude", sparsity=0.5, calibration=str(text_file),
+                                output=str(tmp_path / "out"), stages=(*STAGES, CountZeros), count_scale=2.0, **SMALL)
+    assert not report.model["streamed"]  # its whole-model reason turned streaming off
+    zeros = sum(int((layer_weight(layer) == 0).sum()) for layer in all_prunable_layers(model).values())
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["zeros"]["zeros"] == report.zeros["zeros"] == 2 * zeros > 0
+    assert saved["settings"]["count_scale"] == 2.0 and "count" in saved["seconds"]
+    assert f"zeros counted: {report.zeros['zeros']:g}" in report.summary()
+    with pytest.raises(PruningError, match="--count-scale must be positive"):
+        prune_model(str(model_folders["llama"]), sparsity=0.5, stages=(*STAGES, CountZeros), count_scale=-1.0)
