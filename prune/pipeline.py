@@ -202,7 +202,7 @@ class Pipeline:
 
     def __init__(self, settings: PruneSettings) -> None:
         target = settings.check()
-        self.settings = settings
+        self.settings, self.target = settings, target
         self.stages: list[Stage] = [stage(getattr(settings, stage.key), target) for stage in settings.stage_classes
                                     if stage.wanted(getattr(settings, stage.key))]
 
@@ -258,7 +258,8 @@ class Pipeline:
         settings = self.settings
         if settings.dtype != "auto" and loaded.dtype != DTYPES[settings.dtype]:
             loaded.model.to(DTYPES[settings.dtype])  # a model given in memory is cast as a loaded one would be
-        run = Run(loaded, settings, resolve_device(settings.device), calibration_batches=calibration_batches,
+        plan = settings.oneshot.plan(loaded.model, self.target)  # built once, before any stage: every stage reads it
+        run = Run(loaded, settings, resolve_device(settings.device), plan, calibration_batches=calibration_batches,
                   needs_block_inputs=any(stage.needs_block_inputs for stage in self.stages),
                   gradient_samples=next((stage.gradient_samples for stage in self.stages if stage.gradient_samples is not None), None),
                   sections=report_sections(settings.stage_classes))

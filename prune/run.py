@@ -96,7 +96,7 @@ class Stage:
 class Run:
     """The state of one run. Stages read what earlier stages (in the order of the pipeline) put here."""
 
-    def __init__(self, loaded: LoadedModel, settings: PruneSettings, device: torch.device, *,
+    def __init__(self, loaded: LoadedModel, settings: PruneSettings, device: torch.device, plan: LayerPlan | None = None, *,
                  calibration_batches: list[dict] | None = None, needs_block_inputs: bool = False,
                  gradient_samples: tuple[str, int] | None = None, sections: tuple[str, ...] = ()) -> None:
         self.loaded = loaded
@@ -111,7 +111,7 @@ class Run:
         self.calibration_batches: list[dict] | None = None  # set by the calibrate stage
         self.gradient_samples_wanted = gradient_samples  # (flag, count) when a stage takes task-loss gradients
         self.gradient_samples: list[dict] | None = None  # set by the calibrate stage: model inputs with labels, one sample each
-        self.plan: LayerPlan | None = None  # set by the one-shot stage's prepare
+        self.plan = plan  # which layers are pruned to what: built before any stage (the allocation stage sets its blocks' targets)
         self.calls: list[BlockCall] | None = None  # the first block's captured inputs, when a stage needs them
         self.evaluators: list[Evaluator] = []
         self.output: ShardWriter | None = None  # streamed: where pruned blocks are written as soon as they are done

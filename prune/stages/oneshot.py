@@ -19,7 +19,7 @@ from methods.statistics import ACCUMULATORS
 from prune.compressed import keep_scales, kept_scales
 from prune.devices import synchronize, timed
 from prune.models import layer_weight, prunable_layers, set_layer_weight
-from prune.plan import layer_plan, plan_notes, skipped_layer
+from prune.plan import plan_notes, skipped_layer
 from prune.report import LayerReport, Section
 from prune.run import Run, Stage
 from prune.stages.oneshot_settings import HESSIAN_DTYPES, OneShotSettings, method_flag, quantization_lines
@@ -53,7 +53,6 @@ class OneShot(Stage):
 
     def prepare(self, run: Run) -> None:
         settings, target, report = self.settings, self.target, run.report
-        run.plan = layer_plan(run.model, target, settings.layer_rules(), settings.blocks, settings.skip_incompatible)
         for note in plan_notes(run.plan, target, settings.blocks):
             run.note(note)
         grid = settings.grid(run.dtype)  # the method is wrapped to round to it once the model's dtype is known

@@ -7,11 +7,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from methods import DEFAULT_METHOD, METHODS, PruningError, Target, get_method
 from methods.quantize import DEFAULT_ACT_ORDER, DEFAULT_GROUP_SIZE, DEFAULT_SEARCH_SCALES, QuantGrid
 from prune.distributed import Ranks
-from prune.plan import LayerRules, layer_pattern, parsed_override
+from prune.plan import LayerPlan, LayerRules, layer_pattern, layer_plan, parsed_override
 from prune.settings import StageSettings, about, check_fields, flag_of, negated, option
 
 PROPAGATE_CHOICES = ("pruned", "dense")
@@ -83,6 +84,10 @@ class OneShotSettings(StageSettings):
         overrides = tuple((pattern, layer_pattern(pattern, "--sparsity-override"), sparsity) for pattern, sparsity in map(parsed_override, self.sparsity_override))
         return LayerRules(tuple((text, layer_pattern(text, "--targets")) for text in self.targets),
                           tuple((text, layer_pattern(text, "--ignore")) for text in self.ignore), overrides)
+
+    def plan(self, model: nn.Module, target: Target) -> LayerPlan:
+        """The layers of `model` these settings prune, and to what (see prune.plan.layer_plan)."""
+        return layer_plan(model, target, self.layer_rules(), self.blocks, self.skip_incompatible)
 
     def target(self) -> Target:
         flags = [flag for flag, value in (("--sparsity", self.sparsity), ("--pattern", self.pattern)) if value is not None]
