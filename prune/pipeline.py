@@ -62,7 +62,6 @@ def report_sections(stages: tuple[type[Stage], ...]) -> tuple[str, ...]:
 
 
 STAGE_SETTINGS = stage_settings(STAGES)  # the command's options come from these
-SECTIONS = report_sections(STAGES)
 
 
 @dataclasses.dataclass(init=False)

@@ -129,12 +129,13 @@ class LayerPlan:
     def check_grid(self, grid: QuantGrid, *, packed: bool) -> None:
         """Refuse a --quantize grid a pruned layer cannot hold, or (`packed`: a compressed output) a layer that
         compressed-tensors cannot load."""
-        for name, layer in self.pruned_layers().items():
+        layers = self.pruned_layers()
+        for name, layer in layers.items():
             with about("--group-size"):
                 grid.check_layer(name, input_features(layer))
-        transposed = next((name for name, layer in self.pruned_layers().items() if not isinstance(layer, nn.Linear)), None) if packed else None
+        transposed = next((name for name, layer in layers.items() if not isinstance(layer, nn.Linear)), None) if packed else None
         if transposed is not None:
-            raise PruningError(f"--save-format compressed packs nn.Linear layers; {transposed} is a {type(self.pruned_layers()[transposed]).__name__} "
+            raise PruningError(f"--save-format compressed packs nn.Linear layers; {transposed} is a {type(layers[transposed]).__name__} "
                                "(GPT-2's transposed layer), which compressed-tensors does not load: use --save-format dense")
 
     def pruned_layers(self) -> dict[str, nn.Module]:

@@ -126,7 +126,7 @@ class OneShotSettings(StageSettings):
         if self.propagate == "dense" and self.order == "one-pass":
             raise PruningError("--propagate dense feeds the next block the dense block's outputs, which a one-pass block never computes: "
                                "use --order two-pass")
-        target = target or self.target()
+        target = self.target() if target is None else target
         if self.layer_rules().overrides and target.is_nm:
             raise PruningError(f"--sparsity-override gives layers unstructured sparsities: it cannot be combined with --pattern {target.pattern}")
         method = get_method(self.method)
